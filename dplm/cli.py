@@ -1,0 +1,117 @@
+"""Command line: `dplm train RECIPE [key=value ...]`, `dplm generate RUN_DIR -n N -o FILE`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from dplm.errors import DplmError
+
+
+def write_csv(df, path: str | Path) -> None:
+    """Write atomically: a failed write leaves no partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    os.close(fd)
+    try:
+        df.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def summary(synth, df=None) -> str:
+    """The lines a user needs after a run: privacy, training, validity."""
+    lines = []
+    p = synth.privacy_record
+    if p.get("dp"):
+        cap = f" (cap {p['max_epsilon']})" if p.get("max_epsilon") is not None else ""
+        lines.append(f"privacy: epsilon = {p['epsilon']:.4f}{cap} at delta = {p['delta']:g} "
+                     f"[{p['accountant']} accountant, noise {p['noise_multiplier']}, clip {p['max_grad_norm']}, "
+                     f"sample rate {p['sample_rate']:.3g}, {p['steps']} steps, unit: {p['privacy_unit']}]")
+    else:
+        lines.append("privacy: none (DP off)")
+    sources = p.get("metadata_sources", {})
+    by_source = {s: [c for c, v in sources.items() if v == s] for s in ("user", "data", "dp")}
+    lines.append("schema metadata: " + "; ".join(f"{s}-given: {len(cols)} column(s)" if s == "user" else
+                                                 f"{'learned from data (not DP)' if s == 'data' else 'DP-estimated'}: "
+                                                 f"{', '.join(cols)}" for s, cols in by_source.items() if cols))
+    t = synth.training
+    if t:
+        lines.append(f"training: {t.steps} steps, {t.rows_seen} rows ({t.epochs:.3f} epochs), "
+                     f"{t.seconds:.0f} s, {t.rows_per_second:.1f} rows/s, stopped by {t.stop_reason}, "
+                     f"last loss {t.final_loss if t.final_loss is None else round(t.final_loss, 4)}")
+    s = synth.last_sample_stats
+    if s:
+        lines.append(f"sampling: {s.rows_returned} valid rows from {s.rows_generated} generated "
+                     f"(valid-row rate {s.valid_rate:.1%}, {s.generated_per_returned:.2f} generated per returned), "
+                     f"{s.rows_returned / s.seconds:.1f} rows/s")
+    return "\n".join(lines)
+
+
+def cmd_train(args) -> None:
+    from dplm.config import load_recipe
+    from dplm.synthesizer import Synthesizer
+
+    config = load_recipe(args.recipe, args.overrides)
+    synth = Synthesizer.fit(config=config, progress=not args.quiet)
+    df = synth.sample(config.sample.num_rows, progress=not args.quiet) if config.output_csv else None
+    run_dir = synth.save(config.output_dir)
+    if df is not None:
+        write_csv(df, config.output_csv)
+    print(f"run directory: {run_dir}")
+    if df is not None:
+        print(f"synthetic rows: {config.output_csv} ({len(df)} rows, {len(df.columns)} columns)")
+    print(summary(synth))
+
+
+def cmd_generate(args) -> None:
+    from dplm.synthesizer import Synthesizer
+
+    if args.num_rows < 1:
+        raise DplmError("-n must be at least 1")
+    synth = Synthesizer.load(args.run_dir)
+    df = synth.sample(args.num_rows, seed=args.seed, temperature=args.temperature, progress=not args.quiet)
+    write_csv(df, args.output)
+    print(f"synthetic rows: {args.output} ({len(df)} rows, {len(df.columns)} columns)")
+    print(summary(synth))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dplm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="fine-tune on a table as a YAML recipe says")
+    train.add_argument("recipe", help="YAML recipe, e.g. recipes/census_dp.yaml")
+    train.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=20 privacy.enabled=true")
+    train.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    train.set_defaults(func=cmd_train)
+    gen = sub.add_parser("generate", help="sample synthetic rows from a run directory")
+    gen.add_argument("run_dir")
+    gen.add_argument("-n", "--num-rows", type=int, required=True)
+    gen.add_argument("-o", "--output", required=True, help="CSV file to write")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--temperature", type=float, default=None)
+    gen.add_argument("-q", "--quiet", action="store_true")
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        args.func(args)
+    except DplmError as e:
+        print(f"dplm: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Typed run configuration, loaded from YAML recipes with `key=value` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from dplm.errors import DplmError
+
+
+@dataclass
+class DataConfig:
+    source: str = "census"  # a file path, or "census" for the bundled census table
+    schema: str | None = None  # YAML schema file; missing metadata is learned (refused under DP)
+    holdout_fraction: float = 0.2
+    max_rows: int | None = None  # train on a seeded random subset (after the holdout split)
+
+
+@dataclass
+class ModelConfig:
+    base: str = "smollm2-135m"  # "smollm2-135m", "tiny-random", a local HF folder or hub id
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    precision: str = "auto"  # auto | bf16 | fp32: dtype of the frozen base weights (LoRA stays fp32)
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 64  # logical batch (expected batch under DP's Poisson sampling)
+    micro_batch_size: int = 16  # rows per forward/backward pass; memory only, no effect on results
+    learning_rate: float = 2e-3
+    warmup_steps: int = 10
+    max_epochs: float = 1.0
+    max_steps: int | None = None
+    max_training_time: float | None = None  # seconds
+    seed: int = 0
+    threads: int | None = None  # torch CPU threads; None keeps torch's default
+
+
+@dataclass
+class PrivacyConfig:
+    enabled: bool = False
+    noise_multiplier: float = 1.5
+    max_grad_norm: float = 1.0
+    delta: float = 1e-5
+    max_epsilon: float | None = None  # training stops before a step would pass it
+    accountant: str = "rdp"
+
+
+@dataclass
+class SampleConfig:
+    num_rows: int = 100
+    batch_size: int = 64
+    temperature: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/census"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    output_csv: str | None = None  # write num_rows synthetic rows here after training
+
+    def validate(self) -> None:
+        """Check settings before anything runs; each error names the setting and the fix."""
+        p, t = self.privacy, self.train
+        checks = [
+            (p.noise_multiplier > 0, "privacy.noise_multiplier must be > 0 (e.g. 1.0)"),
+            (p.max_grad_norm > 0, "privacy.max_grad_norm must be > 0 (e.g. 1.0)"),
+            (0 < p.delta < 1, "privacy.delta must be in (0, 1) (e.g. 1e-5)"),
+            (p.max_epsilon is None or p.max_epsilon > 0, "privacy.max_epsilon must be > 0 (or unset for no cap)"),
+            (p.accountant in ("rdp", "prv"), "privacy.accountant must be 'rdp' or 'prv'"),
+            (t.batch_size >= 1 and t.micro_batch_size >= 1, "train.batch_size and train.micro_batch_size must be >= 1"),
+            (t.learning_rate > 0, "train.learning_rate must be > 0"),
+            (t.max_epochs > 0, "train.max_epochs must be > 0"),
+            (t.max_steps is None or t.max_steps >= 1, "train.max_steps must be >= 1 (or unset)"),
+            (t.max_training_time is None or t.max_training_time > 0, "train.max_training_time must be > 0 seconds"),
+            (0 <= self.data.holdout_fraction < 1, "data.holdout_fraction must be in [0, 1)"),
+            (self.model.precision in ("auto", "bf16", "fp32"), "model.precision must be auto, bf16 or fp32"),
+            (self.sample.num_rows >= 1 and self.sample.batch_size >= 1, "sample.num_rows and sample.batch_size must be >= 1"),
+            (self.sample.temperature > 0, "sample.temperature must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise DplmError(message)
+        if self.privacy.enabled and self.data.schema is None:
+            raise DplmError(
+                "privacy.enabled needs data.schema: a schema file with every column's metadata given "
+                "(metadata learned from the private data would leak it)"
+            )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def from_dict(cls, values: dict, where: str = ""):
+    """Build dataclass `cls` from a nested dict, refusing unknown keys and wrong types."""
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise DplmError(f"config '{where or 'root'}': expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            raise DplmError(f"unknown config key '{path}'; known keys here: {', '.join(sorted(names))}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = from_dict(hint, value, path)
+        else:
+            kwargs[key] = _convert(value, hint, path)
+    return cls(**kwargs)
+
+
+def _convert(value, hint, path: str):
+    """Check/convert one leaf value against its annotation (str, int, float, bool, list, Optional)."""
+    args = typing.get_args(hint)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise DplmError(f"config '{path}' cannot be empty")
+    if type(None) in args:
+        hint = next(a for a in args if a is not type(None))
+    origin = typing.get_origin(hint)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise DplmError(f"config '{path}' must be a list")
+        return [str(v) for v in value]
+    try:
+        if hint is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) else int(value)
+        if hint is float:
+            number = float(value)
+            if math.isnan(number):
+                raise ValueError
+            return number
+        return str(value)
+    except (TypeError, ValueError):
+        raise DplmError(f"config '{path}': {value!r} is not a valid {hint.__name__}") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """A RunConfig from a YAML recipe plus `section.key=value` overrides."""
+    path = Path(path)
+    if not path.exists():
+        raise DplmError(f"recipe '{path}' not found; check the path (recipes live in recipes/)")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise DplmError(f"recipe '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    for item in overrides or []:
+        if "=" not in item:
+            raise DplmError(f"override '{item}' must look like section.key=value (e.g. train.max_steps=10)")
+        key, raw = item.split("=", 1)
+        node = values
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise DplmError(f"override '{item}': '{part}' is not a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    config = from_dict(RunConfig, values)
+    config.validate()
+    return config

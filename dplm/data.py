@@ -1,0 +1,58 @@
+"""Load a table from a DataFrame, CSV, Parquet, JSONL or a Hugging Face dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from dplm.errors import DplmError
+
+READERS = {
+    ".csv": pd.read_csv,
+    ".parquet": pd.read_parquet,
+    ".pq": pd.read_parquet,
+    ".jsonl": lambda p: pd.read_json(p, lines=True),
+    ".json": pd.read_json,
+}
+
+
+def load_table(source) -> pd.DataFrame:
+    """A pandas DataFrame from any supported source; `"census"` is the bundled census table.
+
+    `source` may be a DataFrame, a `datasets.Dataset`, or a path (optionally compressed,
+    e.g. `.csv.gz`).
+    """
+    if isinstance(source, pd.DataFrame):
+        df = source.copy()
+    elif type(source).__name__ == "Dataset" and hasattr(source, "to_pandas"):
+        df = source.to_pandas()
+    elif str(source) == "census":
+        from dplm.datasets import load_census
+
+        df = load_census()
+    else:
+        df = _read_file(Path(source))
+    if len(df) == 0 or len(df.columns) == 0:
+        raise DplmError(f"table '{_name(source)}' is empty; give a table with at least one row and column")
+    df.columns = [str(c) for c in df.columns]
+    return df.reset_index(drop=True)
+
+
+def _read_file(path: Path) -> pd.DataFrame:
+    if not path.exists():
+        raise DplmError(f"data file '{path}' not found; check the path")
+    suffixes = [s for s in path.suffixes if s not in (".gz", ".bz2", ".zip", ".xz", ".zst")]
+    reader = READERS.get(suffixes[-1].lower() if suffixes else "")
+    if reader is None:
+        raise DplmError(f"data file '{path}': unknown format; use .csv, .parquet, .jsonl or .json (optionally .gz)")
+    try:
+        return reader(path)
+    except pd.errors.EmptyDataError:
+        raise DplmError(f"table '{path}' is empty; give a table with at least one row and column") from None
+    except Exception as e:  # a reader's own message, on one line
+        raise DplmError(f"data file '{path}' could not be read: {str(e).splitlines()[0]}") from None
+
+
+def _name(source) -> str:
+    return source if isinstance(source, (str, Path)) else type(source).__name__

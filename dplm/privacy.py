@@ -1,0 +1,127 @@
+"""DP-SGD pieces: the privacy budget (accountant + cap), Poisson sampling, Opacus wrapping.
+
+The accountant is the single source of truth for epsilon. `PrivacyBudget.allows_next_step`
+asks it, on a copy, what epsilon would be after one more step, so a run never takes a step
+that would pass `max_epsilon`.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+
+from dplm.errors import DplmError
+
+
+def make_accountant(name: str):
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    if name == "rdp":
+        return RDPAccountant()
+    if name == "prv":
+        return PRVAccountant()
+    raise DplmError(f"privacy.accountant '{name}' is unknown; use 'rdp' or 'prv'")
+
+
+class PrivacyBudget:
+    """Tracks epsilon of Poisson-subsampled Gaussian steps and enforces the cap.
+
+    `metadata_epsilon` is privacy already spent on the data outside training (e.g. DP
+    estimates of the schema); it is added to every reported total and counts against the cap.
+    """
+
+    def __init__(self, accountant: str, noise_multiplier: float, sample_rate: float, delta: float,
+                 max_epsilon: float | None = None, metadata_epsilon: float = 0.0):
+        self.accountant_name = accountant
+        self.accountant = make_accountant(accountant)
+        self.noise_multiplier = noise_multiplier
+        self.sample_rate = sample_rate
+        self.delta = delta
+        self.max_epsilon = max_epsilon
+        self.metadata_epsilon = metadata_epsilon
+        self.steps = 0
+
+    @staticmethod
+    def _epsilon_of(accountant, delta: float) -> float:
+        if not accountant.history:
+            return 0.0
+        return float(accountant.get_epsilon(delta=delta))
+
+    def epsilon(self) -> float:
+        """Total epsilon spent so far: metadata + training."""
+        return self.metadata_epsilon + self._epsilon_of(self.accountant, self.delta)
+
+    def epsilon_after_next_step(self) -> float:
+        trial = copy.deepcopy(self.accountant)
+        trial.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        return self.metadata_epsilon + self._epsilon_of(trial, self.delta)
+
+    def allows_next_step(self) -> bool:
+        return self.max_epsilon is None or self.epsilon_after_next_step() <= self.max_epsilon
+
+    def step(self) -> None:
+        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        self.steps += 1
+
+    def record(self) -> dict:
+        return {
+            "epsilon": self.epsilon(),
+            "training_epsilon": self._epsilon_of(self.accountant, self.delta),
+            "metadata_epsilon": self.metadata_epsilon,
+            "delta": self.delta,
+            "max_epsilon": self.max_epsilon,
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "steps": self.steps,
+            "accountant": self.accountant_name,
+        }
+
+
+def poisson_sample(num_units: int, sample_rate: float, generator: torch.Generator) -> torch.Tensor:
+    """Indices of the units in one Poisson-sampled batch: each unit independently with prob. q."""
+    return torch.nonzero(torch.rand(num_units, generator=generator) < sample_rate).flatten()
+
+
+def make_private(model, optimizer, noise_multiplier: float, max_grad_norm: float, expected_batch_size: int):
+    """Wrap model and optimizer for DP-SGD: per-sample gradients (hooks), clipping and noise.
+
+    The loss given to backward must be the mean over the micro-batch of per-row losses; the
+    optimizer clips each row's gradient to `max_grad_norm`, sums, adds N(0, (noise*clip)^2)
+    once per logical batch and divides by `expected_batch_size`.
+    """
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    # Frozen embeddings mean no input needs a gradient; Opacus' hooks still fire correctly.
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    dp_model = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    dp_optimizer = DPOptimizer(
+        optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+        expected_batch_size=expected_batch_size, loss_reduction="mean",
+    )
+    return dp_model, dp_optimizer
+
+
+def prepare_empty_step(params) -> None:
+    """Give each parameter an empty per-sample gradient, so a Poisson batch that drew no
+    rows still takes its noise-only step (skipping it would break the accounting)."""
+    for p in params:
+        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+
+
+def trainable_snapshot(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_weights_changed(model, before: dict[str, torch.Tensor]) -> None:
+    """Fail loudly if training left every adapter weight as it was (a known Opacus/peft pitfall:
+    parameters created after Opacus hooks are registered never receive gradients)."""
+    after = dict(model.named_parameters())
+    changed = [n for n, w in before.items() if not torch.equal(w, after[n].detach())]
+    if not changed:
+        raise RuntimeError(
+            "training finished but no LoRA weight changed: the optimizer never updated the adapter "
+            "(check that LoRA was added before wrapping the model for DP)"
+        )

@@ -1,0 +1,348 @@
+"""Column kinds and their metadata: how each column's values look and what they may be.
+
+A schema is either given by the user (a YAML file or a dict) or inferred from the data.
+Inferred metadata comes from the private table, so under DP it may not reach the model or
+the output: `Schema.check_dp_safe` refuses it unless it is user-given (or, later, estimated
+with its own DP mechanism and charged to the budget).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from dplm.errors import DplmError
+
+KINDS = ("categorical", "integer", "float", "datetime", "text")
+DATE_FORMAT = "%Y-%m-%d"
+MAX_INFERRED_PRECISION = 6
+MAX_INFERRED_CATEGORIES = 1000
+
+# Where a column's metadata came from: given by the user, learned from the (private) data
+# without any privacy protection, or estimated with a DP mechanism.
+SOURCES = ("user", "data", "dp")
+
+
+@dataclass
+class Column:
+    """One column: its kind and the metadata that bounds its values."""
+
+    name: str
+    kind: str
+    categories: list[str] | None = None  # categorical
+    min: float | str | None = None  # integer/float: number; datetime: "YYYY-MM-DD"
+    max: float | str | None = None
+    precision: int = 0  # decimals kept for float columns (0 for integer)
+    nullable: bool = False
+    max_tokens: int | None = None  # text: cap on the tokens of one value
+    source: str = "user"
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise DplmError(
+                f"schema column '{self.name}': unknown kind '{self.kind}'; use one of {', '.join(KINDS)}"
+            )
+        if self.source not in SOURCES:
+            raise DplmError(f"schema column '{self.name}': unknown source '{self.source}'; use user, data or dp")
+        if self.kind == "integer":
+            self.precision = 0
+        if self.kind == "categorical" and self.categories is not None:
+            self.categories = [str(c) for c in self.categories]
+            if len(set(self.categories)) != len(self.categories):
+                raise DplmError(f"schema column '{self.name}': categories contain duplicates; list each once")
+        if self.kind in ("integer", "float") and self.min is not None and self.max is not None:
+            if float(self.min) > float(self.max):
+                raise DplmError(f"schema column '{self.name}': min {self.min} is above max {self.max}; swap them")
+        if self.kind == "datetime":
+            for bound in (self.min, self.max):
+                if bound is not None:
+                    parse_date(str(bound), self.name)
+
+    def missing_metadata(self) -> list[str]:
+        """Names of the metadata fields this column still needs before it can be encoded."""
+        if self.kind == "categorical":
+            return [] if self.categories else ["categories"]
+        if self.kind in ("integer", "float", "datetime"):
+            return [k for k in ("min", "max") if getattr(self, k) is None]
+        return [] if self.max_tokens else ["max_tokens"]
+
+    def to_dict(self) -> dict:
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k != "name" and v is not None}
+        if self.kind != "float":
+            out.pop("precision", None)
+        return out
+
+
+@dataclass
+class Schema:
+    """An ordered list of columns; the order is the serialization order."""
+
+    columns: list[Column] = field(default_factory=list)
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.columns]
+
+    def __getitem__(self, name: str) -> Column:
+        for c in self.columns:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+    # ---- construction -------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, spec: dict, source: str = "user") -> Schema:
+        """Build from `{"columns": {name: {kind: ..., ...}, ...}}`."""
+        if not isinstance(spec, dict) or not isinstance(spec.get("columns"), dict) or not spec["columns"]:
+            raise DplmError("schema: expected a mapping 'columns:' of column name -> {kind: ..., ...}")
+        allowed = {f.name for f in dataclasses.fields(Column)} - {"name"}
+        columns = []
+        for name, props in spec["columns"].items():
+            props = dict(props or {})
+            unknown = set(props) - allowed
+            if unknown:
+                raise DplmError(
+                    f"schema column '{name}': unknown key(s) {sorted(unknown)}; allowed: {sorted(allowed)}"
+                )
+            if "kind" not in props:
+                raise DplmError(f"schema column '{name}': missing 'kind'; use one of {', '.join(KINDS)}")
+            props.setdefault("source", source)
+            columns.append(Column(name=str(name), **props))
+        return cls(columns)
+
+    @classmethod
+    def from_yaml(cls, path: str) -> Schema:
+        try:
+            with open(path) as f:
+                spec = yaml.safe_load(f)
+        except FileNotFoundError:
+            raise DplmError(f"schema file '{path}' not found; check the path") from None
+        return cls.from_dict(spec)
+
+    def to_dict(self) -> dict:
+        return {"columns": {c.name: c.to_dict() for c in self.columns}}
+
+    def to_yaml(self, path: str) -> None:
+        with open(path, "w") as f:
+            yaml.safe_dump(self.to_dict(), f, sort_keys=False, allow_unicode=True)
+
+    # ---- checks ---------------------------------------------------------------------
+
+    def check_columns(self, df: pd.DataFrame) -> None:
+        """The table must have exactly the schema's columns (order may differ)."""
+        missing = [n for n in self.names if n not in df.columns]
+        if missing:
+            raise DplmError(
+                f"column(s) {missing} are in the schema but not in the table; fix the schema or the data"
+            )
+        extra = [str(n) for n in df.columns if n not in self.names]
+        if extra:
+            raise DplmError(
+                f"column(s) {extra} are in the table but not in the schema; add them to the schema or drop them"
+            )
+
+    def check_dp_safe(self) -> None:
+        """Under DP every column's metadata must be user-given or DP-estimated."""
+        for c in self.columns:
+            if c.source == "data":
+                raise DplmError(
+                    f"column '{c.name}': DP training needs its metadata ({', '.join(_metadata_fields(c))}) "
+                    "given in the schema file; metadata learned from the private data would leak it "
+                    "(DP estimation of metadata is not available yet)"
+                )
+            gaps = c.missing_metadata()
+            if gaps:
+                raise DplmError(f"column '{c.name}': DP training needs '{', '.join(gaps)}' given in the schema file")
+
+
+def _metadata_fields(c: Column) -> list[str]:
+    return {"categorical": ["categories"], "text": ["max_tokens"]}.get(c.kind, ["min", "max"])
+
+
+def parse_date(text: str, column: str) -> dt.date:
+    try:
+        return dt.datetime.strptime(text, DATE_FORMAT).date()
+    except ValueError:
+        raise DplmError(f"column '{column}': '{text}' is not a date in YYYY-MM-DD form") from None
+
+
+def infer_schema(df: pd.DataFrame, given: Schema | None = None, text_tokens=None) -> Schema:
+    """Complete `given` (which may be None or cover some columns) from the data.
+
+    Everything learned here is marked `source: data`: fine without DP, refused under DP.
+    `text_tokens(values) -> max token count` measures text lengths with the model's tokenizer.
+    """
+    given_names = set(given.names) if given else set()
+    columns = []
+    for name in df.columns:
+        name = str(name)
+        if name in given_names:
+            col = dataclasses.replace(given[name])
+            gaps = col.missing_metadata()
+            if gaps:
+                learned = _infer_column(name, df[name], col.kind, text_tokens)
+                for k in gaps:
+                    setattr(col, k, getattr(learned, k))
+                col.source = "data"
+            columns.append(col)
+        else:
+            columns.append(_infer_column(name, df[name], None, text_tokens))
+    if given:
+        order = {n: i for i, n in enumerate(given.names)}
+        columns.sort(key=lambda c: order.get(c.name, len(order)))
+    return Schema(columns)
+
+
+def _infer_column(name: str, s: pd.Series, kind: str | None, text_tokens) -> Column:
+    nullable = bool(s.isna().any())
+    values = s.dropna()
+    if kind is None:
+        kind = _guess_kind(values)
+    col = Column(name=name, kind=kind, nullable=nullable, source="data")
+    if len(values) == 0:
+        raise DplmError(f"column '{name}': all values are missing; drop the column or give its metadata")
+    if kind == "categorical":
+        col.categories = sorted(values.astype(str).unique().tolist())
+    elif kind in ("integer", "float"):
+        nums = pd.to_numeric(values, errors="coerce")
+        if nums.isna().any():
+            bad = values[nums.isna()].iloc[0]
+            raise DplmError(f"column '{name}': value '{bad}' is not a number; fix the data or declare it categorical")
+        col.min, col.max = _plain(nums.min()), _plain(nums.max())
+        if kind == "float":
+            col.precision = _decimals(nums)
+    elif kind == "datetime":
+        dates = pd.to_datetime(values, errors="coerce")
+        col.min, col.max = dates.min().strftime(DATE_FORMAT), dates.max().strftime(DATE_FORMAT)
+    elif kind == "text":
+        col.max_tokens = int(text_tokens(values.astype(str).tolist())) if text_tokens else 256
+    return col
+
+
+def _guess_kind(values: pd.Series) -> str:
+    if pd.api.types.is_bool_dtype(values):
+        return "categorical"
+    if pd.api.types.is_integer_dtype(values):
+        return "integer"
+    if pd.api.types.is_float_dtype(values):
+        return "integer" if bool((values == values.round()).all()) else "float"
+    if pd.api.types.is_datetime64_any_dtype(values):
+        return "datetime"
+    text = values.astype(str)
+    if pd.to_numeric(text, errors="coerce").notna().all():
+        nums = pd.to_numeric(text)
+        return "integer" if bool((nums == nums.round()).all()) else "float"
+    if text.str.fullmatch(r"\d{4}-\d{2}-\d{2}").all():
+        return "datetime"
+    if text.nunique() <= min(MAX_INFERRED_CATEGORIES, max(20, len(text) // 2)):
+        return "categorical"
+    return "text"
+
+
+def _decimals(nums: pd.Series) -> int:
+    for p in range(MAX_INFERRED_PRECISION + 1):
+        scaled = nums.to_numpy(dtype=float) * 10**p
+        if np.allclose(scaled, np.round(scaled), rtol=0, atol=1e-6):
+            return p
+    return MAX_INFERRED_PRECISION
+
+
+def _plain(x):
+    """numpy scalar -> int or float for YAML."""
+    x = float(x)
+    return int(x) if x.is_integer() and abs(x) < 2**53 else x
+
+
+def format_number(value: float, precision: int) -> str:
+    """The canonical text of a number: fixed decimals, no exponent, no '-0'."""
+    if precision == 0:
+        text = str(int(round(float(value))))
+    else:
+        text = f"{float(value):.{precision}f}"
+    if text.lstrip("-").strip("0.") == "":
+        text = text.lstrip("-")
+    return text
+
+
+def coerce_table(df: pd.DataFrame, schema: Schema) -> pd.DataFrame:
+    """Return the table in schema column order with every value checked against its column.
+
+    Numbers outside user-given bounds are clipped (the standard DP treatment of bounds);
+    anything that does not fit its column's kind is an error naming the column and value.
+    """
+    schema.check_columns(df)
+    out = {}
+    for col in schema.columns:
+        s = df[col.name]
+        isna = s.isna()
+        if isna.any() and not col.nullable:
+            raise DplmError(
+                f"column '{col.name}': has missing values but the schema says nullable: false; "
+                "set nullable: true or fill them"
+            )
+        out[col.name] = _coerce_column(col, s, isna)
+    return pd.DataFrame(out)
+
+
+def _coerce_column(col: Column, s: pd.Series, isna: pd.Series) -> pd.Series:
+    present = s[~isna]
+    if col.kind == "categorical":
+        values = present.astype(str)
+        unknown = ~values.isin(set(col.categories or []))
+        if unknown.any():
+            raise DplmError(
+                f"column '{col.name}': value '{values[unknown].iloc[0]}' is not one of its categories; "
+                "add it to the schema's categories or fix the data"
+            )
+        result = s.astype(object).where(isna, s.astype(str))
+        return result.where(~isna, None)
+    if col.kind in ("integer", "float"):
+        nums = pd.to_numeric(present, errors="coerce")
+        if nums.isna().any():
+            raise DplmError(
+                f"column '{col.name}': value '{present[nums.isna()].iloc[0]}' is not a number "
+                f"but the column kind is {col.kind}; fix the data or the schema"
+            )
+        if col.kind == "integer" and not (nums == nums.round()).all():
+            bad = present[nums != nums.round()].iloc[0]
+            raise DplmError(
+                f"column '{col.name}': value '{bad}' is not a whole number; declare the column float or fix the data"
+            )
+        nums = nums.clip(float(col.min), float(col.max)).round(col.precision)
+        full = pd.Series(np.nan, index=s.index, dtype=float)
+        full[~isna] = nums.astype(float)
+        if col.kind == "integer":
+            return full.astype("Int64")
+        return full
+    if col.kind == "datetime":
+        dates = pd.to_datetime(present, errors="coerce", format="mixed")
+        if dates.isna().any():
+            raise DplmError(
+                f"column '{col.name}': value '{present[dates.isna()].iloc[0]}' is not a date; fix the data or the schema"
+            )
+        lo, hi = pd.Timestamp(col.min), pd.Timestamp(col.max)
+        full = pd.Series(pd.NaT, index=s.index, dtype="datetime64[ns]")
+        full[~isna] = dates.dt.normalize().clip(lo, hi).astype("datetime64[ns]")
+        return full
+    result = s.astype(object).where(isna, s.astype(str))
+    return result.where(~isna, None)
+
+
+def value_fits(col: Column, value) -> bool:
+    """Does one (parsed) value satisfy its column's metadata?"""
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NaT:
+        return col.nullable
+    if col.kind == "categorical":
+        return value in col.categories
+    if col.kind in ("integer", "float"):
+        return float(col.min) <= float(value) <= float(col.max)
+    if col.kind == "datetime":
+        return pd.Timestamp(col.min) <= pd.Timestamp(value) <= pd.Timestamp(col.max)
+    return isinstance(value, str)

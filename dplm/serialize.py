@@ -1,0 +1,288 @@
+"""Rows <-> token ids, and the grammar that constrains sampling to valid rows.
+
+A row is `BOS v1 SEP v2 SEP ... vn EOS`: values in schema order, no column names (the
+position says which column a value belongs to), `|` as the separator. Each value is
+tokenized on its own, so its tokens never merge with a neighbour and the sequence can be
+split on the separator id:
+
+* numbers and dates are written one character per token (digits, '-', '.'), so the
+  grammar can restrict them digit by digit to the column's range and precision;
+* categories and text are escaped (`\\` -> `\\\\`, `|` -> `\\s`, newline -> `\\n`) so
+  the separator character never occurs inside a value, then tokenized normally;
+* a missing value is an empty field.
+
+The same token sequences are used for training and as the grammar's language, so a
+constrained sampler can produce exactly the sequences the model was trained on.
+"""
+
+from __future__ import annotations
+
+import bisect
+import datetime as dt
+import re
+
+import pandas as pd
+
+from dplm.schema import DATE_FORMAT, Column, Schema, format_number
+
+SEPARATOR = "|"
+NUMBER_CHARS = "0123456789.-"
+
+
+class ParseError(ValueError):
+    """Model output that is not a valid row."""
+
+
+def escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace(SEPARATOR, "\\s").replace("\n", "\\n")
+
+
+_UNESCAPE = {"\\": "\\", "s": SEPARATOR, "n": "\n"}
+
+
+def unescape(text: str) -> str:
+    out, i = [], 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\":
+            if i + 1 >= len(text) or text[i + 1] not in _UNESCAPE:
+                raise ParseError(f"bad escape in {text!r}")
+            out.append(_UNESCAPE[text[i + 1]])
+            i += 2
+        else:
+            out.append(ch)
+            i += 1
+    return "".join(out)
+
+
+def _is_missing(value) -> bool:
+    return value is None or value is pd.NaT or (isinstance(value, float) and value != value) or value is pd.NA
+
+
+class RowCodec:
+    """Encode rows to token ids and decode token ids to typed rows, for one schema."""
+
+    def __init__(self, schema: Schema, tokenizer):
+        self.schema = schema
+        self.tokenizer = tokenizer
+        self.bos_id = tokenizer.convert_tokens_to_ids(tokenizer.bos_token)
+        self.eos_id = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
+        self.sep_id = self._single_token(SEPARATOR)
+        self.char_ids = {c: self._single_token(c) for c in NUMBER_CHARS}
+        self.id_chars = {i: c for c, i in self.char_ids.items()}
+        self.fields = [FieldGrammar(col, self) for col in schema.columns]
+        if any(col.kind == "text" for col in schema.columns):
+            # Text may use any ordinary token that cannot contain the separator.
+            special = set(tokenizer.all_special_ids)
+            self.text_token_ids = [
+                i for i, tok in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
+                if i not in special and SEPARATOR not in tokenizer.convert_tokens_to_string([tok])
+            ]
+
+    def _single_token(self, text: str) -> int:
+        ids = self.tokenize(text)
+        if len(ids) != 1:
+            raise ValueError(f"tokenizer must encode {text!r} as one token, got {ids}")
+        return ids[0]
+
+    def tokenize(self, text: str) -> list[int]:
+        if not text:
+            return []
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
+
+    # ---- encoding ---------------------------------------------------------------------
+
+    def encode(self, row) -> list[int]:
+        """One row (a mapping or sequence in schema order) -> token ids."""
+        values = [row[c.name] for c in self.schema.columns] if hasattr(row, "keys") else list(row)
+        ids = [self.bos_id]
+        for i, (field, value) in enumerate(zip(self.fields, values)):
+            if i:
+                ids.append(self.sep_id)
+            ids.extend(field.encode(value))
+        ids.append(self.eos_id)
+        return ids
+
+    def encode_table(self, df: pd.DataFrame) -> list[list[int]]:
+        return [self.encode(row) for row in df[self.schema.names].itertuples(index=False, name=None)]
+
+    # ---- decoding ---------------------------------------------------------------------
+
+    def text(self, ids: list[int]) -> str:
+        """The row as a prompt string (what the model sees, special tokens included)."""
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def decode(self, ids: list[int]) -> dict:
+        """Token ids (with or without BOS, ending in EOS) -> typed row; ParseError if invalid."""
+        ids = list(ids)
+        if ids and ids[0] == self.bos_id:
+            ids = ids[1:]
+        if self.eos_id not in ids:
+            raise ParseError("row has no end token")
+        ids = ids[: ids.index(self.eos_id)]
+        fields, current = [], []
+        for t in ids:
+            if t == self.sep_id:
+                fields.append(current)
+                current = []
+            else:
+                current.append(t)
+        fields.append(current)
+        if len(fields) != len(self.schema.columns):
+            raise ParseError(f"row has {len(fields)} fields, schema has {len(self.schema.columns)}")
+        return {g.col.name: g.parse(f) for g, f in zip(self.fields, fields)}
+
+
+class FieldGrammar:
+    """Which tokens may come next inside one column's value, and how to parse it.
+
+    States are small hashable values (a trie node, a character prefix, a token count) so
+    that a sampler can cache one vocabulary mask per state.
+    """
+
+    def __init__(self, col: Column, codec: RowCodec):
+        self.col = col
+        self.codec = codec
+        self.kind = col.kind
+        if col.kind == "categorical":
+            self.category_ids = {c: codec.tokenize(escape(c)) for c in col.categories}
+            self._build_trie()
+        elif col.kind in ("integer", "float"):
+            scale = 10**col.precision
+            self.lo = int(round(float(col.min) * scale))
+            self.hi = int(round(float(col.max) * scale))
+            p = col.precision
+            self._complete_re = re.compile(r"-?(0|[1-9]\d*)" + (rf"\.\d{{{p}}}" if p else ""))
+        elif col.kind == "datetime":
+            lo = dt.datetime.strptime(str(col.min), DATE_FORMAT).date()
+            hi = dt.datetime.strptime(str(col.max), DATE_FORMAT).date()
+            self.dates = [(lo + dt.timedelta(days=d)).strftime(DATE_FORMAT) for d in range((hi - lo).days + 1)]
+
+    def encode(self, value) -> list[int]:
+        if _is_missing(value):
+            return []
+        col, codec = self.col, self.codec
+        if col.kind == "categorical":
+            return self.category_ids[str(value)]
+        if col.kind in ("integer", "float"):
+            return [codec.char_ids[c] for c in format_number(value, col.precision)]
+        if col.kind == "datetime":
+            return [codec.char_ids[c] for c in pd.Timestamp(value).strftime(DATE_FORMAT)]
+        return codec.tokenize(escape(str(value)))[: col.max_tokens]
+
+    # ---- the grammar ------------------------------------------------------------------
+
+    def start(self):
+        return 0 if self.kind in ("categorical", "text") else ""
+
+    def next_tokens(self, state) -> tuple[list[int], bool]:
+        """(token ids allowed next inside the value, whether the value may end here)."""
+        if self.kind == "categorical":
+            node = self.trie[state]
+            return list(node["next"]), node["end"] or (state == 0 and self.col.nullable)
+        if self.kind == "text":
+            allowed = self.codec.text_token_ids if state < self.col.max_tokens else []
+            return allowed, state > 0 or self.col.nullable
+        chars = [c for c in NUMBER_CHARS if self._prefix_ok(state + c)]
+        can_end = self._complete(state) or (state == "" and self.col.nullable)
+        return [self.codec.char_ids[c] for c in chars], can_end
+
+    def advance(self, state, token: int):
+        if self.kind == "categorical":
+            return self.trie[state]["next"][token]
+        if self.kind == "text":
+            return state + 1
+        return state + self.codec.id_chars[token]
+
+    def _build_trie(self):
+        self.trie = [{"next": {}, "end": False}]
+        for ids in self.category_ids.values():
+            node = 0
+            for t in ids:
+                nxt = self.trie[node]["next"]
+                if t not in nxt:
+                    nxt[t] = len(self.trie)
+                    self.trie.append({"next": {}, "end": False})
+                node = nxt[t]
+            self.trie[node]["end"] = True
+
+    def _prefix_ok(self, s: str) -> bool:
+        if self.kind == "datetime":
+            i = bisect.bisect_left(self.dates, s)
+            return i < len(self.dates) and self.dates[i].startswith(s)
+        return number_prefix_ok(s, self.lo, self.hi, self.col.precision)
+
+    def _complete(self, s: str) -> bool:
+        if self.kind == "datetime":
+            i = bisect.bisect_left(self.dates, s)
+            return i < len(self.dates) and self.dates[i] == s
+        if not self._complete_re.fullmatch(s):
+            return False
+        n = int(s.replace(".", "").replace("-", ""))
+        if s.startswith("-"):
+            n = -n
+            if n == 0:
+                return False
+        return self.lo <= n <= self.hi
+
+    # ---- parsing ----------------------------------------------------------------------
+
+    def parse(self, ids: list[int]):
+        col = self.col
+        if not ids:
+            if col.nullable:
+                return None
+            if col.kind == "text":
+                return ""
+            if col.kind != "categorical" or "" not in col.categories:
+                raise ParseError(f"column '{col.name}': empty value")
+        if col.kind in ("integer", "float", "datetime"):
+            if any(t not in self.codec.id_chars for t in ids):
+                raise ParseError(f"column '{col.name}': non-numeric token")
+            s = "".join(self.codec.id_chars[t] for t in ids)
+            if not self._complete(s):
+                raise ParseError(f"column '{col.name}': {s!r} is not a valid value")
+            if col.kind == "integer":
+                return int(s)
+            if col.kind == "float":
+                return float(s)
+            return pd.Timestamp(s)
+        text = unescape(self.codec.tokenizer.decode(ids, skip_special_tokens=False))
+        if col.kind == "categorical" and text not in self.category_ids:
+            raise ParseError(f"column '{col.name}': {text!r} is not a category")
+        return text
+
+
+def number_prefix_ok(s: str, lo: int, hi: int, precision: int) -> bool:
+    """Can the text prefix `s` be completed to a number whose scaled value is in [lo, hi]?
+
+    Numbers are written `-?(0|[1-9][0-9]*)(.ddd)?` with exactly `precision` decimals;
+    `lo`/`hi` are the bounds times 10**precision.
+    """
+    if s == "":
+        return lo <= hi
+    negative = s.startswith("-")
+    body = s[1:] if negative else s
+    a, b = (max(1, -hi), -lo) if negative else (max(0, lo), hi)  # range of |scaled value|
+    if a > b:
+        return False
+    if body == "":
+        return True
+    if not re.fullmatch(r"(0|[1-9]\d*)(\.\d*)?" if precision else r"0|[1-9]\d*", body):
+        return False
+    scale = 10**precision
+    if "." in body:
+        int_part, decimals = body.split(".")
+        if len(decimals) > precision:
+            return False
+        width = 10 ** (precision - len(decimals))
+        first = int(int_part) * scale + (int(decimals) * width if decimals else 0)
+        return first <= b and first + width - 1 >= a
+    head = int(body)
+    for k in range(1 if body == "0" else 40):  # k more integer digits ("0" takes none)
+        first = head * 10**k * scale
+        if first > b:
+            return False
+        if (head + 1) * 10**k * scale - 1 >= a:
+            return True
+    return False

@@ -1,0 +1,191 @@
+"""The Python API: fit a table, sample rows, save and load a run directory.
+
+A run directory holds everything needed to sample later:
+
+    adapter/          LoRA adapter (peft save_pretrained)
+    tokenizer/        the tokenizer
+    schema.yaml       the schema, with where each column's metadata came from
+    config.yaml       the full run configuration
+    privacy.json      epsilon, delta, noise, clip, sample rate, steps, accountant (or dp: false)
+    train_log.jsonl   one line per step: loss, epsilon, rows/s, ...
+    split.json        which input rows were held out (indexes only)
+    training.json     steps, epochs, rows, tokens, seconds, stop reason
+
+It is written to a temporary folder and renamed into place only when complete, so a
+failed run leaves no partial directory behind.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+
+from dplm import model as models
+from dplm.config import RunConfig, from_dict
+from dplm.data import load_table
+from dplm.errors import DplmError
+from dplm.sample import SampleStats, sample_rows
+from dplm.schema import Schema, coerce_table, infer_schema
+from dplm.serialize import RowCodec
+from dplm.train import TrainResult, train
+
+PUBLIC_QUANTITIES = {
+    "num_training_rows": (
+        "exact count of training rows, used for the sampling rate q = batch_size / N; treated as public, "
+        "as in Opacus and the DP-SGD literature (add/remove-one neighbours change it by one)"
+    ),
+}
+
+
+def split_indexes(num_rows: int, holdout_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded train/holdout split: `permutation[:n_train]` trains, the rest is held out."""
+    order = np.random.default_rng(seed).permutation(num_rows)
+    n_train = int(round(num_rows * (1 - holdout_fraction)))
+    return order[:n_train], order[n_train:]
+
+
+class Synthesizer:
+    """A fine-tuned model plus everything needed to sample valid rows from it."""
+
+    def __init__(self, config: RunConfig, schema: Schema, tokenizer, model, device=None):
+        self.config = config
+        self.schema = schema
+        self.tokenizer = tokenizer
+        self.model = model
+        self.device = device or models.default_device()
+        self.codec = RowCodec(schema, tokenizer)
+        self.training: TrainResult | None = None
+        self.privacy_record: dict = {"dp": False}
+        self.split: dict | None = None
+        self.last_sample_stats: SampleStats | None = None
+
+    # ---- fit --------------------------------------------------------------------------
+
+    @classmethod
+    def fit(cls, data=None, config: RunConfig | None = None, schema: Schema | str | None = None,
+            progress: bool = True) -> Synthesizer:
+        """Fine-tune on `data` (DataFrame, path, Dataset; default `config.data.source`)."""
+        config = config or RunConfig()
+        config.validate()
+        table = load_table(data if data is not None else config.data.source)
+        if isinstance(schema, str) or (schema is None and config.data.schema):
+            schema = Schema.from_yaml(schema or config.data.schema)
+        train_idx, holdout_idx = split_indexes(len(table), config.data.holdout_fraction, config.train.seed)
+        if config.data.max_rows:
+            train_idx = train_idx[: config.data.max_rows]
+        train_df = table.iloc[train_idx]
+        if len(train_df) == 0:
+            raise DplmError("no training rows left after the holdout split; lower data.holdout_fraction")
+        tokenizer = models.load_tokenizer(config.model.base)
+        if config.privacy.enabled:
+            if schema is None:
+                raise DplmError("privacy.enabled needs a schema with every column's metadata given (data.schema)")
+            schema.check_columns(train_df)
+            schema.check_dp_safe()
+        else:
+            schema = infer_schema(train_df, schema, text_tokens=lambda texts: _max_tokens(tokenizer, texts))
+        rows = coerce_table(train_df, schema)
+        device = models.default_device()
+        dtype = models.weight_dtype(config.model.precision, device)
+        model = models.load_base_model(config.model.base, len(tokenizer), dtype).to(device)  # before LoRA: peft/Opacus need the adapter created on its final device
+        m = config.model
+        torch.manual_seed(config.train.seed)  # LoRA's random init
+        model = models.add_lora(model, m.lora_r, m.lora_alpha, m.lora_dropout, m.target_modules)
+        synth = cls(config, schema, tokenizer, model, device)
+        sequences = synth.codec.encode_table(rows)
+        synth.training = train(model, sequences, tokenizer.pad_token_id, config.train, config.privacy, device,
+                               progress=progress)
+        synth.split = {"seed": config.train.seed, "train": train_idx.tolist(), "holdout": holdout_idx.tolist()}
+        synth.privacy_record = synth._privacy_record()
+        return synth
+
+    def _privacy_record(self) -> dict:
+        metadata = {c.name: c.source for c in self.schema.columns}
+        if not self.config.privacy.enabled:
+            return {"dp": False, "metadata_sources": metadata}
+        return {"dp": True, **self.training.privacy, "max_grad_norm": self.config.privacy.max_grad_norm,
+                "privacy_unit": "row", "num_training_rows": len(self.split["train"]),
+                "metadata_sources": metadata, "public_quantities": PUBLIC_QUANTITIES}
+
+    # ---- sample -----------------------------------------------------------------------
+
+    def sample(self, num_rows: int | None = None, seed: int | None = None, temperature: float | None = None,
+               progress: bool = True) -> pd.DataFrame:
+        """`num_rows` synthetic rows, every one valid under the schema."""
+        s = self.config.sample
+        df, self.last_sample_stats = sample_rows(
+            self.model, self.codec, num_rows or s.num_rows, s.batch_size, temperature or s.temperature,
+            s.seed if seed is None else seed, self.device, progress)
+        return df
+
+    # ---- save / load ------------------------------------------------------------------
+
+    def save(self, run_dir: str | Path) -> Path:
+        """Write the run directory atomically (see module docstring)."""
+        run_dir = Path(run_dir)
+        if run_dir.exists() and not (run_dir / "config.yaml").exists() and any(run_dir.iterdir()):
+            raise DplmError(f"output_dir '{run_dir}' exists and is not a dplm run; choose another folder")
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=run_dir.parent, prefix=f".{run_dir.name}-"))
+        try:
+            self.model.save_pretrained(tmp / "adapter")
+            self.tokenizer.save_pretrained(tmp / "tokenizer")
+            self.schema.to_yaml(tmp / "schema.yaml")
+            (tmp / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+            (tmp / "privacy.json").write_text(json.dumps(self.privacy_record, indent=2))
+            if self.split:
+                (tmp / "split.json").write_text(json.dumps(self.split))
+            if self.training:
+                info = {k: v for k, v in vars(self.training).items() if k not in ("privacy", "log")}
+                info["rows_per_second"] = self.training.rows_per_second
+                (tmp / "training.json").write_text(json.dumps(info, indent=2))
+                (tmp / "train_log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in self.training.log))
+            if run_dir.exists():
+                shutil.rmtree(run_dir)
+            tmp.rename(run_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return run_dir
+
+    @classmethod
+    def load(cls, run_dir: str | Path, device=None) -> Synthesizer:
+        run_dir = Path(run_dir)
+        if not (run_dir / "config.yaml").exists():
+            raise DplmError(f"'{run_dir}' is not a dplm run directory (no config.yaml); give the folder `dplm train` wrote")
+        config = from_dict(RunConfig, yaml.safe_load((run_dir / "config.yaml").read_text()))
+        schema = Schema.from_yaml(run_dir / "schema.yaml")
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
+        device = device or models.default_device()
+        dtype = models.weight_dtype(config.model.precision, device)
+        base = models.load_base_model(config.model.base, len(tokenizer), dtype).to(device)
+        model = models.load_adapter(base, run_dir / "adapter")
+        model.eval()
+        synth = cls(config, schema, tokenizer, model, device)
+        synth.privacy_record = json.loads((run_dir / "privacy.json").read_text())
+        if (run_dir / "split.json").exists():
+            synth.split = json.loads((run_dir / "split.json").read_text())
+        return synth
+
+
+def _max_tokens(tokenizer, texts: list[str]) -> int:
+    return max(len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids)
+
+
+def fit(data=None, config: RunConfig | None = None, **kwargs) -> Synthesizer:
+    """Shorthand for `Synthesizer.fit`."""
+    return Synthesizer.fit(data, config, **kwargs)
+
+
+def load(run_dir) -> Synthesizer:
+    """Shorthand for `Synthesizer.load`."""
+    return Synthesizer.load(run_dir)
+

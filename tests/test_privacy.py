@@ -1,0 +1,78 @@
+import random
+
+import dp_accounting
+import pytest
+import torch
+from dp_accounting import rdp
+from opacus.accountants.rdp import RDPAccountant
+
+from dplm.privacy import PrivacyBudget, assert_weights_changed, poisson_sample, trainable_snapshot
+
+ORDERS = RDPAccountant.DEFAULT_ALPHAS
+
+
+def independent_epsilon(noise: float, sample_rate: float, steps: int, delta: float) -> float:
+    """Epsilon from Google's dp-accounting (RDP of the Poisson-subsampled Gaussian)."""
+    accountant = rdp.RdpAccountant(orders=ORDERS)
+    accountant.compose(dp_accounting.PoissonSampledDpEvent(sample_rate, dp_accounting.GaussianDpEvent(noise)), steps)
+    return accountant.get_epsilon(delta)
+
+
+@pytest.mark.parametrize("noise,sample_rate,steps,delta", [
+    (1.5, 256 / 39074, 306, 1e-5), (1.0, 16 / 32561, 2035, 1e-5), (0.8, 0.01, 50, 1e-6), (3.0, 0.2, 7, 1e-3)])
+def test_epsilon_matches_independent_accountant(noise, sample_rate, steps, delta):
+    budget = PrivacyBudget("rdp", noise, sample_rate, delta)
+    for _ in range(steps):
+        budget.step()
+    expected = independent_epsilon(noise, sample_rate, steps, delta)
+    assert budget.epsilon() == pytest.approx(expected, rel=1e-4)
+    assert budget.record()["steps"] == steps
+
+
+def test_known_value_from_environment_notes():
+    # ../shared/ENVIRONMENT.md: noise 1.5, q = 256/39074, 306 steps, delta 1e-5 -> RDP 0.450.
+    budget = PrivacyBudget("rdp", 1.5, 256 / 39074, 1e-5)
+    for _ in range(306):
+        budget.step()
+    assert budget.epsilon() == pytest.approx(0.450, abs=0.001)
+
+
+def test_cap_never_passed_over_random_settings():
+    rng = random.Random(0)
+    tested = 0
+    while tested < 60:
+        noise, q, delta = rng.uniform(0.5, 3.0), 10 ** rng.uniform(-4, -1), 10 ** rng.uniform(-7, -4)
+        cap = independent_epsilon(noise, q, rng.randint(1, 30), delta) * rng.uniform(1.0, 1.1)
+        if cap < 0.05:  # the two accountants' alpha grids bound tiny epsilons differently
+            continue
+        tested += 1
+        budget = PrivacyBudget("rdp", noise, q, delta, max_epsilon=cap)
+        while budget.allows_next_step() and budget.steps < 200:
+            budget.step()
+        assert budget.epsilon() <= cap
+        assert budget.epsilon_after_next_step() > cap or budget.steps == 200
+        assert budget.epsilon() == pytest.approx(independent_epsilon(noise, q, budget.steps, delta), rel=1e-3)
+
+
+def test_metadata_epsilon_counts_against_cap():
+    budget = PrivacyBudget("rdp", 1.0, 0.01, 1e-5, max_epsilon=1.0, metadata_epsilon=0.99)
+    assert budget.epsilon() == 0.99
+    assert not budget.allows_next_step()
+
+
+def test_poisson_sample_rate_and_seed():
+    draws = [len(poisson_sample(10_000, 0.01, torch.Generator().manual_seed(s))) for s in range(50)]
+    assert 90 < sum(draws) / len(draws) < 110
+    a = poisson_sample(1000, 0.1, torch.Generator().manual_seed(1))
+    b = poisson_sample(1000, 0.1, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+
+
+def test_unchanged_weights_fail_loudly():
+    layer = torch.nn.Linear(3, 3)
+    before = trainable_snapshot(layer)
+    with pytest.raises(RuntimeError, match="no LoRA weight changed"):
+        assert_weights_changed(layer, before)
+    with torch.no_grad():
+        layer.weight[0, 0] += 1
+    assert_weights_changed(layer, before)

@@ -1,0 +1,90 @@
+import itertools
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dplm.schema import Schema, coerce_table, format_number
+from dplm.serialize import ParseError, RowCodec, escape, number_prefix_ok, unescape
+
+
+def test_census_round_trip_every_row(census, census_schema, tokenizer):
+    table = coerce_table(census, census_schema)
+    codec = RowCodec(census_schema, tokenizer)
+    sequences = codec.encode_table(table)
+    rows = table.to_dict("records")
+    assert len(sequences) == 48842
+    for ids, row in zip(sequences, rows):
+        assert codec.decode(ids) == row
+    lengths = np.array([len(s) for s in sequences])
+    # A naive "col: value, ..." format costs ~110 tokens per census row.
+    assert lengths.mean() < 60 and lengths.max() <= 80
+
+
+def test_separators_and_special_strings_round_trip(tokenizer):
+    schema = Schema.from_dict({"columns": {
+        "c": {"kind": "categorical", "categories": ["a|b", "a", "back\\slash", "new\nline", "<|im_end|>"]},
+        "t": {"kind": "text", "max_tokens": 64, "nullable": True},
+        "f": {"kind": "float", "min": -10, "max": 10, "precision": 2, "nullable": True},
+        "d": {"kind": "datetime", "min": "1999-12-25", "max": "2000-03-01"},
+    }})
+    codec = RowCodec(schema, tokenizer)
+    rows = [
+        {"c": "a|b", "t": "x | y \\s \\ \n <|im_end|> ||", "f": -0.5, "d": pd.Timestamp("2000-02-29")},
+        {"c": "<|im_end|>", "t": None, "f": None, "d": pd.Timestamp("1999-12-25")},
+        {"c": "new\nline", "t": "é日本", "f": 10.0, "d": pd.Timestamp("2000-03-01")},
+    ]
+    for row in rows:
+        ids = codec.encode(row)
+        assert ids.count(codec.sep_id) == 3 and ids[-1] == codec.eos_id
+        assert codec.decode(ids) == row
+
+
+def test_escape_round_trip():
+    for text in ["", "|", "\\", "\\s", "a\\|b\n", "\\\\n"]:
+        assert "|" not in escape(text) and "\n" not in escape(text)
+        assert unescape(escape(text)) == text
+    with pytest.raises(ParseError):
+        unescape("bad\\")
+
+
+def test_malformed_output_is_rejected(census_schema, tokenizer):
+    codec = RowCodec(census_schema, tokenizer)
+    good = codec.encode({"age": 39, "workclass": "State-gov", "fnlwgt": 77516, "education": "Bachelors",
+                         "education_num": 13, "marital_status": "Never-married", "occupation": "Adm-clerical",
+                         "relationship": "Not-in-family", "race": "White", "sex": "Male", "capital_gain": 2174,
+                         "capital_loss": 0, "hours_per_week": 40, "native_country": "United-States",
+                         "income": "<=50K"})
+    assert codec.decode(good)["fnlwgt"] == 77516
+    seps = [i for i, t in enumerate(good) if t == codec.sep_id]
+    digit = {d: codec.char_ids[d] for d in "0123456789"}
+    broken = {
+        "no end token": good[:-1],
+        "too few fields": good[: seps[-1]] + [codec.eos_id],
+        "too many fields": good[:-1] + [codec.sep_id, digit["1"], codec.eos_id],
+        "age out of range": [good[0], digit["9"], digit["9"]] + good[seps[0]:],
+        "leading zero": [good[0], digit["0"], digit["3"], digit["9"]] + good[seps[0]:],
+        "unknown category": good[: seps[0] + 1] + tokenizer("Astronaut", add_special_tokens=False).input_ids
+        + good[seps[1]:],
+        "empty value": good[: seps[0] + 1] + good[seps[1]:],
+        "text in a number": [good[0]] + tokenizer("abc", add_special_tokens=False).input_ids + good[seps[0]:],
+    }
+    for name, ids in broken.items():
+        with pytest.raises(ParseError):
+            codec.decode(ids)
+            pytest.fail(name)
+
+
+@pytest.mark.parametrize("lo,hi,precision", [(17, 90, 0), (-15, 7, 0), (0, 0, 0), (-2.5, 1.25, 2), (3, 1234, 1),
+                                             (-30, -4, 0)])
+def test_number_prefixes_match_brute_force(lo, hi, precision):
+    scale = 10**precision
+    valid = {format_number(n / scale, precision) for n in range(int(lo * scale), int(hi * scale) + 1)}
+    prefixes = {v[:k] for v in valid for k in range(len(v) + 1)}
+    longest = max(len(v) for v in valid) + 1
+    alphabet = "0123456789.-"
+    lo_s, hi_s = int(round(lo * scale)), int(round(hi * scale))
+    for length in range(min(longest, 5) + 1):
+        for chars in itertools.product(alphabet, repeat=length):
+            s = "".join(chars)
+            assert number_prefix_ok(s, lo_s, hi_s, precision) == (s in prefixes), s

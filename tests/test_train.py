@@ -1,0 +1,92 @@
+import pandas as pd
+import pytest
+import torch
+
+from dplm import model as models
+from dplm.config import PrivacyConfig, TrainConfig
+from dplm.errors import DplmError
+from dplm.schema import Schema, coerce_table
+from dplm.serialize import RowCodec
+from dplm.train import pad_batch, row_losses, train
+from test_privacy import independent_epsilon
+
+
+@pytest.fixture(scope="module")
+def sequences(census, census_schema, tokenizer):
+    table = coerce_table(census.head(64), census_schema)
+    return RowCodec(census_schema, tokenizer).encode_table(table)
+
+
+def tiny_lora(tokenizer):
+    base = models.load_base_model("tiny-random", len(tokenizer))
+    torch.manual_seed(0)  # LoRA's random init
+    return models.add_lora(base, 4, 8, 0.0, ["q_proj", "v_proj"])
+
+
+def test_padding_is_masked(tokenizer):
+    model = tiny_lora(tokenizer)
+    a, b = [1, 5, 9, 2], [1, 7, 2]
+    ids, mask = pad_batch([a, b], tokenizer.pad_token_id, "cpu")
+    assert mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    alone, _ = pad_batch([b], 0, "cpu")
+    with torch.no_grad():
+        together = row_losses(model, ids, mask)[1]
+        single = row_losses(model, alone, torch.ones_like(alone))[0]
+    assert together.item() == pytest.approx(single.item(), rel=1e-4)
+
+
+def test_dp_epsilon_matches_independent_computation_and_weights_change(tokenizer, sequences):
+    model = tiny_lora(tokenizer)
+    lora_b = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    cfg = TrainConfig(batch_size=8, micro_batch_size=3, max_steps=4, seed=1)
+    result = train(model, sequences, tokenizer.pad_token_id, cfg, PrivacyConfig(enabled=True), torch.device("cpu"),
+                   progress=False)
+    assert result.steps == 4 and result.stop_reason == "max_steps"
+    expected = independent_epsilon(1.5, 8 / len(sequences), 4, 1e-5)
+    assert result.privacy["epsilon"] == pytest.approx(expected, rel=1e-4)
+    assert [e["epsilon"] for e in result.log][-1] == pytest.approx(expected, rel=1e-4)
+    # LoRA B starts at zero; DP training must move it (the Opacus/peft pitfall).
+    after = dict(model.named_parameters())
+    assert all(not torch.equal(w, after[n].detach()) for n, w in lora_b.items())
+
+
+def test_dp_training_stops_at_the_cap(tokenizer, sequences):
+    cap = independent_epsilon(1.5, 8 / len(sequences), 3, 1e-5) * 1.0001
+    result = train(tiny_lora(tokenizer), sequences, tokenizer.pad_token_id,
+                   TrainConfig(batch_size=8, micro_batch_size=8, max_epochs=100),
+                   PrivacyConfig(enabled=True, max_epsilon=cap), torch.device("cpu"), progress=False)
+    assert result.stop_reason == "max_epsilon"
+    assert result.steps == 3 and result.privacy["epsilon"] <= cap
+
+
+def test_cap_below_one_step_is_an_error(tokenizer, sequences):
+    with pytest.raises(DplmError, match="too small for even one step"):
+        train(tiny_lora(tokenizer), sequences, tokenizer.pad_token_id, TrainConfig(batch_size=8, max_steps=5),
+              PrivacyConfig(enabled=True, max_epsilon=1e-4), torch.device("cpu"), progress=False)
+
+
+def test_empty_poisson_batches_take_noise_steps(tokenizer, sequences):
+    cfg = TrainConfig(batch_size=1, micro_batch_size=4, max_steps=25, seed=3)  # q = 1/64: about 1 row a step, often none
+    result = train(tiny_lora(tokenizer), sequences, tokenizer.pad_token_id, cfg, PrivacyConfig(enabled=True),
+                   torch.device("cpu"), progress=False)
+    sizes = [e["batch_rows"] for e in result.log]
+    assert result.steps == 25 and sizes.count(0) >= 3
+    assert result.privacy["epsilon"] == pytest.approx(independent_epsilon(1.5, 1 / 64, 25, 1e-5), rel=1e-4)
+
+
+def test_non_dp_micro_batches_match_one_batch(tokenizer, sequences):
+    results = []
+    for micro in (16, 5):
+        model = tiny_lora(tokenizer)
+        train(model, sequences, tokenizer.pad_token_id, TrainConfig(batch_size=16, micro_batch_size=micro,
+                                                                    max_steps=2), PrivacyConfig(),
+              torch.device("cpu"), progress=False)
+        results.append(torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad]))
+    assert torch.allclose(results[0], results[1], atol=1e-5)
+
+
+def test_time_limit_stops_training(tokenizer, sequences):
+    result = train(tiny_lora(tokenizer), sequences, tokenizer.pad_token_id,
+                   TrainConfig(batch_size=8, max_epochs=50, max_training_time=1.0), PrivacyConfig(),
+                   torch.device("cpu"), progress=False)
+    assert result.stop_reason == "max_training_time" and 1 <= result.steps < 400
