@@ -1,0 +1,113 @@
+"""Training and sampling speed: rows/s and tokens/s without and with DP on the same census
+rows and logical batch, their step-time ratio, peak memory, and sampling rows/s.
+
+    .venv/bin/python scripts/bench_train.py --model smollm2-135m --steps 6
+    .venv/bin/python scripts/bench_train.py --model tiny-random --steps 10
+
+Each mode runs in its own process so that peak memory is its own (max RSS on CPU, peak
+allocated on CUDA). The first step is a warm-up and is not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def child(args) -> dict:
+    import torch
+
+    import dplm
+    from dplm.config import RunConfig, from_dict
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dp = args.child == "dp"
+    config = from_dict(RunConfig, {
+        "data": {"schema": str(ROOT / "recipes/census_schema.yaml"), "max_rows": args.rows},
+        "model": {"base": args.model, "precision": args.precision},
+        "train": {"batch_size": args.batch_size, "micro_batch_size": args.micro_batch_size,
+                  "max_steps": args.steps + 1},
+        "privacy": {"enabled": dp},
+        "sample": {"batch_size": args.sample_batch_size},
+    })
+    synth = dplm.fit(dplm.load_census(), config, progress=False)
+    log = synth.training.log[1:]  # the first step warms up
+    step_times = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(synth.training.log, log)]
+    rows = sum(e["batch_rows"] for e in log)
+    seconds = sum(step_times)
+    tokens_per_row = synth.training.tokens_seen / synth.training.rows_seen
+    result = {"mode": args.child, "steps": len(log), "rows": rows, "seconds": seconds,
+              "mean_step_s": statistics.mean(step_times), "rows_per_s": rows / seconds,
+              "tokens_per_s": rows * tokens_per_row / seconds, "tokens_per_row": tokens_per_row}
+    if not dp and args.sample_rows:
+        synth.sample(min(args.sample_batch_size, args.sample_rows), progress=False)  # warm-up
+        start = time.perf_counter()
+        synth.sample(args.sample_rows, seed=1, progress=False)
+        stats = synth.last_sample_stats
+        result["sample_rows_per_s"] = stats.rows_returned / (time.perf_counter() - start)
+        result["sample_valid_rate"] = stats.valid_rate
+    if torch.cuda.is_available():
+        result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        result["device"] = torch.cuda.get_device_name()
+    else:
+        result["peak_memory_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+        result["device"] = f"CPU, {torch.get_num_threads()} threads"
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--rows", type=int, default=4000, help="census training rows to draw batches from")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--micro-batch-size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=6, help="timed steps (after one warm-up step)")
+    parser.add_argument("--sample-rows", type=int, default=64)
+    parser.add_argument("--sample-batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", default=None, help="also write the results as JSON here")
+    parser.add_argument("--child", choices=["no_dp", "dp"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(child(args)))
+        return
+    results = {}
+    for mode in ("no_dp", "dp"):
+        cmd = [sys.executable, __file__, "--child", mode] + sys.argv[1:]
+        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+        line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+        if out.returncode or not line:
+            sys.exit(f"bench child {mode} failed:\n{out.stderr[-3000:]}")
+        results[mode] = json.loads(line[0][len("RESULT "):])
+    ratio = results["dp"]["mean_step_s"] / results["no_dp"]["mean_step_s"]
+    per_row_ratio = results["no_dp"]["rows_per_s"] / results["dp"]["rows_per_s"]
+    summary = {"model": args.model, "machine": f"{platform.machine()} {os.cpu_count()} cores",
+               "batch_size": args.batch_size, "micro_batch_size": args.micro_batch_size,
+               "dp_over_no_dp_step_time": ratio, "dp_over_no_dp_time_per_row": per_row_ratio, **results}
+    print(f"model {args.model}, logical batch {args.batch_size}, micro-batch {args.micro_batch_size}, "
+          f"{results['no_dp']['device']}, {results['no_dp']['tokens_per_row']:.1f} tokens/row")
+    print(f"{'mode':6} {'rows/s':>9} {'tokens/s':>10} {'step s':>8} {'peak GB':>8}")
+    for mode, r in results.items():
+        print(f"{mode:6} {r['rows_per_s']:9.1f} {r['tokens_per_s']:10.0f} {r['mean_step_s']:8.3f} {r['peak_memory_gb']:8.2f}")
+    print(f"DP / no-DP step time: {ratio:.2f}x (per row: {per_row_ratio:.2f}x)")
+    if "sample_rows_per_s" in results["no_dp"]:
+        print(f"sampling: {results['no_dp']['sample_rows_per_s']:.1f} valid rows/s "
+              f"(batch {args.sample_batch_size}, valid-row rate {results['no_dp']['sample_valid_rate']:.1%})")
+    if args.out:
+        Path(args.out).write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import yaml
+
+from dplm.cli import main
+
+SCHEMA = {"columns": {"x": {"kind": "integer", "min": 0, "max": 9}, "y": {"kind": "categorical",
+                                                                        "categories": ["a", "b"]}}}
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    pd.DataFrame({"x": [1, 2, 3, 4], "y": ["a", "b", "a", "b"]}).to_csv(tmp_path / "t.csv", index=False)
+    (tmp_path / "schema.yaml").write_text(yaml.safe_dump(SCHEMA))
+    recipe = {"output_dir": str(tmp_path / "run"), "output_csv": str(tmp_path / "out.csv"),
+              "data": {"source": str(tmp_path / "t.csv"), "schema": str(tmp_path / "schema.yaml"),
+                       "holdout_fraction": 0.0},
+              "model": {"base": "tiny-random"}, "train": {"batch_size": 2, "max_steps": 1},
+              "privacy": {"enabled": True}, "sample": {"num_rows": 2}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return tmp_path
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["train.foo=1"], "unknown config key 'train.foo'"),
+    (["privacy.noise_multiplier=0"], "privacy.noise_multiplier must be > 0"),
+    (["privacy.max_grad_norm=-1"], "privacy.max_grad_norm must be > 0"),
+    (["privacy.delta=1"], "privacy.delta must be in (0, 1)"),
+    (["privacy.max_epsilon=0"], "privacy.max_epsilon must be > 0"),
+    (["train.batch_size=many"], "config 'train.batch_size': 'many' is not a valid int"),
+    (["data.source=/no/such/file.csv"], "data file '/no/such/file.csv' not found"),
+    (["privacy.enabled=true", "data.schema=null"], "privacy.enabled needs data.schema"),
+])
+def test_bad_settings(workspace, capsys, overrides, message):
+    code, err = run_cli(["train", str(workspace / "recipe.yaml"), *overrides], capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith("dplm: error: ") and message in err[0]
+    assert not (workspace / "run").exists() and not (workspace / "out.csv").exists()
+
+
+@pytest.mark.parametrize("table,schema,message", [
+    ("", None, "is empty"),
+    ("x,y\n", None, "is empty"),
+    ("x,y\n1,a\nabc,b\n", None, "column 'x': value 'abc' is not a number"),
+    ("x,y\n1,a\n2,c\n", None, "column 'y': value 'c' is not one of its categories"),
+    ("x\n1\n2\n", None, "column(s) ['y'] are in the schema but not in the table"),
+    ("x,y,z\n1,a,0\n2,b,1\n", None, "column(s) ['z'] are in the table but not in the schema"),
+    ("x,y\n1,a\n2,b\n", {"columns": {"x": {"kind": "integer"}, "y": {"kind": "categorical", "categories": ["a", "b"]}}},
+     "column 'x': DP training needs 'min, max'"),
+])
+def test_bad_data(workspace, capsys, table, schema, message):
+    (workspace / "t.csv").write_text(table)
+    if schema:
+        (workspace / "schema.yaml").write_text(yaml.safe_dump(schema))
+    code, err = run_cli(["train", str(workspace / "recipe.yaml")], capsys)
+    assert code == 2 and len(err) == 1 and message in err[0]
+    assert not (workspace / "run").exists()
+
+
+def test_missing_recipe_and_run_dir(tmp_path, capsys):
+    code, err = run_cli(["train", str(tmp_path / "nope.yaml")], capsys)
+    assert code == 2 and "recipe" in err[0] and "not found" in err[0]
+    code, err = run_cli(["generate", str(tmp_path), "-n", "3", "-o", str(tmp_path / "o.csv")], capsys)
+    assert code == 2 and "is not a dplm run directory" in err[0]
+    assert not (tmp_path / "o.csv").exists()
+
+
+def test_train_then_generate(workspace, capsys):
+    assert main(["train", str(workspace / "recipe.yaml"), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "privacy: epsilon = " in out and "valid-row rate 100.0%" in out
+    assert pd.read_csv(workspace / "out.csv").shape == (2, 2)
+    assert main(["generate", str(workspace / "run"), "-n", "5", "-o", str(workspace / "g.csv"), "-q"]) == 0
+    generated = pd.read_csv(workspace / "g.csv")
+    assert generated.shape == (5, 2) and generated["x"].between(0, 9).all() and set(generated["y"]) <= {"a", "b"}
+
+
+def test_exit_code_of_the_installed_command(workspace):
+    result = subprocess.run([sys.executable, "-m", "dplm.cli", "train", str(workspace / "recipe.yaml"),
+                             "privacy.delta=2"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "dplm: error: privacy.delta must be in (0, 1) (e.g. 1e-5)"

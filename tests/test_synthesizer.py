@@ -1,0 +1,67 @@
+import json
+
+import pandas as pd
+import pytest
+
+import dplm
+from dplm.config import RunConfig, from_dict
+from dplm.schema import value_fits
+from conftest import CENSUS_SCHEMA
+
+
+def tiny_config(dp: bool, tmp_path) -> RunConfig:
+    return from_dict(RunConfig, {
+        "output_dir": str(tmp_path / "run"),
+        "data": {"schema": str(CENSUS_SCHEMA), "max_rows": 200},
+        "model": {"base": "tiny-random", "lora_r": 4, "lora_alpha": 8},
+        "train": {"batch_size": 16, "micro_batch_size": 8, "max_steps": 3},
+        "privacy": {"enabled": dp, "max_epsilon": 5.0},
+        "sample": {"num_rows": 12, "batch_size": 8},
+    })
+
+
+@pytest.mark.parametrize("dp", [True, False])
+def test_fit_sample_save_load_sample(dp, tmp_path, census):
+    config = tiny_config(dp, tmp_path)
+    synth = dplm.fit(census, config, progress=False)
+    first = synth.sample(12, seed=5, progress=False)
+    assert first.shape == (12, 15) and list(first.columns) == list(census.columns)
+    for col in synth.schema.columns:
+        assert all(value_fits(col, v) for v in first[col.name]), col.name
+    run_dir = synth.save(config.output_dir)
+    files = {p.name for p in run_dir.iterdir()}
+    assert {"adapter", "tokenizer", "schema.yaml", "config.yaml", "privacy.json", "train_log.jsonl",
+            "split.json", "training.json"} <= files
+    privacy = json.loads((run_dir / "privacy.json").read_text())
+    log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 3
+    split = json.loads((run_dir / "split.json").read_text())
+    assert (len(split["train"]), len(split["holdout"])) == (200, 9768)
+    assert not set(split["train"]) & set(split["holdout"])
+    if dp:
+        assert privacy["dp"] and privacy["steps"] == 3 and 0 < privacy["epsilon"] <= 5.0
+        assert privacy["epsilon"] == pytest.approx(log[-1]["epsilon"])
+        assert privacy["sample_rate"] == pytest.approx(16 / 200)
+        assert set(privacy["metadata_sources"].values()) == {"user"}
+    else:
+        assert privacy == {"dp": False, "metadata_sources": privacy["metadata_sources"]}
+    again = dplm.load(run_dir).sample(12, seed=5, progress=False)
+    pd.testing.assert_frame_equal(first, again)
+
+
+def test_holdout_split_follows_benchmark_protocol():
+    import numpy as np
+
+    train_idx, holdout_idx = dplm.synthesizer.split_indexes(48842, 0.2, 0)
+    order = np.random.default_rng(0).permutation(48842)
+    assert (train_idx == order[:39074]).all() and (holdout_idx == order[39074:]).all()
+
+
+def test_without_dp_metadata_is_learned(tmp_path):
+    df = pd.DataFrame({"x": list(range(40)), "y": ["a", "b"] * 20})
+    config = tiny_config(False, tmp_path)
+    config.data.schema = None
+    config.data.max_rows = None
+    synth = dplm.fit(df, config, progress=False)
+    assert synth.privacy_record["metadata_sources"] == {"x": "data", "y": "data"}
+    assert synth.schema["y"].categories == ["a", "b"]
