@@ -1,8 +1,10 @@
-"""Command line: `dplm train RECIPE [key=value ...]`, `dplm generate RUN_DIR -n N -o FILE`."""
+"""Command line: `dplm train RECIPE [key=value ...]`, `dplm generate RUN_DIR -n N -o FILE`,
+`dplm report RUN_DIR`."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -61,12 +63,11 @@ def cmd_train(args) -> None:
 
     config = load_recipe(args.recipe, args.overrides)
     synth = Synthesizer.fit(config=config, progress=not args.quiet)
-    df = synth.sample(config.sample.num_rows, progress=not args.quiet) if config.output_csv else None
-    run_dir = synth.save(config.output_dir)
-    if df is not None:
+    df = synth.sample(config.sample.num_rows, progress=not args.quiet)
+    run_dir = synth.save(config.output_dir, synthetic=df)
+    print(f"run directory: {run_dir} (synthetic rows: {run_dir / 'synthetic.csv'})")
+    if config.output_csv:
         write_csv(df, config.output_csv)
-    print(f"run directory: {run_dir}")
-    if df is not None:
         print(f"synthetic rows: {config.output_csv} ({len(df)} rows, {len(df.columns)} columns)")
     print(summary(synth))
 
@@ -81,6 +82,19 @@ def cmd_generate(args) -> None:
     write_csv(df, args.output)
     print(f"synthetic rows: {args.output} ({len(df)} rows, {len(df.columns)} columns)")
     print(summary(synth))
+
+
+def cmd_report(args) -> None:
+    from dplm.report import report_run
+
+    html_path, json_path = report_run(args.run_dir, synthetic=args.synthetic, num_rows=args.num_rows,
+                                      target=args.target, out_dir=args.output, progress=not args.quiet)
+    metrics = json.loads(json_path.read_text())
+    acc, emb = metrics["accuracy"], metrics["embedding"]["discriminator_auc"]
+    print(f"report: {html_path} and {json_path} ({metrics['report_seconds']:.0f} s)")
+    print(f"accuracy {acc['synthetic']['overall']:.4f} (holdout {acc['holdout']['overall']:.4f}), "
+          f"discriminator AUC {emb['synthetic']:.3f} (holdout {emb['holdout']:.3f}), "
+          f"DCR share {metrics['privacy']['synthetic']['dcr_share']:.3f}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,6 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=None)
     gen.add_argument("-q", "--quiet", action="store_true")
     gen.set_defaults(func=cmd_generate)
+    rep = sub.add_parser("report", help="score a run: HTML report and JSON metrics")
+    rep.add_argument("run_dir")
+    rep.add_argument("--synthetic", help="CSV of synthetic rows (default: the run's synthetic.csv)")
+    rep.add_argument("-n", "--num-rows", type=int, help="sample this many fresh rows instead")
+    rep.add_argument("--target", help="column to predict for the TSTR utility score")
+    rep.add_argument("-o", "--output", help="folder for report.html/report.json (default: the run directory)")
+    rep.add_argument("-q", "--quiet", action="store_true")
+    rep.set_defaults(func=cmd_report)
     return parser
 
 

@@ -10,6 +10,7 @@ A run directory holds everything needed to sample later:
     train_log.jsonl   one line per step: loss, epsilon, rows/s, ...
     split.json        which input rows were held out (indexes only)
     training.json     steps, epochs, rows, tokens, seconds, stop reason
+    synthetic.csv     rows sampled after training (when saved with them), for `dplm report`
 
 It is written to a temporary folder and renamed into place only when complete, so a
 failed run leaves no partial directory behind.
@@ -127,8 +128,8 @@ class Synthesizer:
 
     # ---- save / load ------------------------------------------------------------------
 
-    def save(self, run_dir: str | Path) -> Path:
-        """Write the run directory atomically (see module docstring)."""
+    def save(self, run_dir: str | Path, synthetic: pd.DataFrame | None = None) -> Path:
+        """Write the run directory atomically (see module docstring), with `synthetic` rows if given."""
         run_dir = Path(run_dir)
         if run_dir.exists() and not (run_dir / "config.yaml").exists() and any(run_dir.iterdir()):
             raise DplmError(f"output_dir '{run_dir}' exists and is not a dplm run; choose another folder")
@@ -140,6 +141,8 @@ class Synthesizer:
             self.schema.to_yaml(tmp / "schema.yaml")
             (tmp / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
             (tmp / "privacy.json").write_text(json.dumps(self.privacy_record, indent=2))
+            if synthetic is not None:
+                synthetic.to_csv(tmp / "synthetic.csv", index=False)
             if self.split:
                 (tmp / "split.json").write_text(json.dumps(self.split))
             if self.training:

@@ -1,0 +1,317 @@
+"""The model report: a self-contained HTML page (charts inlined as PNG) and a JSON of all
+metrics, from three DataFrames (training, holdout, synthetic) or from a run directory."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dplm.errors import DplmError
+from dplm.evaluate import evaluate
+
+REAL, SYNTHETIC, HOLDOUT = "#1f77b4", "#ff7f0e", "#2ca02c"
+
+
+def align_types(df: pd.DataFrame, schema) -> pd.DataFrame:
+    """Give every table the schema's value types (numbers, dates, strings) so they compare."""
+    out = pd.DataFrame(index=df.index)
+    for col in schema.columns:
+        s = df[col.name]
+        if col.kind in ("integer", "float"):
+            out[col.name] = pd.to_numeric(s, errors="coerce")
+        elif col.kind == "datetime":
+            out[col.name] = pd.to_datetime(s, errors="coerce")
+        else:
+            out[col.name] = s.astype(object).where(s.isna(), s.astype(str))
+    return out.reset_index(drop=True)
+
+
+# ---- charts ----------------------------------------------------------------------------
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def univariate_charts(train, synthetic, binner) -> str:
+    plt = _plt()
+    cols = binner.columns
+    ncols = 3
+    nrows = math.ceil(len(cols) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.2 * nrows), squeeze=False)
+    real_codes, syn_codes = binner.codes(train), binner.codes(synthetic)
+    for j, c in enumerate(cols):
+        ax = axes[j // ncols][j % ncols]
+        size = len(binner.labels[c])
+        p = np.bincount(real_codes[:, j], minlength=size) / len(real_codes)
+        q = np.bincount(syn_codes[:, j], minlength=size) / len(syn_codes)
+        x = np.arange(size)
+        ax.bar(x - 0.2, p, 0.4, color=REAL, label="real")
+        ax.bar(x + 0.2, q, 0.4, color=SYNTHETIC, label="synthetic")
+        ax.set_xticks(x, [str(lbl)[:14] for lbl in binner.labels[c]], rotation=60, ha="right", fontsize=7)
+        ax.set_title(c, fontsize=10)
+    for j in range(len(cols), nrows * ncols):
+        axes[j // ncols][j % ncols].axis("off")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def bivariate_charts(train, synthetic, binner, pairs: list[str]) -> str:
+    plt = _plt()
+    fig, axes = plt.subplots(len(pairs), 2, figsize=(10, 4 * len(pairs)), squeeze=False)
+    real_codes, syn_codes = binner.codes(train), binner.codes(synthetic)
+    for row, pair in enumerate(pairs):
+        a, b = pair.split(" × ")
+        i, j = binner.columns.index(a), binner.columns.index(b)
+        si, sj = len(binner.labels[a]), len(binner.labels[b])
+        for k, (codes, title) in enumerate(((real_codes, "real"), (syn_codes, "synthetic"))):
+            grid = np.bincount(codes[:, i] * sj + codes[:, j], minlength=si * sj).reshape(si, sj) / len(codes)
+            ax = axes[row][k]
+            ax.imshow(grid, cmap="viridis", aspect="auto")
+            ax.set_title(f"{title}: {a} × {b}", fontsize=9)
+            ax.set_yticks(range(si), [str(x)[:12] for x in binner.labels[a]], fontsize=6)
+            ax.set_xticks(range(sj), [str(x)[:12] for x in binner.labels[b]], fontsize=6, rotation=60, ha="right")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def accuracy_matrix_chart(acc: dict, columns: list[str]) -> str:
+    plt = _plt()
+    n = len(columns)
+    grid = np.full((n, n), np.nan)
+    for i, c in enumerate(columns):
+        grid[i, i] = acc["per_column"][c]
+    for key, value in acc["per_pair"].items():
+        a, b = key.split(" × ")
+        i, j = columns.index(a), columns.index(b)
+        grid[i, j] = grid[j, i] = value
+    fig, ax = plt.subplots(figsize=(1 + 0.5 * n, 0.5 * n + 0.5))
+    im = ax.imshow(grid, cmap="RdYlGn", vmin=max(0.0, np.nanmin(grid) - 0.02), vmax=1.0)
+    ax.set_xticks(range(n), columns, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(n), columns, fontsize=8)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=5)
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    ax.set_title("accuracy: univariate (diagonal) and bivariate", fontsize=10)
+    return _png(fig)
+
+
+def embedding_chart(emb: dict) -> str:
+    plt = _plt()
+    stacked = np.vstack(list(emb.values()))
+    mean = stacked.mean(0)
+    _, _, vt = np.linalg.svd(stacked - mean, full_matrices=False)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for (name, x), color in zip(emb.items(), (REAL, HOLDOUT, SYNTHETIC)):
+        xy = (x - mean) @ vt[:2].T
+        ax.scatter(xy[:, 0], xy[:, 1], s=3, alpha=0.35, color=color, label=name)
+    ax.legend(markerscale=4)
+    ax.set_title("record embeddings (all-MiniLM-L6-v2), first two principal components", fontsize=9)
+    return _png(fig)
+
+
+def dcr_chart(dcr: dict) -> str:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    top = max(float(np.percentile(np.concatenate(list(dcr.values())), 99)), 1e-6)
+    for (name, d), color in zip(dcr.items(), (SYNTHETIC, HOLDOUT)):
+        ax.hist(np.clip(d, 0, top), bins=40, alpha=0.55, color=color, label=name, density=True)
+    ax.set_xlabel("distance to closest training record")
+    ax.legend()
+    return _png(fig)
+
+
+def training_chart(log: list[dict]) -> str:
+    plt = _plt()
+    steps = [e["step"] for e in log]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot(steps, [e["loss"] if e["loss"] is not None else np.nan for e in log], color=REAL)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss", color=REAL)
+    if any("epsilon" in e for e in log):
+        ax2 = ax.twinx()
+        ax2.plot(steps, [e.get("epsilon", np.nan) for e in log], color=SYNTHETIC)
+        ax2.set_ylabel("epsilon", color=SYNTHETIC)
+    ax.set_title("training loss and epsilon per step", fontsize=10)
+    return _png(fig)
+
+
+# ---- the page -------------------------------------------------------------------------
+
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        if v != 0 and abs(v) < 1e-3:
+            return f"{v:.3g}"
+        return f"{v:.4f}" if abs(v) < 1000 else f"{v:,.0f}"
+    return html.escape(str(v))
+
+
+def _table(rows: list[tuple], header: tuple) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _img(data: str, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def summary_rows(metrics: dict) -> list[tuple]:
+    acc, emb, priv = metrics["accuracy"], metrics["embedding"], metrics["privacy"]
+    rows = [(f"accuracy: {k}", acc["synthetic"][k], acc["holdout"][k])
+            for k in ("overall", "univariate", "bivariate", "trivariate")]
+    rows += [("embedding centroid cosine similarity", emb["centroid_similarity"]["synthetic"],
+              emb["centroid_similarity"]["holdout"]),
+             ("discriminator AUC (0.5 = indistinguishable)", emb["discriminator_auc"]["synthetic"],
+              emb["discriminator_auc"]["holdout"]),
+             ("DCR share (closer to training than holdout; 0.5 ideal)", priv["synthetic"]["dcr_share"],
+              priv["holdout"].get("dcr_share")),
+             ("median distance to closest training record", priv["synthetic"]["dcr_median"],
+              priv["holdout"]["dcr_median"]),
+             ("identical-match share", priv["synthetic"]["identical_match_share"],
+              priv["holdout"]["identical_match_share"]),
+             ("rows that exactly copy a training row", priv["synthetic"]["exact_copies_of_training_rows"],
+              priv["holdout"]["exact_copies_of_training_rows"])]
+    return rows
+
+
+def render_html(metrics: dict, charts: dict, run_info: dict | None) -> str:
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>dplm model report</title><style>",
+             "body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}",
+             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#eee}",
+             "td:first-child{text-align:left}img{max-width:100%;display:block;margin:1em 0}</style></head><body>",
+             "<h1>dplm model report</h1>"]
+    rows = metrics["rows"]
+    parts.append(f"<p>{rows['training']:,} training rows, {rows['holdout']:,} holdout rows, "
+                 f"{rows['synthetic']:,} synthetic rows. The holdout column scores real unseen rows as if they were "
+                 "synthetic: the best a synthesizer can expect.</p>")
+    parts.append("<h2>Summary</h2>" + _table(summary_rows(metrics), ("metric", "synthetic", "holdout (reference)")))
+    if "utility" in metrics:
+        u = metrics["utility"]
+        keys = [k for k in ("accuracy", "roc_auc", "r2") if k in u["trtr"]]
+        parts.append(f"<h2>Utility: predicting '{html.escape(u['target'])}' on the holdout</h2>" +
+                     _table([(f"trained on {'synthetic (TSTR)' if n == 'tstr' else 'real training rows (TRTR)'}",
+                              *[u[n].get(k) for k in keys]) for n in ("tstr", "trtr")], ("model", *keys)))
+    if run_info:
+        parts.append("<h2>Compute and privacy</h2>")
+        parts.append(_table([(k, v) for k, v in run_info.get("summary", {}).items()], ("", "value")))
+        if "training" in charts:
+            parts.append(_img(charts["training"], "loss and epsilon per step"))
+    parts.append("<h2>Accuracy matrix</h2>" + _img(charts["accuracy_matrix"], "accuracy matrix"))
+    parts.append("<h2>Univariate distributions, real vs synthetic</h2>" + _img(charts["univariate"], "univariate"))
+    parts.append("<h2>Bivariate distributions: the three least accurate pairs</h2>" +
+                 _img(charts["bivariate"], "bivariate"))
+    parts.append("<h2>Embedding space</h2>" + _img(charts["embedding"], "embeddings"))
+    parts.append("<h2>Distance to closest training record</h2>" + _img(charts["dcr"], "DCR"))
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataFrame, out_dir: str | Path,
+                 target: str | None = None, run_info: dict | None = None, seed: int = 0) -> tuple[Path, Path]:
+    """Score and write `report.html` and `report.json` into `out_dir`; returns their paths."""
+    start = time.perf_counter()
+    metrics = evaluate(train, holdout, synthetic, target=target, seed=seed)
+    binner = metrics["_binner"]
+    acc = metrics["accuracy"]["synthetic"]
+    worst = sorted(acc["per_pair"], key=acc["per_pair"].get)[:3]
+    charts = {
+        "univariate": univariate_charts(train, synthetic, binner),
+        "bivariate": bivariate_charts(train, synthetic, binner, worst) if worst else "",
+        "accuracy_matrix": accuracy_matrix_chart(acc, binner.columns),
+        "embedding": embedding_chart(metrics["_embeddings"]),
+        "dcr": dcr_chart(metrics["_dcr"]),
+    }
+    if run_info and run_info.get("log"):
+        charts["training"] = training_chart(run_info["log"])
+    public = {k: v for k, v in metrics.items() if not k.startswith("_")}
+    public["report_seconds"] = time.perf_counter() - start
+    if run_info:
+        public["run"] = run_info.get("summary", {})
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    html_path, json_path = out_dir / "report.html", out_dir / "report.json"
+    _write_atomic(json_path, json.dumps(public, indent=2, default=float))
+    _write_atomic(html_path, render_html(public, charts, run_info))
+    return html_path, json_path
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+# ---- from a run directory ---------------------------------------------------------------
+
+def run_info(run_dir: Path) -> dict:
+    """Compute and privacy figures of a run, for the report."""
+    training = json.loads((run_dir / "training.json").read_text()) if (run_dir / "training.json").exists() else {}
+    privacy = json.loads((run_dir / "privacy.json").read_text())
+    log_path = run_dir / "train_log.jsonl"
+    log = [json.loads(x) for x in log_path.read_text().splitlines()] if log_path.exists() else []
+    summary = {k: training.get(k) for k in ("seconds", "steps", "epochs", "rows_seen", "tokens_seen",
+                                            "rows_per_second", "stop_reason")}
+    summary["dp"] = privacy.get("dp", False)
+    if privacy.get("dp"):
+        summary.update({k: privacy.get(k) for k in ("epsilon", "delta", "noise_multiplier", "max_grad_norm",
+                                                    "sample_rate", "accountant", "privacy_unit")})
+    return {"summary": summary, "log": log}
+
+
+def report_run(run_dir: str | Path, synthetic: str | Path | None = None, num_rows: int | None = None,
+               target: str | None = None, out_dir: str | Path | None = None,
+               progress: bool = True) -> tuple[Path, Path]:
+    """The report of a run directory: its training rows and holdout (from `split.json` and the
+    data source in its config) against synthetic rows (a CSV, the run's `synthetic.csv`, or
+    `num_rows` freshly sampled, by default as many as the holdout)."""
+    from dplm.data import load_table
+    from dplm.synthesizer import Synthesizer
+
+    run_dir = Path(run_dir)
+    synth = Synthesizer.load(run_dir)
+    if not synth.split:
+        raise DplmError(f"run directory '{run_dir}' has no split.json; retrain with a current dplm")
+    table = load_table(synth.config.data.source)
+    train = align_types(table.iloc[synth.split["train"]], synth.schema)
+    holdout = align_types(table.iloc[synth.split["holdout"]], synth.schema)
+    if len(holdout) == 0:
+        raise DplmError("the run kept no holdout rows (data.holdout_fraction: 0); the report needs a holdout")
+    synthetic = Path(synthetic) if synthetic else run_dir / "synthetic.csv"
+    if num_rows is None and synthetic.exists():
+        fake = pd.read_csv(synthetic)
+        missing = [c for c in synth.schema.names if c not in fake.columns]
+        if missing:
+            raise DplmError(f"synthetic file '{synthetic}' lacks column(s) {missing}; give a file with the run's columns")
+        fake = fake[synth.schema.names]
+    elif num_rows is None and synthetic != run_dir / "synthetic.csv":
+        raise DplmError(f"synthetic file '{synthetic}' not found; check the path")
+    else:
+        fake = synth.sample(num_rows or len(holdout), progress=progress)
+    return write_report(train, holdout, align_types(fake, synth.schema), Path(out_dir or run_dir), target=target,
+                        run_info=run_info(run_dir), seed=synth.config.train.seed)

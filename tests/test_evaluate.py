@@ -1,0 +1,80 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import shared_file
+from dplm.errors import DplmError
+from dplm.evaluate import (
+    accuracy, check_inputs, discriminator_auc, embed, privacy_scores, record_texts, utility,
+)
+
+
+@pytest.fixture(scope="module")
+def parts(census):
+    """Three disjoint real samples: training, holdout, and fresh rows standing in as synthetic."""
+    order = np.random.default_rng(0).permutation(len(census))
+    return census.iloc[order[:6000]], census.iloc[order[6000:8000]], census.iloc[order[8000:10000]]
+
+
+def shuffled(df: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({c: df[c].to_numpy()[rng.permutation(len(df))] for c in df.columns})
+
+
+def test_accuracy_is_one_for_identical_data(parts):
+    train = parts[0]
+    acc = accuracy(train, train.copy())
+    assert acc["overall"] == acc["univariate"] == acc["bivariate"] == acc["trivariate"] == 1.0
+    assert acc["triples_scored"] == 100
+
+
+def test_shuffled_columns_score_clearly_lower(parts):
+    train, holdout, fresh = parts
+    real = accuracy(train, fresh)
+    fake = accuracy(train, shuffled(fresh))
+    assert real["overall"] > 0.95
+    assert fake["univariate"] == pytest.approx(real["univariate"])  # shuffling keeps each column
+    assert fake["bivariate"] < real["bivariate"] - 0.04
+    assert fake["overall"] < real["overall"] - 0.04
+
+
+def test_discriminator_auc(parts):
+    train, _, fresh = parts
+    a = embed(record_texts(train.iloc[:1000]))
+    b = embed(record_texts(fresh.iloc[:1000]))
+    c = embed(record_texts(shuffled(fresh).iloc[:1000]))
+    other_table = embed(record_texts(pd.read_csv(shared_file("london.csv.gz"), nrows=1000)))
+    assert a.shape == (1000, 384)
+    assert abs(discriminator_auc(a, b) - 0.5) < 0.05
+    assert discriminator_auc(a, c) > 0.65
+    assert discriminator_auc(a, other_table) > 0.99
+
+
+def test_dcr_share_near_half_for_fresh_real_rows(parts):
+    train, holdout, fresh = parts
+    scores = privacy_scores(train, holdout, fresh)
+    assert abs(scores["synthetic"]["dcr_share"] - 0.5) < 0.05
+    assert abs(scores["holdout"]["dcr_share"] - 0.5) < 0.05
+    copied = privacy_scores(train, holdout, train.iloc[:500])
+    assert copied["synthetic"]["exact_copies_of_training_rows"] == 500
+    assert copied["synthetic"]["identical_match_share"] == 1.0
+    assert copied["synthetic"]["dcr_share"] > 0.6  # copies sit in a third of the equal-size training sample
+
+
+def test_tstr_on_real_rows_matches_trtr(parts):
+    train, holdout, _ = parts
+    result = utility(train, holdout, train, "income")
+    assert result["tstr"] == result["trtr"]
+    assert 0.8 < result["trtr"]["accuracy"] and 0.85 < result["trtr"]["roc_auc"]
+    regression = utility(train, holdout, train, "age")
+    assert regression["tstr"] == regression["trtr"] and regression["trtr"]["r2"] > 0.3
+
+
+def test_bad_input(parts):
+    train, holdout, fresh = parts
+    with pytest.raises(DplmError, match="synthetic columns differ .*missing \\['age'\\]"):
+        check_inputs(train, holdout, fresh.drop(columns="age"))
+    with pytest.raises(DplmError, match="synthetic rows are empty"):
+        check_inputs(train, holdout, fresh.iloc[:0])
+    with pytest.raises(DplmError, match="target column 'salary' is not in the table"):
+        check_inputs(train, holdout, fresh, target="salary")
