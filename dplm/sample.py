@@ -45,7 +45,8 @@ class RowGrammar:
         self.fields = codec.fields
         self.vocab_size = vocab_size
         self.device = device
-        self._masks: dict = {}
+        self._masks: dict = {}  # one vocabulary mask per distinct allowed set
+        self._keys: dict = {}  # state -> mask key
         self._done_mask = self._mask([codec.eos_id])
 
     def _mask(self, ids) -> torch.Tensor:
@@ -59,13 +60,19 @@ class RowGrammar:
     def mask(self, state) -> torch.Tensor:
         if state is None:
             return self._done_mask
-        if state not in self._masks:
+        key = self._keys.get(state)
+        if key is None:
+            if len(self._keys) > 200_000:  # bound memory: number prefixes are many
+                self._keys.clear()
+            column, inner = state
+            key = self._keys[state] = (column, self.fields[column].mask_key(inner))
+        if key not in self._masks:
             column, inner = state
             ids, can_end = self.fields[column].next_tokens(inner)
             if can_end:
                 ids = list(ids) + [self.codec.sep_id if column < len(self.fields) - 1 else self.codec.eos_id]
-            self._masks[state] = self._mask(ids)
-        return self._masks[state]
+            self._masks[key] = self._mask(ids)
+        return self._masks[key]
 
     def advance(self, state, token: int):
         """Next state; None once the row has ended."""

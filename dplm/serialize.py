@@ -187,6 +187,16 @@ class FieldGrammar:
         can_end = self._complete(state) or (state == "" and self.col.nullable)
         return [self.codec.char_ids[c] for c in chars], can_end
 
+    def mask_key(self, state):
+        """A small key that determines `next_tokens(state)`: masks are cached per key, so a
+        sampler keeps a few dozen masks per number column, not one per digit prefix seen."""
+        if self.kind == "categorical":
+            return state
+        if self.kind == "text":
+            return (state < self.col.max_tokens, state > 0)
+        ids, can_end = self.next_tokens(state)
+        return (tuple(ids), can_end)
+
     def advance(self, state, token: int):
         if self.kind == "categorical":
             return self.trie[state]["next"][token]
