@@ -18,6 +18,7 @@ class DataConfig:
     source: str = "census"  # a file path, or "census" for the bundled census table
     schema: str | None = None  # YAML schema file; missing metadata is learned (refused under DP)
     holdout_fraction: float = 0.2
+    subject: str | None = None  # column naming the person a row belongs to: the holdout split keeps subjects whole
     max_rows: int | None = None  # train on a seeded random subset (after the holdout split)
 
 

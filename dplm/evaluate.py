@@ -23,7 +23,8 @@ from dplm.errors import DplmError
 NUM_BINS = 10
 TOP_CATEGORIES = 10
 MAX_TRIPLES = 100
-EMBED_SAMPLE = 4000  # records per set for embeddings: bounds the report's runtime on a CPU
+EMBED_SAMPLE = 4000
+MAX_GBM_CATEGORIES = 255  # records per set for embeddings: bounds the report's runtime on a CPU
 
 
 def check_inputs(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataFrame,
@@ -293,7 +294,8 @@ def utility(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataFrame,
 
     features = [c for c in train.columns if c != target]
     categorical = [c for c in features if not is_numeric(train[c])]
-    levels = {c: sorted(set(pd.concat([train[c], holdout[c], synthetic[c]]).dropna().astype(str))) for c in categorical}
+    # Gradient boosting takes at most 255 categories: the most frequent real ones, the rest missing.
+    levels = {c: train[c].dropna().astype(str).value_counts().index[:MAX_GBM_CATEGORIES].tolist() for c in categorical}
 
     def matrix(df):
         x = pd.DataFrame(index=df.index)

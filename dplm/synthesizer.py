@@ -45,11 +45,20 @@ PUBLIC_QUANTITIES = {
 }
 
 
-def split_indexes(num_rows: int, holdout_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded train/holdout split: `permutation[:n_train]` trains, the rest is held out."""
-    order = np.random.default_rng(seed).permutation(num_rows)
-    n_train = int(round(num_rows * (1 - holdout_fraction)))
-    return order[:n_train], order[n_train:]
+def split_indexes(num_rows: int, holdout_fraction: float, seed: int,
+                  subjects: pd.Series | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded train/holdout split: `permutation[:n_train]` trains, the rest is held out.
+
+    With `subjects` (one id per row) the permutation is over subjects, so all rows of a
+    subject fall on the same side."""
+    if subjects is None:
+        order = np.random.default_rng(seed).permutation(num_rows)
+        n_train = int(round(num_rows * (1 - holdout_fraction)))
+        return order[:n_train], order[n_train:]
+    codes, uniques = pd.factorize(subjects)
+    train_subjects, _ = split_indexes(len(uniques), holdout_fraction, seed)
+    in_train = np.isin(codes, train_subjects)
+    return np.flatnonzero(in_train), np.flatnonzero(~in_train)
 
 
 class Synthesizer:
@@ -78,7 +87,16 @@ class Synthesizer:
         table = load_table(data if data is not None else config.data.source)
         if isinstance(schema, str) or (schema is None and config.data.schema):
             schema = Schema.from_yaml(schema or config.data.schema)
-        train_idx, holdout_idx = split_indexes(len(table), config.data.holdout_fraction, config.train.seed)
+        subject = config.data.subject
+        if subject is not None and subject not in table.columns:
+            raise DplmError(f"data.subject '{subject}' is not a column of the table; choose one of {list(table.columns)}")
+        if subject is not None and config.privacy.enabled:
+            raise DplmError(
+                "data.subject with privacy.enabled: per-subject (user-level) DP is not implemented yet; "
+                "row-level DP would not protect subjects with several rows, so dplm refuses rather than mislabel it"
+            )
+        train_idx, holdout_idx = split_indexes(len(table), config.data.holdout_fraction, config.train.seed,
+                                               table[subject] if subject else None)
         if config.data.max_rows:
             train_idx = train_idx[: config.data.max_rows]
         train_df = table.iloc[train_idx]
@@ -103,7 +121,8 @@ class Synthesizer:
         sequences = synth.codec.encode_table(rows)
         synth.training = train(model, sequences, tokenizer.pad_token_id, config.train, config.privacy, device,
                                progress=progress)
-        synth.split = {"seed": config.train.seed, "train": train_idx.tolist(), "holdout": holdout_idx.tolist()}
+        synth.split = {"seed": config.train.seed, "subject": subject, "train": train_idx.tolist(),
+                       "holdout": holdout_idx.tolist()}
         synth.privacy_record = synth._privacy_record()
         return synth
 

@@ -50,7 +50,7 @@ def child(args) -> dict:
     result = {"mode": args.child, "steps": len(log), "rows": rows, "seconds": seconds,
               "mean_step_s": statistics.mean(step_times), "rows_per_s": rows / seconds,
               "tokens_per_s": rows * tokens_per_row / seconds, "tokens_per_row": tokens_per_row}
-    if not dp and args.sample_rows:
+    if args.child == args.order.split(",")[0] and args.sample_rows:
         synth.sample(min(args.sample_batch_size, args.sample_rows), progress=False)  # warm-up
         start = time.perf_counter()
         synth.sample(args.sample_rows, seed=1, progress=False)
@@ -77,6 +77,7 @@ def main() -> None:
     parser.add_argument("--sample-rows", type=int, default=64)
     parser.add_argument("--sample-batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--order", default="no_dp,dp", help="order of the two runs, e.g. dp,no_dp")
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
     parser.add_argument("--child", choices=["no_dp", "dp"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -84,7 +85,7 @@ def main() -> None:
         print("RESULT " + json.dumps(child(args)))
         return
     results = {}
-    for mode in ("no_dp", "dp"):
+    for mode in args.order.split(","):
         cmd = [sys.executable, __file__, "--child", mode] + sys.argv[1:]
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
         line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
@@ -102,9 +103,10 @@ def main() -> None:
     for mode, r in results.items():
         print(f"{mode:6} {r['rows_per_s']:9.1f} {r['tokens_per_s']:10.0f} {r['mean_step_s']:8.3f} {r['peak_memory_gb']:8.2f}")
     print(f"DP / no-DP step time: {ratio:.2f}x (per row: {per_row_ratio:.2f}x)")
-    if "sample_rows_per_s" in results["no_dp"]:
-        print(f"sampling: {results['no_dp']['sample_rows_per_s']:.1f} valid rows/s "
-              f"(batch {args.sample_batch_size}, valid-row rate {results['no_dp']['sample_valid_rate']:.1%})")
+    sampled = next(r for r in results.values() if "sample_rows_per_s" in r) if args.sample_rows else None
+    if sampled:
+        print(f"sampling ({sampled['mode']} model): {sampled['sample_rows_per_s']:.1f} valid rows/s "
+              f"(batch {args.sample_batch_size}, valid-row rate {sampled['sample_valid_rate']:.1%})")
     if args.out:
         Path(args.out).write_text(json.dumps(summary, indent=2))
 

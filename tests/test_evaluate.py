@@ -5,7 +5,7 @@ import pytest
 from conftest import shared_file
 from dplm.errors import DplmError
 from dplm.evaluate import (
-    accuracy, check_inputs, discriminator_auc, embed, privacy_scores, record_texts, utility,
+    accuracy, check_inputs, discriminator_auc, embed, evaluate, privacy_scores, record_texts, utility,
 )
 
 
@@ -78,3 +78,16 @@ def test_bad_input(parts):
         check_inputs(train, holdout, fresh.iloc[:0])
     with pytest.raises(DplmError, match="target column 'salary' is not in the table"):
         check_inputs(train, holdout, fresh, target="salary")
+
+
+@pytest.mark.parametrize("name,target", [("london.csv.gz", "room_type"), ("cdnow_purchases.csv.gz", "amt")])
+def test_text_and_date_tables(name, target):
+    table = pd.read_csv(shared_file(name)).sample(3000, random_state=0)
+    if "date" in table:
+        table["date"] = pd.to_datetime(table["date"])
+    train, holdout, fresh = table.iloc[:2000], table.iloc[2000:2500], table.iloc[2500:]
+    metrics = evaluate(train, holdout, fresh, target=target, embed_sample=300)
+    assert 0.5 < metrics["accuracy"]["synthetic"]["overall"] <= 1
+    assert metrics["embedding"]["records_per_set"] == 300
+    assert 0 <= metrics["privacy"]["synthetic"]["dcr_share"] <= 1
+    assert set(metrics["utility"]) >= {"tstr", "trtr"}

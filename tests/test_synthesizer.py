@@ -57,6 +57,24 @@ def test_holdout_split_follows_benchmark_protocol():
     assert (train_idx == order[:39074]).all() and (holdout_idx == order[39074:]).all()
 
 
+def test_holdout_split_by_subject(tmp_path):
+    subjects = pd.Series([7, 7, 7, 3, 3, 9, 1, 1, 1, 1, 5, 2])
+    train_idx, holdout_idx = dplm.synthesizer.split_indexes(len(subjects), 0.4, 0, subjects)
+    assert sorted([*train_idx, *holdout_idx]) == list(range(12))
+    assert not set(subjects[train_idx]) & set(subjects[holdout_idx])
+    assert len(set(subjects[holdout_idx])) == 2  # 40 % of the 6 subjects
+
+
+def test_subject_under_dp_is_refused_until_user_level_dp_exists(tmp_path, census):
+    config = tiny_config(True, tmp_path)
+    config.data.subject = "native_country"
+    with pytest.raises(dplm.DplmError, match="per-subject \\(user-level\\) DP is not implemented yet"):
+        dplm.fit(census, config, progress=False)
+    config.data.subject = "nope"
+    with pytest.raises(dplm.DplmError, match="data.subject 'nope' is not a column"):
+        dplm.fit(census, config, progress=False)
+
+
 def test_without_dp_metadata_is_learned(tmp_path):
     df = pd.DataFrame({"x": list(range(40)), "y": ["a", "b"] * 20})
     config = tiny_config(False, tmp_path)
