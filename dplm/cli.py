@@ -97,6 +97,35 @@ def cmd_report(args) -> None:
           f"DCR share {metrics['privacy']['synthetic']['dcr_share']:.3f}")
 
 
+def cmd_plan(args) -> None:
+    """Epsilon per epoch for a recipe, and the noise for a target epsilon, without training."""
+    import math
+
+    from dplm.config import load_recipe
+    from dplm.data import load_table
+    from dplm.privacy import epsilon_schedule, noise_for_epsilon
+    from dplm.synthesizer import split_rows
+
+    config = load_recipe(args.recipe, args.overrides)
+    p, t = config.privacy, config.train
+    num_rows = len(split_rows(load_table(config.data.source), config)[0])
+    sample_rate = t.batch_size / num_rows
+    steps_per_epoch = math.ceil(num_rows / t.batch_size)
+    epochs = math.ceil(t.max_epochs)
+    print(f"{num_rows} training rows, batch {t.batch_size}: sample rate {sample_rate:.4g}, "
+          f"{steps_per_epoch} steps per epoch; {p.accountant} accountant, delta {p.delta:g}")
+    if args.target_epsilon:
+        steps = math.ceil(t.max_epochs * num_rows / t.batch_size)  # as train() plans it
+        steps = min(steps, t.max_steps) if t.max_steps else steps
+        noise = noise_for_epsilon(args.target_epsilon, p.delta, sample_rate, steps, p.accountant)
+        print(f"noise multiplier for epsilon {args.target_epsilon:g} after {steps} steps: {noise:.4f}")
+        p.noise_multiplier = noise
+    print(f"noise multiplier {p.noise_multiplier:g}:")
+    for epoch, (steps, eps) in enumerate(epsilon_schedule(p.noise_multiplier, sample_rate, p.delta,
+                                                          steps_per_epoch, epochs, p.accountant), start=1):
+        print(f"  epoch {epoch}: {steps} steps, epsilon {eps:.4f}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dplm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -113,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=None)
     gen.add_argument("-q", "--quiet", action="store_true")
     gen.set_defaults(func=cmd_generate)
+    plan = sub.add_parser("plan", help="epsilon per epoch for a recipe, without training")
+    plan.add_argument("recipe")
+    plan.add_argument("overrides", nargs="*")
+    plan.add_argument("--target-epsilon", type=float, help="also find the noise multiplier that reaches this")
+    plan.set_defaults(func=cmd_plan)
     rep = sub.add_parser("report", help="score a run: HTML report and JSON metrics")
     rep.add_argument("run_dir")
     rep.add_argument("--synthetic", help="CSV of synthetic rows (default: the run's synthetic.csv)")

@@ -95,11 +95,6 @@ class RunConfig:
         for ok, message in checks:
             if not ok:
                 raise DplmError(message)
-        if self.privacy.enabled and self.data.schema is None:
-            raise DplmError(
-                "privacy.enabled needs data.schema: a schema file with every column's metadata given "
-                "(metadata learned from the private data would leak it)"
-            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -14,6 +14,9 @@ import torch
 
 from dplm.errors import DplmError
 
+# Opacus' RDP warns when its largest order is optimal (tiny epsilons); the bound is still valid.
+warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+
 
 def make_accountant(name: str):
     from opacus.accountants import PRVAccountant, RDPAccountant
@@ -77,6 +80,30 @@ class PrivacyBudget:
             "steps": self.steps,
             "accountant": self.accountant_name,
         }
+
+
+def epsilon_schedule(noise_multiplier: float, sample_rate: float, delta: float, steps_per_epoch: int,
+                     epochs: int, accountant: str = "rdp") -> list[tuple[int, float]]:
+    """(steps, epsilon) at the end of each epoch of a planned run, without training."""
+    budget = PrivacyBudget(accountant, noise_multiplier, sample_rate, delta)
+    schedule = []
+    for _ in range(epochs):
+        for _ in range(steps_per_epoch):
+            budget.step()
+        schedule.append((budget.steps, budget.epsilon()))
+    return schedule
+
+
+def noise_for_epsilon(target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                      accountant: str = "rdp") -> float:
+    """The smallest noise multiplier (to Opacus' 0.01 tolerance) whose epsilon after `steps`
+    Poisson-sampled steps stays at or below `target_epsilon`."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    if target_epsilon <= 0:
+        raise DplmError("the target epsilon must be > 0")
+    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+                                      steps=steps, accountant=accountant))
 
 
 def poisson_sample(num_units: int, sample_rate: float, generator: torch.Generator) -> torch.Tensor:

@@ -87,25 +87,15 @@ class Synthesizer:
         table = load_table(data if data is not None else config.data.source)
         if isinstance(schema, str) or (schema is None and config.data.schema):
             schema = Schema.from_yaml(schema or config.data.schema)
-        subject = config.data.subject
-        if subject is not None and subject not in table.columns:
-            raise DplmError(f"data.subject '{subject}' is not a column of the table; choose one of {list(table.columns)}")
-        if subject is not None and config.privacy.enabled:
-            raise DplmError(
-                "data.subject with privacy.enabled: per-subject (user-level) DP is not implemented yet; "
-                "row-level DP would not protect subjects with several rows, so dplm refuses rather than mislabel it"
-            )
-        train_idx, holdout_idx = split_indexes(len(table), config.data.holdout_fraction, config.train.seed,
-                                               table[subject] if subject else None)
-        if config.data.max_rows:
-            train_idx = train_idx[: config.data.max_rows]
+        train_idx, holdout_idx = split_rows(table, config)
         train_df = table.iloc[train_idx]
-        if len(train_df) == 0:
-            raise DplmError("no training rows left after the holdout split; lower data.holdout_fraction")
         tokenizer = models.load_tokenizer(config.model.base)
         if config.privacy.enabled:
             if schema is None:
-                raise DplmError("privacy.enabled needs a schema with every column's metadata given (data.schema)")
+                raise DplmError(
+                    "privacy.enabled needs data.schema: a schema file with every column's metadata given "
+                    "(metadata learned from the private data would leak it)"
+                )
             schema.check_columns(train_df)
             schema.check_dp_safe()
         else:
@@ -113,7 +103,8 @@ class Synthesizer:
         rows = coerce_table(train_df, schema)
         device = models.default_device()
         dtype = models.weight_dtype(config.model.precision, device)
-        model = models.load_base_model(config.model.base, len(tokenizer), dtype).to(device)  # before LoRA: peft/Opacus need the adapter created on its final device
+        # On its device before LoRA: peft/Opacus need the adapter created where it will train.
+        model = models.load_base_model(config.model.base, len(tokenizer), dtype).to(device)
         m = config.model
         torch.manual_seed(config.train.seed)  # LoRA's random init
         model = models.add_lora(model, m.lora_r, m.lora_alpha, m.lora_dropout, m.target_modules)
@@ -121,7 +112,7 @@ class Synthesizer:
         sequences = synth.codec.encode_table(rows)
         synth.training = train(model, sequences, tokenizer.pad_token_id, config.train, config.privacy, device,
                                progress=progress)
-        synth.split = {"seed": config.train.seed, "subject": subject, "train": train_idx.tolist(),
+        synth.split = {"seed": config.train.seed, "subject": config.data.subject, "train": train_idx.tolist(),
                        "holdout": holdout_idx.tolist()}
         synth.privacy_record = synth._privacy_record()
         return synth
@@ -196,6 +187,25 @@ class Synthesizer:
         if (run_dir / "split.json").exists():
             synth.split = json.loads((run_dir / "split.json").read_text())
         return synth
+
+
+def split_rows(table: pd.DataFrame, config: RunConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Training and holdout row indexes (by subject when `data.subject` is set)."""
+    subject = config.data.subject
+    if subject is not None and subject not in table.columns:
+        raise DplmError(f"data.subject '{subject}' is not a column of the table; choose one of {list(table.columns)}")
+    if subject is not None and config.privacy.enabled:
+        raise DplmError(
+            "data.subject with privacy.enabled: per-subject (user-level) DP is not implemented yet; "
+            "row-level DP would not protect subjects with several rows, so dplm refuses rather than mislabel it"
+        )
+    train_idx, holdout_idx = split_indexes(len(table), config.data.holdout_fraction, config.train.seed,
+                                           table[subject] if subject else None)
+    if config.data.max_rows:
+        train_idx = train_idx[: config.data.max_rows]
+    if len(train_idx) == 0:
+        raise DplmError("no training rows left after the holdout split; lower data.holdout_fraction")
+    return train_idx, holdout_idx
 
 
 def _max_tokens(tokenizer, texts: list[str]) -> int:

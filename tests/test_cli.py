@@ -88,3 +88,12 @@ def test_exit_code_of_the_installed_command(workspace):
                              "privacy.delta=2"], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip() == "dplm: error: privacy.delta must be in (0, 1) (e.g. 1e-5)"
+
+
+def test_plan_prints_epsilon_per_epoch(workspace, capsys):
+    assert main(["plan", str(workspace / "recipe.yaml"), "train.max_epochs=2", "train.max_steps=null",
+                 "--target-epsilon", "5"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("4 training rows, batch 2: sample rate 0.5, 2 steps per epoch")
+    assert "noise multiplier for epsilon 5 after 4 steps" in out[1]
+    assert out[-1].startswith("  epoch 2: 4 steps, epsilon ") and float(out[-1].split()[-1]) <= 5

@@ -6,7 +6,9 @@ import torch
 from dp_accounting import rdp
 from opacus.accountants.rdp import RDPAccountant
 
-from dplm.privacy import PrivacyBudget, assert_weights_changed, poisson_sample, trainable_snapshot
+from dplm.privacy import (
+    PrivacyBudget, assert_weights_changed, epsilon_schedule, noise_for_epsilon, poisson_sample, trainable_snapshot,
+)
 
 ORDERS = RDPAccountant.DEFAULT_ALPHAS
 
@@ -76,3 +78,14 @@ def test_unchanged_weights_fail_loudly():
     with torch.no_grad():
         layer.weight[0, 0] += 1
     assert_weights_changed(layer, before)
+
+
+def test_budget_planning():
+    q, delta = 256 / 39074, 1e-5
+    noise = noise_for_epsilon(2.5, delta, q, steps=459)
+    schedule = epsilon_schedule(noise, q, delta, steps_per_epoch=153, epochs=3)
+    assert [steps for steps, _ in schedule] == [153, 306, 459]
+    assert 2.45 < schedule[-1][1] <= 2.5
+    assert schedule[0][1] < schedule[1][1] < schedule[2][1]
+    for steps, eps in schedule:
+        assert eps == pytest.approx(independent_epsilon(noise, q, steps, delta), rel=1e-3)
