@@ -34,7 +34,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 64  # logical batch (expected batch under DP's Poisson sampling)
+    batch_size: int = 64  # logical batch (under DP: expected rows, or subjects with data.subject)
     micro_batch_size: int = 16  # rows per forward/backward pass; memory only, no effect on results
     learning_rate: float = 2e-3
     warmup_steps: int = 10
@@ -53,6 +53,7 @@ class PrivacyConfig:
     delta: float = 1e-5
     max_epsilon: float | None = None  # training stops before a step would pass it
     accountant: str = "rdp"
+    max_records_per_subject: int = 8  # with data.subject: rows one subject contributes to a step
 
 
 @dataclass
@@ -82,6 +83,7 @@ class RunConfig:
             (0 < p.delta < 1, "privacy.delta must be in (0, 1) (e.g. 1e-5)"),
             (p.max_epsilon is None or p.max_epsilon > 0, "privacy.max_epsilon must be > 0 (or unset for no cap)"),
             (p.accountant in ("rdp", "prv"), "privacy.accountant must be 'rdp' or 'prv'"),
+            (p.max_records_per_subject >= 1, "privacy.max_records_per_subject must be >= 1"),
             (t.batch_size >= 1 and t.micro_batch_size >= 1, "train.batch_size and train.micro_batch_size must be >= 1"),
             (t.learning_rate > 0, "train.learning_rate must be > 0"),
             (t.max_epochs > 0, "train.max_epochs must be > 0"),

@@ -131,6 +131,17 @@ def make_private(model, optimizer, noise_multiplier: float, max_grad_norm: float
     return dp_model, dp_optimizer
 
 
+def sum_grad_samples_by_group(params, group_sizes: list[int]) -> None:
+    """Replace per-row gradients by per-group sums (groups are consecutive rows), so that
+    Opacus clips each group, i.e. each subject, as one sample."""
+    index = torch.repeat_interleave(torch.arange(len(group_sizes)), torch.tensor(group_sizes))
+    for p in params:
+        rows = p.grad_sample
+        index = index.to(rows.device)
+        p.grad_sample = torch.zeros((len(group_sizes), *rows.shape[1:]), dtype=rows.dtype,
+                                    device=rows.device).index_add_(0, index, rows)
+
+
 def prepare_empty_step(params) -> None:
     """Give each parameter an empty per-sample gradient, so a Poisson batch that drew no
     rows still takes its noise-only step (skipping it would break the accounting)."""

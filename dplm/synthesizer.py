@@ -89,6 +89,12 @@ class Synthesizer:
             schema = Schema.from_yaml(schema or config.data.schema)
         train_idx, holdout_idx = split_rows(table, config)
         train_df = table.iloc[train_idx]
+        subjects = None
+        if config.data.subject:
+            # The subject column says whose rows are whose; it is not modelled or generated.
+            codes, _ = pd.factorize(train_df[config.data.subject])
+            subjects = pd.Series(np.arange(len(codes))).groupby(codes).agg(list).tolist()
+            train_df = train_df.drop(columns=[config.data.subject])
         tokenizer = models.load_tokenizer(config.model.base)
         if config.privacy.enabled:
             if schema is None:
@@ -111,9 +117,11 @@ class Synthesizer:
         synth = cls(config, schema, tokenizer, model, device)
         sequences = synth.codec.encode_table(rows)
         synth.training = train(model, sequences, tokenizer.pad_token_id, config.train, config.privacy, device,
-                               progress=progress)
+                               progress=progress, subjects=subjects)
         synth.split = {"seed": config.train.seed, "subject": config.data.subject, "train": train_idx.tolist(),
                        "holdout": holdout_idx.tolist()}
+        if subjects is not None:
+            synth.split["num_training_subjects"] = len(subjects)
         synth.privacy_record = synth._privacy_record()
         return synth
 
@@ -121,9 +129,18 @@ class Synthesizer:
         metadata = {c.name: c.source for c in self.schema.columns}
         if not self.config.privacy.enabled:
             return {"dp": False, "metadata_sources": metadata}
-        return {"dp": True, **self.training.privacy, "max_grad_norm": self.config.privacy.max_grad_norm,
-                "privacy_unit": "row", "num_training_rows": len(self.split["train"]),
-                "metadata_sources": metadata, "public_quantities": PUBLIC_QUANTITIES}
+        record = {"dp": True, **self.training.privacy, "max_grad_norm": self.config.privacy.max_grad_norm,
+                  "privacy_unit": "row", "num_training_rows": len(self.split["train"]),
+                  "metadata_sources": metadata, "public_quantities": dict(PUBLIC_QUANTITIES)}
+        subject = self.config.data.subject
+        if subject:
+            record["privacy_unit"] = f"subject (column '{subject}')"
+            record["max_records_per_subject"] = self.config.privacy.max_records_per_subject
+            record["num_training_subjects"] = self.split["num_training_subjects"]
+            record["public_quantities"]["num_training_subjects"] = (
+                "exact count of training subjects, used for the sampling rate q = batch_size / subjects; "
+                "treated as public like the row count")
+        return record
 
     # ---- sample -----------------------------------------------------------------------
 
@@ -194,11 +211,6 @@ def split_rows(table: pd.DataFrame, config: RunConfig) -> tuple[np.ndarray, np.n
     subject = config.data.subject
     if subject is not None and subject not in table.columns:
         raise DplmError(f"data.subject '{subject}' is not a column of the table; choose one of {list(table.columns)}")
-    if subject is not None and config.privacy.enabled:
-        raise DplmError(
-            "data.subject with privacy.enabled: per-subject (user-level) DP is not implemented yet; "
-            "row-level DP would not protect subjects with several rows, so dplm refuses rather than mislabel it"
-        )
     train_idx, holdout_idx = split_indexes(len(table), config.data.holdout_fraction, config.train.seed,
                                            table[subject] if subject else None)
     if config.data.max_rows:

@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from dplm.config import PrivacyConfig, TrainConfig
 from dplm.errors import DplmError
 from dplm.privacy import (
-    PrivacyBudget, assert_weights_changed, make_private, poisson_sample, prepare_empty_step, trainable_snapshot,
+    PrivacyBudget, assert_weights_changed, make_private, poisson_sample, prepare_empty_step, sum_grad_samples_by_group,
+    trainable_snapshot,
 )
 
 
@@ -62,11 +63,21 @@ def row_losses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> 
 
 
 def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, privacy: PrivacyConfig,
-          device: torch.device, progress: bool = True) -> TrainResult:
-    """Train the trainable (LoRA) parameters of `model` in place; returns what was done."""
+          device: torch.device, progress: bool = True, subjects: list[list[int]] | None = None) -> TrainResult:
+    """Train the trainable (LoRA) parameters of `model` in place; returns what was done.
+
+    `subjects` lists the row indexes of each privacy unit (default: every row is its own).
+    Under DP the units are Poisson-sampled, each sampled unit contributes a random subset of
+    at most `privacy.max_records_per_subject` rows, and the gradients of its rows are summed
+    before clipping, so a unit's whole contribution to a step is bounded by `max_grad_norm`.
+    (Summing per-row gradients, rather than packing a subject's rows into one sequence,
+    keeps training and sampling on single rows.)
+    """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     num_rows = len(sequences)
+    units = subjects if subjects is not None else [[i] for i in range(num_rows)]
+    records_cap = privacy.max_records_per_subject if subjects is not None else 1
     epoch_steps = math.ceil(cfg.max_epochs * num_rows / cfg.batch_size)
     total_steps = min(epoch_steps, cfg.max_steps or epoch_steps)
     stop_reason = "max_steps" if total_steps < epoch_steps else "max_epochs"
@@ -77,10 +88,16 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
     budget = None
     forward_model = model
     if privacy.enabled:
-        sample_rate = cfg.batch_size / num_rows
+        sample_rate = cfg.batch_size / len(units)
         if sample_rate > 1:
             raise DplmError(
-                f"train.batch_size {cfg.batch_size} is larger than the {num_rows} training rows; lower it"
+                f"train.batch_size {cfg.batch_size} is larger than the {len(units)} training "
+                f"{'subjects' if subjects is not None else 'rows'}; lower it"
+            )
+        if cfg.micro_batch_size < records_cap:
+            raise DplmError(
+                f"train.micro_batch_size {cfg.micro_batch_size} must be at least privacy.max_records_per_subject "
+                f"{records_cap}: a subject's rows are clipped together, so they share a micro-batch"
             )
         budget = PrivacyBudget(privacy.accountant, privacy.noise_multiplier, sample_rate, privacy.delta,
                                privacy.max_epsilon)
@@ -106,12 +123,13 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
                 stop_reason = "max_epsilon"
                 break
             if budget:
-                indices = poisson_sample(num_rows, budget.sample_rate, generator)
+                groups = [_cap_rows(units[u], records_cap, generator)
+                          for u in poisson_sample(len(units), budget.sample_rate, generator).tolist()]
             else:
-                indices = next(batches)
-            batch = [sequences[i] for i in indices.tolist()]
-            loss = _logical_step(forward_model, optimizer, batch, pad_id, cfg.micro_batch_size, device,
-                                 privacy.enabled, params)
+                groups = [[i] for i in next(batches).tolist()]
+            batch = [sequences[i] for group in groups for i in group]
+            loss = _logical_step(forward_model, optimizer, groups, sequences, pad_id, cfg.micro_batch_size,
+                                 device, privacy.enabled, params)
             scheduler.step()
             if budget:
                 budget.step()
@@ -152,28 +170,54 @@ def _epoch_batches(num_rows: int, batch_size: int, generator: torch.Generator):
             yield order[i: i + batch_size]
 
 
-def _logical_step(model, optimizer, batch, pad_id, micro_batch_size, device, dp: bool, params) -> float | None:
-    """One optimizer step over `batch`, in micro-batches; returns the batch's mean row loss."""
-    if not batch:  # only under DP: an empty Poisson batch still takes its noise-only step
+def _cap_rows(rows: list[int], cap: int, generator: torch.Generator) -> list[int]:
+    """A random subset of at most `cap` of a subject's rows."""
+    if len(rows) <= cap:
+        return rows
+    return [rows[i] for i in torch.randperm(len(rows), generator=generator)[:cap].tolist()]
+
+
+def _pack(groups: list[list[int]], size: int) -> list[list[list[int]]]:
+    """Consecutive groups into micro-batches of at most `size` rows; a group is never split."""
+    chunks, current, rows = [], [], 0
+    for group in groups:
+        if current and rows + len(group) > size:
+            chunks.append(current)
+            current, rows = [], 0
+        current.append(group)
+        rows += len(group)
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def _logical_step(model, optimizer, groups, sequences, pad_id, micro_batch_size, device, dp: bool,
+                  params) -> float | None:
+    """One optimizer step over the rows of `groups` (one group per privacy unit), in
+    micro-batches; returns the mean row loss."""
+    if not groups:  # only under DP: an empty Poisson batch still takes its noise-only step
         prepare_empty_step(params)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return None
-    chunks = [batch[i: i + micro_batch_size] for i in range(0, len(batch), micro_batch_size)]
+    chunks = _pack(groups, micro_batch_size)
+    num_rows = sum(len(g) for g in groups)
     total = 0.0
     for i, chunk in enumerate(chunks):
-        ids, mask = pad_batch(chunk, pad_id, device)
+        ids, mask = pad_batch([sequences[r] for group in chunk for r in group], pad_id, device)
         losses = row_losses(model, ids, mask)
         total += float(losses.detach().sum())
         if dp:
             # Opacus wants the micro-batch mean; it rescales per-row gradients by the batch size.
             losses.mean().backward()
+            if any(len(group) > 1 for group in chunk):
+                sum_grad_samples_by_group(params, [len(group) for group in chunk])
             if i < len(chunks) - 1:
                 optimizer.signal_skip_step(do_skip=True)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         else:
-            (losses.sum() / len(batch)).backward()
+            (losses.sum() / num_rows).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return total / len(batch)
+    return total / num_rows

@@ -89,3 +89,24 @@ def test_budget_planning():
     assert schedule[0][1] < schedule[1][1] < schedule[2][1]
     for steps, eps in schedule:
         assert eps == pytest.approx(independent_epsilon(noise, q, steps, delta), rel=1e-3)
+
+
+def test_subject_gradients_are_summed_then_clipped_as_one():
+    """Opacus with grouped per-row gradients == an independent per-subject clip of summed gradients."""
+    from opacus.optimizers import DPOptimizer
+
+    from dplm.privacy import sum_grad_samples_by_group
+
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.zeros(3, 4))
+    per_row = torch.randn(6, 3, 4) * 3  # rows of subjects: [0, 1, 2], [3], [4, 5]
+    sizes, clip, expected_batch = [3, 1, 2], 1.0, 4
+    optimizer = DPOptimizer(torch.optim.SGD([weight], lr=1.0), noise_multiplier=0.0, max_grad_norm=clip,
+                            expected_batch_size=expected_batch, loss_reduction="mean")
+    weight.grad_sample = per_row.clone()
+    sum_grad_samples_by_group([weight], sizes)
+    optimizer.pre_step()
+    sums = [per_row[0:3].sum(0), per_row[3], per_row[4:6].sum(0)]
+    manual = sum(g * min(1.0, clip / (g.norm().item() + 1e-6)) for g in sums) / expected_batch
+    assert torch.allclose(weight.grad, manual, atol=1e-6)
+    assert all(g.norm() > clip for g in sums)  # each subject was really clipped

@@ -65,11 +65,8 @@ def test_holdout_split_by_subject(tmp_path):
     assert len(set(subjects[holdout_idx])) == 2  # 40 % of the 6 subjects
 
 
-def test_subject_under_dp_is_refused_until_user_level_dp_exists(tmp_path, census):
+def test_unknown_subject_column(tmp_path, census):
     config = tiny_config(True, tmp_path)
-    config.data.subject = "native_country"
-    with pytest.raises(dplm.DplmError, match="per-subject \\(user-level\\) DP is not implemented yet"):
-        dplm.fit(census, config, progress=False)
     config.data.subject = "nope"
     with pytest.raises(dplm.DplmError, match="data.subject 'nope' is not a column"):
         dplm.fit(census, config, progress=False)
@@ -83,3 +80,27 @@ def test_without_dp_metadata_is_learned(tmp_path):
     synth = dplm.fit(df, config, progress=False)
     assert synth.privacy_record["metadata_sources"] == {"x": "data", "y": "data"}
     assert synth.schema["y"].categories == ["a", "b"]
+
+
+def test_per_subject_dp_on_cdnow(tmp_path):
+    from conftest import ROOT, shared_file
+    from test_privacy import independent_epsilon
+
+    table = pd.read_csv(shared_file("cdnow_purchases.csv.gz"), nrows=3000)
+    config = from_dict(RunConfig, {
+        "data": {"schema": str(ROOT / "recipes/cdnow_schema.yaml"), "subject": "users_id"},
+        "model": {"base": "tiny-random", "lora_r": 4, "lora_alpha": 8},
+        "train": {"batch_size": 8, "micro_batch_size": 8, "max_steps": 3},
+        "privacy": {"enabled": True, "max_records_per_subject": 4},
+    })
+    synth = dplm.fit(table, config, progress=False)
+    record = synth.privacy_record
+    subjects = record["num_training_subjects"]
+    train_users = set(table["users_id"].iloc[synth.split["train"]])
+    assert subjects == len(train_users) and not train_users & set(table["users_id"].iloc[synth.split["holdout"]])
+    assert record["privacy_unit"] == "subject (column 'users_id')" and record["max_records_per_subject"] == 4
+    assert record["sample_rate"] == pytest.approx(8 / subjects)
+    assert record["epsilon"] == pytest.approx(independent_epsilon(1.5, 8 / subjects, 3, 1e-5), rel=1e-4)
+    rows = synth.sample(6, progress=False)
+    assert list(rows.columns) == ["date", "cds", "amt"]
+    assert rows["amt"].between(0, 2000).all() and rows["date"].between("1997-01-01", "1998-06-30").all()
