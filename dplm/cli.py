@@ -108,14 +108,17 @@ def cmd_plan(args) -> None:
 
     config = load_recipe(args.recipe, args.overrides)
     p, t = config.privacy, config.train
-    num_rows = len(split_rows(load_table(config.data.source), config)[0])
-    sample_rate = t.batch_size / num_rows
-    steps_per_epoch = math.ceil(num_rows / t.batch_size)
+    table = load_table(config.data.source)
+    train_idx = split_rows(table, config)[0]
+    subject = config.data.subject
+    units = table[subject].iloc[train_idx].nunique() if subject else len(train_idx)
+    sample_rate = t.batch_size / units
+    steps_per_epoch = math.ceil(units / t.batch_size)
     epochs = math.ceil(t.max_epochs)
-    print(f"{num_rows} training rows, batch {t.batch_size}: sample rate {sample_rate:.4g}, "
+    print(f"{units} training {'subjects' if subject else 'rows'}, batch {t.batch_size}: sample rate {sample_rate:.4g}, "
           f"{steps_per_epoch} steps per epoch; {p.accountant} accountant, delta {p.delta:g}")
     if args.target_epsilon:
-        steps = math.ceil(t.max_epochs * num_rows / t.batch_size)  # as train() plans it
+        steps = math.ceil(t.max_epochs * units / t.batch_size)  # as train() plans it
         steps = min(steps, t.max_steps) if t.max_steps else steps
         noise = noise_for_epsilon(args.target_epsilon, p.delta, sample_rate, steps, p.accountant)
         print(f"noise multiplier for epsilon {args.target_epsilon:g} after {steps} steps: {noise:.4f}")

@@ -78,7 +78,8 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
     num_rows = len(sequences)
     units = subjects if subjects is not None else [[i] for i in range(num_rows)]
     records_cap = privacy.max_records_per_subject if subjects is not None else 1
-    epoch_steps = math.ceil(cfg.max_epochs * num_rows / cfg.batch_size)
+    # An epoch is one pass over the sampling units: subjects under DP, else rows.
+    epoch_steps = math.ceil(cfg.max_epochs * (len(units) if privacy.enabled else num_rows) / cfg.batch_size)
     total_steps = min(epoch_steps, cfg.max_steps or epoch_steps)
     stop_reason = "max_steps" if total_steps < epoch_steps else "max_epochs"
     generator = torch.Generator().manual_seed(cfg.seed)
