@@ -110,3 +110,17 @@ def test_subject_gradients_are_summed_then_clipped_as_one():
     manual = sum(g * min(1.0, clip / (g.norm().item() + 1e-6)) for g in sums) / expected_batch
     assert torch.allclose(weight.grad, manual, atol=1e-6)
     assert all(g.norm() > clip for g in sums)  # each subject was really clipped
+
+
+def test_prv_accountant_matches_independent_pld():
+    from dp_accounting.pld import pld_privacy_accountant
+
+    noise, q, steps, delta = 1.5, 256 / 39074, 306, 1e-5
+    budget = PrivacyBudget("prv", noise, q, delta)
+    for _ in range(steps):
+        budget.step()
+    pld = pld_privacy_accountant.PLDAccountant()
+    pld.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(noise)), steps)
+    expected = pld.get_epsilon(delta)  # ../shared/ENVIRONMENT.md: 0.316
+    assert budget.epsilon() == pytest.approx(expected, rel=0.05)
+    assert budget.epsilon() < independent_epsilon(noise, q, steps, delta)  # tighter than RDP
