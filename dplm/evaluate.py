@@ -89,7 +89,7 @@ class Binner:
                 code = np.searchsorted(self.edges[c], values, side="right")
             else:
                 lookup = {v: i for i, v in enumerate(self.labels[c][:-2])}
-                code = s.astype(str).map(lambda v: lookup.get(v, len(lookup))).to_numpy()
+                code = s.astype(str).map(lookup).fillna(len(lookup)).to_numpy(dtype=np.int64)
             out[:, j] = np.where(missing, len(self.labels[c]) - 1, code)
         return out
 
@@ -226,7 +226,7 @@ class MixedEncoder:
                 parts.append(np.where(np.isnan(v), -1.0, rank)[:, None])
             else:
                 cats = self.categories[c]
-                idx = df[c].astype(str).map(lambda x: cats.get(x, len(cats))).to_numpy()
+                idx = df[c].astype(str).map(cats).fillna(len(cats)).to_numpy(dtype=np.int64)
                 onehot = np.zeros((len(df), len(cats) + 1))
                 onehot[np.arange(len(df)), idx] = np.sqrt(0.5)
                 parts.append(onehot)

@@ -8,6 +8,7 @@ that would pass `max_epsilon`.
 from __future__ import annotations
 
 import copy
+import secrets
 import warnings
 
 import torch
@@ -111,6 +112,15 @@ def poisson_sample(num_units: int, sample_rate: float, generator: torch.Generato
     return torch.nonzero(torch.rand(num_units, generator=generator) < sample_rate).flatten()
 
 
+def unseeded_generator(device="cpu") -> torch.Generator:
+    """A generator seeded from the operating system and never recorded.
+
+    DP noise and Poisson sampling must be secret: drawn from `train.seed`, which the run
+    directory stores, anyone could recompute the noise and the batches. (torch's generator
+    is not a cryptographic one; see `secure_mode` in issue 4.)"""
+    return torch.Generator(device=device).manual_seed(secrets.randbits(63))
+
+
 def make_private(model, optimizer, noise_multiplier: float, max_grad_norm: float, expected_batch_size: int):
     """Wrap model and optimizer for DP-SGD: per-sample gradients (hooks), clipping and noise.
 
@@ -127,6 +137,7 @@ def make_private(model, optimizer, noise_multiplier: float, max_grad_norm: float
     dp_optimizer = DPOptimizer(
         optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
         expected_batch_size=expected_batch_size, loss_reduction="mean",
+        generator=unseeded_generator(next(model.parameters()).device),
     )
     return dp_model, dp_optimizer
 

@@ -21,7 +21,7 @@ from dplm.config import PrivacyConfig, TrainConfig
 from dplm.errors import DplmError
 from dplm.privacy import (
     PrivacyBudget, assert_weights_changed, make_private, poisson_sample, prepare_empty_step, sum_grad_samples_by_group,
-    trainable_snapshot,
+    trainable_snapshot, unseeded_generator,
 )
 
 
@@ -102,6 +102,7 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
             )
         budget = PrivacyBudget(privacy.accountant, privacy.noise_multiplier, sample_rate, privacy.delta,
                                privacy.max_epsilon)
+        dp_generator = unseeded_generator()  # secret batches: not reproducible from train.seed
         forward_model, optimizer = make_private(model, optimizer, privacy.noise_multiplier,
                                                 privacy.max_grad_norm, cfg.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -124,8 +125,8 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
                 stop_reason = "max_epsilon"
                 break
             if budget:
-                groups = [_cap_rows(units[u], records_cap, generator)
-                          for u in poisson_sample(len(units), budget.sample_rate, generator).tolist()]
+                groups = [_cap_rows(units[u], records_cap, dp_generator)
+                          for u in poisson_sample(len(units), budget.sample_rate, dp_generator).tolist()]
             else:
                 groups = [[i] for i in next(batches).tolist()]
             batch = [sequences[i] for group in groups for i in group]
