@@ -54,6 +54,7 @@ class PrivacyConfig:
     max_epsilon: float | None = None  # training stops before a step would pass it
     accountant: str = "rdp"
     max_records_per_subject: int = 8  # with data.subject: rows one subject contributes to a step
+    secure_mode: bool = False  # DP noise and Poisson sampling from the OS CSPRNG (slower)
 
 
 @dataclass

@@ -8,9 +8,11 @@ that would pass `max_epsilon`.
 from __future__ import annotations
 
 import copy
+import os
 import secrets
 import warnings
 
+import numpy as np
 import torch
 
 from dplm.errors import DplmError
@@ -121,20 +123,62 @@ def unseeded_generator(device="cpu") -> torch.Generator:
     return torch.Generator(device=device).manual_seed(secrets.randbits(63))
 
 
-def make_private(model, optimizer, noise_multiplier: float, max_grad_norm: float, expected_batch_size: int):
+def secure_uniform(n: int) -> np.ndarray:
+    """n uniform floats in (0, 1) from the operating system's CSPRNG (os.urandom)."""
+    bits = np.frombuffer(os.urandom(8 * n), dtype=np.uint64) >> np.uint64(11)  # 53 random bits
+    return (bits.astype(np.float64) + 0.5) / float(2**53)
+
+
+def secure_gaussian(shape, std: float) -> torch.Tensor:
+    """N(0, std^2) noise from os.urandom (Box-Muller in float64), as the sum of 4 draws / 2:
+    Opacus' defence against floating-point attacks on Gaussian noise (arXiv 2107.10138)."""
+    n = int(np.prod(shape))
+    total = np.zeros(n)
+    for _ in range(4):
+        u1, u2 = secure_uniform(n), secure_uniform(n)
+        total += np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
+    return torch.from_numpy(total * std / 2.0).reshape(shape)
+
+
+def secure_poisson_sample(num_units: int, sample_rate: float) -> torch.Tensor:
+    """Poisson sampling with the OS CSPRNG: each unit independently with probability q."""
+    return torch.from_numpy(np.flatnonzero(secure_uniform(num_units) < sample_rate))
+
+
+def _secure_optimizer_class():
+    from opacus.optimizers import DPOptimizer
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+    class SecureDPOptimizer(DPOptimizer):
+        """DPOptimizer whose Gaussian noise comes from the OS CSPRNG (secure_mode)."""
+
+        def add_noise(self):
+            for p in self.params:
+                _check_processed_flag(p.summed_grad)
+                noise = secure_gaussian(p.summed_grad.shape, self.noise_multiplier * self.max_grad_norm)
+                p.grad = (p.summed_grad + noise.to(p.summed_grad)).view_as(p)
+                _mark_as_processed(p.summed_grad)
+
+    return SecureDPOptimizer
+
+
+def make_private(model, optimizer, noise_multiplier: float, max_grad_norm: float, expected_batch_size: int,
+                 secure_mode: bool = False):
     """Wrap model and optimizer for DP-SGD: per-sample gradients (hooks), clipping and noise.
 
     The loss given to backward must be the mean over the micro-batch of per-row losses; the
     optimizer clips each row's gradient to `max_grad_norm`, sums, adds N(0, (noise*clip)^2)
-    once per logical batch and divides by `expected_batch_size`.
+    once per logical batch and divides by `expected_batch_size`. With `secure_mode` the noise
+    comes from the OS CSPRNG (see `secure_gaussian`).
     """
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
+    optimizer_class = _secure_optimizer_class() if secure_mode else DPOptimizer
     # Frozen embeddings mean no input needs a gradient; Opacus' hooks still fire correctly.
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     dp_model = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-    dp_optimizer = DPOptimizer(
+    dp_optimizer = optimizer_class(
         optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
         expected_batch_size=expected_batch_size, loss_reduction="mean",
         generator=unseeded_generator(next(model.parameters()).device),

@@ -131,6 +131,7 @@ class Synthesizer:
             return {"dp": False, "metadata_sources": metadata}
         record = {"dp": True, **self.training.privacy, "max_grad_norm": self.config.privacy.max_grad_norm,
                   "privacy_unit": "row", "num_training_rows": len(self.split["train"]),
+                  "secure_mode": self.config.privacy.secure_mode,
                   "metadata_sources": metadata, "public_quantities": dict(PUBLIC_QUANTITIES)}
         subject = self.config.data.subject
         if subject:

@@ -21,7 +21,7 @@ from dplm.config import PrivacyConfig, TrainConfig
 from dplm.errors import DplmError
 from dplm.privacy import (
     PrivacyBudget, assert_weights_changed, make_private, poisson_sample, prepare_empty_step, sum_grad_samples_by_group,
-    trainable_snapshot, unseeded_generator,
+    secure_poisson_sample, trainable_snapshot, unseeded_generator,
 )
 
 
@@ -104,7 +104,7 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
                                privacy.max_epsilon)
         dp_generator = unseeded_generator()  # secret batches: not reproducible from train.seed
         forward_model, optimizer = make_private(model, optimizer, privacy.noise_multiplier,
-                                                privacy.max_grad_norm, cfg.batch_size)
+                                                privacy.max_grad_norm, cfg.batch_size, privacy.secure_mode)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer.original_optimizer if privacy.enabled else optimizer,
         lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)) * max(0.1, 1 - s / max(1, total_steps)),
@@ -125,8 +125,9 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
                 stop_reason = "max_epsilon"
                 break
             if budget:
-                groups = [_cap_rows(units[u], records_cap, dp_generator)
-                          for u in poisson_sample(len(units), budget.sample_rate, dp_generator).tolist()]
+                sampled = (secure_poisson_sample(len(units), budget.sample_rate) if privacy.secure_mode
+                           else poisson_sample(len(units), budget.sample_rate, dp_generator))
+                groups = [_cap_rows(units[u], records_cap, dp_generator) for u in sampled.tolist()]
             else:
                 groups = [[i] for i in next(batches).tolist()]
             batch = [sequences[i] for group in groups for i in group]

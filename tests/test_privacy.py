@@ -124,3 +124,31 @@ def test_prv_accountant_matches_independent_pld():
     expected = pld.get_epsilon(delta)  # ../shared/ENVIRONMENT.md: 0.316
     assert budget.epsilon() == pytest.approx(expected, rel=0.05)
     assert budget.epsilon() < independent_epsilon(noise, q, steps, delta)  # tighter than RDP
+
+
+def test_secure_noise_and_sampling_statistics():
+    from dplm.privacy import secure_gaussian, secure_poisson_sample, secure_uniform
+
+    u = secure_uniform(200_000)
+    assert 0 < u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.005
+    noise = secure_gaussian((400, 500), std=1.5)
+    assert noise.shape == (400, 500) and noise.dtype == torch.float64
+    assert abs(noise.mean().item()) < 0.01 and noise.std().item() == pytest.approx(1.5, rel=0.01)
+    # Gaussian tails: about 4.55 % beyond 2 standard deviations.
+    assert (noise.abs() > 3.0).double().mean().item() == pytest.approx(0.0455, abs=0.003)
+    draws = [len(secure_poisson_sample(10_000, 0.01)) for _ in range(50)]
+    assert 90 < sum(draws) / len(draws) < 110
+
+
+def test_secure_optimizer_adds_noise_of_the_right_scale():
+    from dplm.privacy import make_private, prepare_empty_step
+
+    layer = torch.nn.Linear(300, 300, bias=False)
+    _, optimizer = make_private(layer, torch.optim.SGD(layer.parameters(), lr=1.0), noise_multiplier=2.0,
+                                max_grad_norm=0.5, expected_batch_size=4, secure_mode=True)
+    assert type(optimizer).__name__ == "SecureDPOptimizer"
+    prepare_empty_step(optimizer.params)  # no rows: the update is pure noise, std = 2.0 * 0.5 / 4
+    before = layer.weight.detach().clone()
+    optimizer.step()
+    step = (layer.weight.detach() - before).flatten()
+    assert step.std().item() == pytest.approx(0.25, rel=0.02)

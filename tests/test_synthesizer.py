@@ -42,7 +42,7 @@ def test_fit_sample_save_load_sample(dp, tmp_path, census):
         assert privacy["dp"] and privacy["steps"] == 3 and 0 < privacy["epsilon"] <= 5.0
         assert privacy["epsilon"] == pytest.approx(log[-1]["epsilon"])
         assert privacy["sample_rate"] == pytest.approx(16 / 200)
-        assert set(privacy["metadata_sources"].values()) == {"user"}
+        assert set(privacy["metadata_sources"].values()) == {"user"} and privacy["secure_mode"] is False
     else:
         assert privacy == {"dp": False, "metadata_sources": privacy["metadata_sources"]}
     again = dplm.load(run_dir).sample(12, seed=5, progress=False)

@@ -100,3 +100,10 @@ def test_dp_randomness_is_not_reproducible_from_the_seed(tokenizer, sequences):
                        PrivacyConfig(enabled=True), torch.device("cpu"), progress=False)
         runs.append(torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad]))
     assert not torch.equal(runs[0], runs[1])
+
+
+def test_secure_mode_trains_and_accounts_the_same(tokenizer, sequences):
+    model = tiny_lora(tokenizer)
+    result = train(model, sequences, tokenizer.pad_token_id, TrainConfig(batch_size=8, max_steps=3),
+                   PrivacyConfig(enabled=True, secure_mode=True), torch.device("cpu"), progress=False)
+    assert result.privacy["epsilon"] == pytest.approx(independent_epsilon(1.5, 8 / len(sequences), 3, 1e-5), rel=1e-4)
