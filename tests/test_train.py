@@ -96,8 +96,8 @@ def test_dp_randomness_is_not_reproducible_from_the_seed(tokenizer, sequences):
     runs = []
     for _ in range(2):
         model = tiny_lora(tokenizer)
-        result = train(model, sequences, tokenizer.pad_token_id, TrainConfig(batch_size=8, max_steps=2, seed=0),
-                       PrivacyConfig(enabled=True), torch.device("cpu"), progress=False)
+        train(model, sequences, tokenizer.pad_token_id, TrainConfig(batch_size=8, max_steps=2, seed=0),
+              PrivacyConfig(enabled=True), torch.device("cpu"), progress=False)
         runs.append(torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad]))
     assert not torch.equal(runs[0], runs[1])
 
