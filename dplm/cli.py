@@ -105,6 +105,7 @@ def cmd_plan(args) -> None:
     from dplm.data import load_table
     from dplm.privacy import epsilon_schedule, noise_for_epsilon
     from dplm.synthesizer import split_rows
+    from dplm.train import planned_steps
 
     config = load_recipe(args.recipe, args.overrides)
     p, t = config.privacy, config.train
@@ -118,8 +119,7 @@ def cmd_plan(args) -> None:
     print(f"{units} training {'subjects' if subject else 'rows'}, batch {t.batch_size}: sample rate {sample_rate:.4g}, "
           f"{steps_per_epoch} steps per epoch; {p.accountant} accountant, delta {p.delta:g}")
     if args.target_epsilon:
-        steps = math.ceil(t.max_epochs * units / t.batch_size)  # as train() plans it
-        steps = min(steps, t.max_steps) if t.max_steps else steps
+        steps, _ = planned_steps(units, t)
         noise = noise_for_epsilon(args.target_epsilon, p.delta, sample_rate, steps, p.accountant)
         print(f"noise multiplier for epsilon {args.target_epsilon:g} after {steps} steps: {noise:.4f}")
         p.noise_multiplier = noise

@@ -23,8 +23,8 @@ from dplm.errors import DplmError
 NUM_BINS = 10
 TOP_CATEGORIES = 10
 MAX_TRIPLES = 100
-EMBED_SAMPLE = 4000
-MAX_GBM_CATEGORIES = 255  # records per set for embeddings: bounds the report's runtime on a CPU
+EMBED_SAMPLE = 4000  # records per set for embeddings: bounds the report's runtime on a CPU
+MAX_GBM_CATEGORIES = 255  # gradient boosting's limit on a categorical feature
 
 
 def check_inputs(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataFrame,

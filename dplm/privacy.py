@@ -109,8 +109,11 @@ def noise_for_epsilon(target_epsilon: float, delta: float, sample_rate: float, s
                                       steps=steps, accountant=accountant))
 
 
-def poisson_sample(num_units: int, sample_rate: float, generator: torch.Generator) -> torch.Tensor:
-    """Indices of the units in one Poisson-sampled batch: each unit independently with prob. q."""
+def poisson_sample(num_units: int, sample_rate: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Indices of the units in one Poisson-sampled batch: each unit independently with prob. q.
+    `generator=None` draws from the OS CSPRNG (secure_mode)."""
+    if generator is None:
+        return torch.from_numpy(np.flatnonzero(secure_uniform(num_units) < sample_rate))
     return torch.nonzero(torch.rand(num_units, generator=generator) < sample_rate).flatten()
 
 
@@ -118,8 +121,8 @@ def unseeded_generator(device="cpu") -> torch.Generator:
     """A generator seeded from the operating system and never recorded.
 
     DP noise and Poisson sampling must be secret: drawn from `train.seed`, which the run
-    directory stores, anyone could recompute the noise and the batches. (torch's generator
-    is not a cryptographic one; see `secure_mode` in issue 4.)"""
+    directory stores, anyone could recompute the noise and the batches. torch's generator is
+    not a cryptographic one: `privacy.secure_mode` uses the OS CSPRNG instead."""
     return torch.Generator(device=device).manual_seed(secrets.randbits(63))
 
 
@@ -138,11 +141,6 @@ def secure_gaussian(shape, std: float) -> torch.Tensor:
         u1, u2 = secure_uniform(n), secure_uniform(n)
         total += np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
     return torch.from_numpy(total * std / 2.0).reshape(shape)
-
-
-def secure_poisson_sample(num_units: int, sample_rate: float) -> torch.Tensor:
-    """Poisson sampling with the OS CSPRNG: each unit independently with probability q."""
-    return torch.from_numpy(np.flatnonzero(secure_uniform(num_units) < sample_rate))
 
 
 def _secure_optimizer_class():

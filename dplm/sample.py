@@ -60,14 +60,13 @@ class RowGrammar:
     def mask(self, state) -> torch.Tensor:
         if state is None:
             return self._done_mask
+        column, inner = state
         key = self._keys.get(state)
         if key is None:
             if len(self._keys) > 200_000:  # bound memory: number prefixes are many
                 self._keys.clear()
-            column, inner = state
             key = self._keys[state] = (column, self.fields[column].mask_key(inner))
         if key not in self._masks:
-            column, inner = state
             ids, can_end = self.fields[column].next_tokens(inner)
             if can_end:
                 ids = list(ids) + [self.codec.sep_id if column < len(self.fields) - 1 else self.codec.eos_id]

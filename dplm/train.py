@@ -21,7 +21,7 @@ from dplm.config import PrivacyConfig, TrainConfig
 from dplm.errors import DplmError
 from dplm.privacy import (
     PrivacyBudget, assert_weights_changed, make_private, poisson_sample, prepare_empty_step, sum_grad_samples_by_group,
-    secure_poisson_sample, trainable_snapshot, unseeded_generator,
+    trainable_snapshot, unseeded_generator,
 )
 
 
@@ -62,6 +62,14 @@ def row_losses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> 
     return (token_loss * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
+def planned_steps(num_units: int, cfg: TrainConfig) -> tuple[int, str]:
+    """Steps a run plans over `num_units` sampling units, and which limit sets them."""
+    epoch_steps = math.ceil(cfg.max_epochs * num_units / cfg.batch_size)
+    if cfg.max_steps and cfg.max_steps < epoch_steps:
+        return cfg.max_steps, "max_steps"
+    return epoch_steps, "max_epochs"
+
+
 def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, privacy: PrivacyConfig,
           device: torch.device, progress: bool = True, subjects: list[list[int]] | None = None) -> TrainResult:
     """Train the trainable (LoRA) parameters of `model` in place; returns what was done.
@@ -79,9 +87,7 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
     units = subjects if subjects is not None else [[i] for i in range(num_rows)]
     records_cap = privacy.max_records_per_subject if subjects is not None else 1
     # An epoch is one pass over the sampling units: subjects under DP, else rows.
-    epoch_steps = math.ceil(cfg.max_epochs * (len(units) if privacy.enabled else num_rows) / cfg.batch_size)
-    total_steps = min(epoch_steps, cfg.max_steps or epoch_steps)
-    stop_reason = "max_steps" if total_steps < epoch_steps else "max_epochs"
+    total_steps, stop_reason = planned_steps(len(units) if privacy.enabled else num_rows, cfg)
     generator = torch.Generator().manual_seed(cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     before = trainable_snapshot(model)
@@ -125,8 +131,7 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
                 stop_reason = "max_epsilon"
                 break
             if budget:
-                sampled = (secure_poisson_sample(len(units), budget.sample_rate) if privacy.secure_mode
-                           else poisson_sample(len(units), budget.sample_rate, dp_generator))
+                sampled = poisson_sample(len(units), budget.sample_rate, None if privacy.secure_mode else dp_generator)
                 groups = [_cap_rows(units[u], records_cap, dp_generator) for u in sampled.tolist()]
             else:
                 groups = [[i] for i in next(batches).tolist()]

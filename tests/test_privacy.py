@@ -132,7 +132,7 @@ def test_prv_accountant_matches_independent_pld():
 
 
 def test_secure_noise_and_sampling_statistics():
-    from dplm.privacy import secure_gaussian, secure_poisson_sample, secure_uniform
+    from dplm.privacy import secure_gaussian, secure_uniform
 
     u = secure_uniform(200_000)
     assert 0 < u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.005
@@ -141,7 +141,7 @@ def test_secure_noise_and_sampling_statistics():
     assert abs(noise.mean().item()) < 0.01 and noise.std().item() == pytest.approx(1.5, rel=0.01)
     # Gaussian tails: about 4.55 % beyond 2 standard deviations.
     assert (noise.abs() > 3.0).double().mean().item() == pytest.approx(0.0455, abs=0.003)
-    draws = [len(secure_poisson_sample(10_000, 0.01)) for _ in range(50)]
+    draws = [len(poisson_sample(10_000, 0.01, generator=None)) for _ in range(50)]
     assert 90 < sum(draws) / len(draws) < 110
 
 
