@@ -15,7 +15,7 @@ from dplm.errors import DplmError
 
 @dataclass
 class DataConfig:
-    source: str = "census"  # a file path, or "census" for the bundled census table
+    source: str | None = "census"  # a file path, "census" (bundled), or None: a table given in memory
     schema: str | None = None  # YAML schema file; missing metadata is learned (refused under DP)
     holdout_fraction: float = 0.2
     subject: str | None = None  # column naming the person a row belongs to: the holdout split keeps subjects whole

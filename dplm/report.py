@@ -297,6 +297,9 @@ def report_run(run_dir: str | Path, synthetic: str | Path | None = None, num_row
     synth = Synthesizer.load(run_dir)
     if not synth.split:
         raise DplmError(f"run directory '{run_dir}' has no split.json; retrain with a current dplm")
+    if synth.config.data.source is None:
+        raise DplmError(f"run '{run_dir}' was fitted on an in-memory table; score it with "
+                        "dplm.report.write_report(train, holdout, synthetic, out_dir)")
     table = load_table(synth.config.data.source)
     train = align_types(table.iloc[synth.split["train"]], synth.schema)
     holdout = align_types(table.iloc[synth.split["holdout"]], synth.schema)

@@ -18,6 +18,7 @@ failed run leaves no partial directory behind.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import tempfile
@@ -82,8 +83,10 @@ class Synthesizer:
     def fit(cls, data=None, config: RunConfig | None = None, schema: Schema | str | None = None,
             progress: bool = True) -> Synthesizer:
         """Fine-tune on `data` (DataFrame, path, Dataset; default `config.data.source`)."""
-        config = config or RunConfig()
+        config = copy.deepcopy(config or RunConfig())
         config.validate()
+        if data is not None:  # the run records where its rows came from, for `dplm report`
+            config.data.source = str(data) if isinstance(data, (str, Path)) else None
         table = load_table(data if data is not None else config.data.source)
         if isinstance(schema, str) or (schema is None and config.data.schema):
             schema = Schema.from_yaml(schema or config.data.schema)

@@ -5,6 +5,7 @@ import pytest
 
 import dplm
 from dplm.config import RunConfig, from_dict
+from dplm.report import report_run
 from dplm.schema import value_fits
 from conftest import CENSUS_SCHEMA
 
@@ -47,6 +48,10 @@ def test_fit_sample_save_load_sample(dp, tmp_path, census):
         assert privacy == {"dp": False, "metadata_sources": privacy["metadata_sources"]}
     again = dplm.load(run_dir).sample(12, seed=5, progress=False)
     pd.testing.assert_frame_equal(first, again)
+    # Fitted on an in-memory table: the report cannot reload the rows and says so.
+    assert synth.config.data.source is None and config.data.source == "census"
+    with pytest.raises(dplm.DplmError, match="was fitted on an in-memory table"):
+        report_run(run_dir)
 
 
 def test_holdout_split_follows_benchmark_protocol():
