@@ -34,7 +34,9 @@ def summary(synth, df=None) -> str:
     p = synth.privacy_record
     if p.get("dp"):
         cap = f" (cap {p['max_epsilon']})" if p.get("max_epsilon") is not None else ""
-        lines.append(f"privacy: epsilon = {p['epsilon']:.4f}{cap} at delta = {p['delta']:g} "
+        split = (f" (schema {p['metadata_epsilon']:.4g} + training {p['training_epsilon']:.4f})"
+                 if p.get("metadata_epsilon") else "")
+        lines.append(f"privacy: epsilon = {p['epsilon']:.4f}{split}{cap} at delta = {p['delta']:g} "
                      f"[{p['accountant']} accountant, noise {p['noise_multiplier']}, clip {p['max_grad_norm']}, "
                      f"sample rate {p['sample_rate']:.3g}, {p['steps']} steps, unit: {p['privacy_unit']}]")
     else:
@@ -48,7 +50,9 @@ def summary(synth, df=None) -> str:
     if t:
         lines.append(f"training: {t.steps} steps, {t.rows_seen} rows ({t.epochs:.3f} epochs), "
                      f"{t.seconds:.0f} s, {t.rows_per_second:.1f} rows/s, stopped by {t.stop_reason}, "
-                     f"last loss {t.final_loss if t.final_loss is None else round(t.final_loss, 4)}")
+                     f"last loss {t.final_loss if t.final_loss is None else round(t.final_loss, 4)}"
+                     + (f", resumed at step {t.resumed_from_step}" if t.resumed_from_step else "")
+                     + (f", {t.processes} processes" if t.processes > 1 else ""))
     s = synth.last_sample_stats
     if s:
         lines.append(f"sampling: {s.rows_returned} valid rows from {s.rows_generated} generated "
@@ -58,13 +62,21 @@ def summary(synth, df=None) -> str:
 
 
 def cmd_train(args) -> None:
+    import shutil
+
     from dplm.config import load_recipe
-    from dplm.synthesizer import Synthesizer
+    from dplm.synthesizer import Synthesizer, checkpoints_for
+    from dplm.train import process_rank
 
     config = load_recipe(args.recipe, args.overrides)
-    synth = Synthesizer.fit(config=config, progress=not args.quiet)
+    checkpoints = checkpoints_for(config, args.resume)
+    synth = Synthesizer.fit(config=config, progress=not args.quiet, checkpoints=checkpoints)
+    if process_rank()[0] != 0:  # with several processes, rank 0 samples and writes
+        return
     df = synth.sample(config.sample.num_rows, progress=not args.quiet)
     run_dir = synth.save(config.output_dir, synthetic=df)
+    if checkpoints:
+        shutil.rmtree(checkpoints.folder, ignore_errors=True)  # the run is complete
     print(f"run directory: {run_dir} (synthetic rows: {run_dir / 'synthetic.csv'})")
     if config.output_csv:
         write_csv(df, config.output_csv)
@@ -95,6 +107,22 @@ def cmd_report(args) -> None:
     print(f"accuracy {acc['synthetic']['overall']:.4f} (holdout {acc['holdout']['overall']:.4f}), "
           f"discriminator AUC {emb['synthetic']:.3f} (holdout {emb['holdout']:.3f}), "
           f"DCR share {metrics['privacy']['synthetic']['dcr_share']:.3f}")
+
+
+def cmd_audit(args) -> None:
+    from dplm.audit import audit_run
+
+    result = audit_run(args.run_dir, num_records=args.num_records, num_references=args.references)
+    mia = result["membership_inference"]
+    dp = f"DP, epsilon {result['epsilon']:.4g}" if result["dp"] else "no DP"
+    print(f"audit ({dp}): membership inference AUC {mia['auc']:.3f} (chance 0.5), TPR at 1% FPR "
+          f"{mia['tpr_at_1pct_fpr']:.3f} (chance 0.01), {mia['members']} training vs {mia['non_members']} holdout rows")
+    if "canaries" in result:
+        c = result["canaries"]
+        print(f"canaries: {c['count']} x {c['repeats']} inserted, exposure mean {c['mean_exposure']:.2f} / max "
+              f"{c['max_exposure']:.2f} bits (unseen ~1, memorized up to {c['max_possible']:.1f}; "
+              f"{c['references']} references)")
+    print(f"written: {Path(args.run_dir) / 'audit.json'}")
 
 
 def cmd_plan(args) -> None:
@@ -136,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("recipe", help="YAML recipe, e.g. recipes/census_dp.yaml")
     train.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=20 privacy.enabled=true")
     train.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    train.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run from its checkpoint (<output_dir>.checkpoint)")
     train.set_defaults(func=cmd_train)
     gen = sub.add_parser("generate", help="sample synthetic rows from a run directory")
     gen.add_argument("run_dir")
@@ -150,6 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("overrides", nargs="*")
     plan.add_argument("--target-epsilon", type=float, help="also find the noise multiplier that reaches this")
     plan.set_defaults(func=cmd_plan)
+    aud = sub.add_parser("audit", help="membership inference and canary exposure of a run's model")
+    aud.add_argument("run_dir")
+    aud.add_argument("-n", "--num-records", type=int, default=1000, help="training and holdout rows to attack")
+    aud.add_argument("--references", type=int, default=1000, help="random records to rank each canary among")
+    aud.set_defaults(func=cmd_audit)
     rep = sub.add_parser("report", help="score a run: HTML report and JSON metrics")
     rep.add_argument("run_dir")
     rep.add_argument("--synthetic", help="CSV of synthetic rows (default: the run's synthetic.csv)")

@@ -30,6 +30,7 @@ class ModelConfig:
     lora_dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     precision: str = "auto"  # auto | bf16 | fp32: dtype of the frozen base weights (LoRA stays fp32)
+    prune_vocab: bool = True  # output layer scores only the tokens the schema can produce
 
 
 @dataclass
@@ -43,6 +44,7 @@ class TrainConfig:
     max_training_time: float | None = None  # seconds
     seed: int = 0
     threads: int | None = None  # torch CPU threads; None keeps torch's default
+    checkpoint_every: int | None = 50  # `dplm train` saves a resumable checkpoint every N steps (None: never)
 
 
 @dataclass
@@ -55,6 +57,9 @@ class PrivacyConfig:
     accountant: str = "rdp"
     max_records_per_subject: int = 8  # with data.subject: rows one subject contributes to a step
     secure_mode: bool = False  # DP noise and Poisson sampling from the OS CSPRNG (slower)
+    # Spent only when the schema leaves metadata out: DP estimates of categories, bounds and
+    # text lengths share this epsilon (and a tenth of delta when categories are estimated).
+    metadata_epsilon: float = 0.2
 
 
 @dataclass
@@ -66,6 +71,12 @@ class SampleConfig:
 
 
 @dataclass
+class AuditConfig:
+    canaries: int = 0  # random records added to the training rows, for `dplm audit`'s exposure test
+    canary_repeats: int = 1  # copies of each canary (rows; one subject with data.subject)
+
+
+@dataclass
 class RunConfig:
     output_dir: str = "runs/census"
     data: DataConfig = field(default_factory=DataConfig)
@@ -73,6 +84,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     output_csv: str | None = None  # write num_rows synthetic rows here after training
 
     def validate(self) -> None:
@@ -85,15 +97,19 @@ class RunConfig:
             (p.max_epsilon is None or p.max_epsilon > 0, "privacy.max_epsilon must be > 0 (or unset for no cap)"),
             (p.accountant in ("rdp", "prv"), "privacy.accountant must be 'rdp' or 'prv'"),
             (p.max_records_per_subject >= 1, "privacy.max_records_per_subject must be >= 1"),
+            (p.metadata_epsilon > 0, "privacy.metadata_epsilon must be > 0 (e.g. 0.2)"),
             (t.batch_size >= 1 and t.micro_batch_size >= 1, "train.batch_size and train.micro_batch_size must be >= 1"),
             (t.learning_rate > 0, "train.learning_rate must be > 0"),
             (t.max_epochs > 0, "train.max_epochs must be > 0"),
             (t.max_steps is None or t.max_steps >= 1, "train.max_steps must be >= 1 (or unset)"),
             (t.max_training_time is None or t.max_training_time > 0, "train.max_training_time must be > 0 seconds"),
+            (t.checkpoint_every is None or t.checkpoint_every >= 1, "train.checkpoint_every must be >= 1 (or unset)"),
             (0 <= self.data.holdout_fraction < 1, "data.holdout_fraction must be in [0, 1)"),
             (self.model.precision in ("auto", "bf16", "fp32"), "model.precision must be auto, bf16 or fp32"),
             (self.sample.num_rows >= 1 and self.sample.batch_size >= 1, "sample.num_rows and sample.batch_size must be >= 1"),
             (self.sample.temperature > 0, "sample.temperature must be > 0"),
+            (self.audit.canaries >= 0 and self.audit.canary_repeats >= 1,
+             "audit.canaries must be >= 0 and audit.canary_repeats >= 1"),
         ]
         for ok, message in checks:
             if not ok:

@@ -101,6 +101,40 @@ def load_base_model(name: str, vocab_size: int, dtype: torch.dtype = torch.float
         raise DplmError(f"model '{name}' not found: use smollm2-135m, tiny-random or a local model folder") from None
 
 
+class RestrictedHead(torch.nn.Linear):
+    """An output layer that scores only `token_ids`, the tokens a schema can produce.
+
+    A table's rows use a few hundred of SmolLM2's 49,152 tokens (separators, digits, the
+    categories' tokens), so scoring the rest wastes the largest matmul of every step and the
+    memory of its logits. Logit j belongs to token `token_ids[j]`; `index` maps a full
+    vocabulary id to its logit (-1: not scorable). The kept set comes from the schema and the
+    pretrained tokenizer only, so it reveals nothing beyond them.
+    """
+
+    def __init__(self, full_weight: torch.Tensor, token_ids: list[int]):
+        super().__init__(full_weight.shape[1], len(token_ids), bias=False, device=full_weight.device,
+                         dtype=full_weight.dtype)
+        ids = torch.tensor(token_ids, dtype=torch.long, device=full_weight.device)
+        self.weight = torch.nn.Parameter(full_weight.detach()[ids].clone(), requires_grad=False)
+        index = torch.full((full_weight.shape[0],), -1, dtype=torch.long, device=full_weight.device)
+        index[ids] = torch.arange(len(token_ids), device=full_weight.device)
+        self.register_buffer("token_ids", ids, persistent=False)
+        self.register_buffer("index", index, persistent=False)
+
+
+def restrict_output_vocab(model, token_ids: list[int]) -> None:
+    """Replace the output layer of `model` (in place) by a `RestrictedHead` over `token_ids`."""
+    full = model.get_output_embeddings()
+    model.set_output_embeddings(RestrictedHead(full.weight, sorted(set(token_ids))))
+    model.config.tie_word_embeddings = False  # the head is no longer the embedding matrix
+
+
+def output_head(model) -> RestrictedHead | None:
+    """The model's restricted output layer, or None when it scores the whole vocabulary."""
+    head = model.get_output_embeddings()
+    return head if isinstance(head, RestrictedHead) else None
+
+
 def add_lora(model, r: int, alpha: int, dropout: float, target_modules: list[str]):
     """Wrap `model` with a fresh LoRA adapter; only the adapter's weights are trainable (fp32,
     whatever the base weights' dtype: peft upcasts adapters by default)."""
@@ -134,4 +168,11 @@ def weight_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 
 def default_device() -> torch.device:
+    """This process's device. Under a multi-process launcher (`accelerate launch`, `torchrun`:
+    WORLD_SIZE > 1) accelerate starts the process group (NCCL on GPUs, gloo on CPUs) and
+    gives each process its own GPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        return PartialState().device
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -8,6 +8,7 @@ that would pass `max_epsilon`.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import secrets
 import warnings
@@ -34,12 +35,14 @@ def make_accountant(name: str):
 class PrivacyBudget:
     """Tracks epsilon of Poisson-subsampled Gaussian steps and enforces the cap.
 
-    `metadata_epsilon` is privacy already spent on the data outside training (e.g. DP
-    estimates of the schema); it is added to every reported total and counts against the cap.
+    `metadata_epsilon` and `metadata_delta` are privacy already spent on the data outside
+    training (DP estimates of the schema). By basic composition the run is (metadata_epsilon
+    + training epsilon at `delta`, metadata_delta + `delta`)-DP: the epsilon part is in every
+    reported total and counts against the cap.
     """
 
     def __init__(self, accountant: str, noise_multiplier: float, sample_rate: float, delta: float,
-                 max_epsilon: float | None = None, metadata_epsilon: float = 0.0):
+                 max_epsilon: float | None = None, metadata_epsilon: float = 0.0, metadata_delta: float = 0.0):
         self.accountant_name = accountant
         self.accountant = make_accountant(accountant)
         self.noise_multiplier = noise_multiplier
@@ -47,6 +50,7 @@ class PrivacyBudget:
         self.delta = delta
         self.max_epsilon = max_epsilon
         self.metadata_epsilon = metadata_epsilon
+        self.metadata_delta = metadata_delta
         self.steps = 0
 
     @staticmethod
@@ -71,12 +75,19 @@ class PrivacyBudget:
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         self.steps += 1
 
+    def restore(self, history: list, steps: int) -> None:
+        """Continue from a checkpoint's accountant history (never from zero)."""
+        self.accountant.history = [tuple(h) for h in history]
+        self.steps = steps
+
     def record(self) -> dict:
         return {
             "epsilon": self.epsilon(),
             "training_epsilon": self._epsilon_of(self.accountant, self.delta),
             "metadata_epsilon": self.metadata_epsilon,
-            "delta": self.delta,
+            "delta": self.delta + self.metadata_delta,
+            "training_delta": self.delta,
+            "metadata_delta": self.metadata_delta,
             "max_epsilon": self.max_epsilon,
             "noise_multiplier": self.noise_multiplier,
             "sample_rate": self.sample_rate,
@@ -107,6 +118,60 @@ def noise_for_epsilon(target_epsilon: float, delta: float, sample_rate: float, s
         raise DplmError("the target epsilon must be > 0")
     return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
                                       steps=steps, accountant=accountant))
+
+
+# ---- DP estimates of schema metadata --------------------------------------------------
+
+def secret_rng() -> np.random.Generator:
+    """A numpy generator seeded from the OS and never recorded (for DP mechanisms)."""
+    return np.random.default_rng(secrets.randbits(128))
+
+
+def category_threshold(epsilon: float, delta: float) -> float:
+    """Noisy-count threshold of `dp_categories`: a value held by one unit passes it with
+    probability at most delta."""
+    return 1.0 + math.log(1.0 / (2.0 * delta)) / epsilon
+
+
+def dp_categories(unit_values: list, epsilon: float, delta: float, rng: np.random.Generator) -> list[str]:
+    """The values held by many privacy units, released with (epsilon, delta)-DP.
+
+    `unit_values` holds one value per unit (callers pick one random row per subject, so a
+    unit changes each count by at most 1). Each observed value's count gets Laplace(1/eps)
+    noise and is kept if it passes `category_threshold`: rare values (a few units) almost
+    never appear, and a value only one unit holds appears with probability <= delta
+    (noisy-count thresholding, Korolova et al. 2009; Gopi et al. 2020 with one value per unit).
+    """
+    values, counts = np.unique(np.asarray(unit_values, dtype=object).astype(str), return_counts=True)
+    noisy = counts + rng.laplace(0.0, 1.0 / epsilon, size=len(counts))
+    return sorted(values[noisy > category_threshold(epsilon, delta)].tolist())
+
+
+def range_threshold(epsilon: float, num_bins: int, failure: float = 0.01) -> float:
+    """Noisy-count threshold of `dp_range`: with probability >= 1 - failure/2 no empty bin passes."""
+    return math.log(num_bins / failure) / epsilon
+
+
+def dp_range(values: np.ndarray, edges: np.ndarray, epsilon: float, rng: np.random.Generator) -> tuple | None:
+    """(lower, upper) bounds of `values` (one per unit), epsilon-DP: a histogram over public
+    bins (`edges`, fixed before looking at the data) gets Laplace(1/eps) noise on every
+    count (a unit is in one bin: sensitivity 1), and the bounds are the outer edges of the
+    outermost bins whose noisy counts pass `range_threshold`. Extremes held by few units
+    fall outside (and are clipped). None when no bin passes (too few units for epsilon)."""
+    counts = np.histogram(np.clip(values, edges[0], edges[-1]), bins=edges)[0]
+    passing = np.flatnonzero(counts + rng.laplace(0.0, 1.0 / epsilon, size=len(counts))
+                             > range_threshold(epsilon, len(counts)))
+    if len(passing) == 0:
+        return None
+    return float(edges[passing[0]]), float(edges[passing[-1] + 1])
+
+
+def number_grid() -> np.ndarray:
+    """Public bin edges for numeric bounds: 0 and +-m * 10^e, m in (1, 1.2, 1.5, 2, 2.5, 3,
+    4, ..., 9), e from -3 to 12 (385 sorted values)."""
+    mantissas = np.array([1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 9])
+    positive = np.unique(np.round((mantissas[None, :] * 10.0 ** np.arange(-3, 13)[:, None]).ravel(), 6))
+    return np.concatenate([-positive[::-1], [0.0], positive])
 
 
 def poisson_sample(num_units: int, sample_rate: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -143,18 +208,21 @@ def secure_gaussian(shape, std: float) -> torch.Tensor:
     return torch.from_numpy(total * std / 2.0).reshape(shape)
 
 
-def _secure_optimizer_class():
-    from opacus.optimizers import DPOptimizer
+def _secure_optimizer_class(base):
     from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
-    class SecureDPOptimizer(DPOptimizer):
-        """DPOptimizer whose Gaussian noise comes from the OS CSPRNG (secure_mode)."""
+    class SecureDPOptimizer(base):
+        """A DP optimizer whose Gaussian noise comes from the OS CSPRNG (secure_mode); with
+        several processes only rank 0 adds noise, as in DistributedDPOptimizer."""
 
         def add_noise(self):
             for p in self.params:
                 _check_processed_flag(p.summed_grad)
-                noise = secure_gaussian(p.summed_grad.shape, self.noise_multiplier * self.max_grad_norm)
-                p.grad = (p.summed_grad + noise.to(p.summed_grad)).view_as(p)
+                noise = 0.0
+                if getattr(self, "rank", 0) == 0:
+                    noise = secure_gaussian(p.summed_grad.shape, self.noise_multiplier * self.max_grad_norm)
+                    noise = noise.to(p.summed_grad)
+                p.grad = (p.summed_grad + noise).view_as(p)
                 _mark_as_processed(p.summed_grad)
 
     return SecureDPOptimizer
@@ -167,18 +235,23 @@ def make_private(model, optimizer, noise_multiplier: float, max_grad_norm: float
     The loss given to backward must be the mean over the micro-batch of per-row losses; the
     optimizer clips each row's gradient to `max_grad_norm`, sums, adds N(0, (noise*clip)^2)
     once per logical batch and divides by `expected_batch_size`. With `secure_mode` the noise
-    comes from the OS CSPRNG (see `secure_gaussian`).
+    comes from the OS CSPRNG (see `secure_gaussian`). With several processes each clips its
+    share of the batch, the sums are all-reduced and only rank 0 adds noise.
     """
     from opacus import GradSampleModule
-    from opacus.optimizers import DPOptimizer
+    from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
 
-    optimizer_class = _secure_optimizer_class() if secure_mode else DPOptimizer
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    base = DistributedDPOptimizer if world > 1 else DPOptimizer
+    optimizer_class = _secure_optimizer_class(base) if secure_mode else base
     # Frozen embeddings mean no input needs a gradient; Opacus' hooks still fire correctly.
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     dp_model = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     dp_optimizer = optimizer_class(
         optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-        expected_batch_size=expected_batch_size, loss_reduction="mean",
+        # Opacus' convention: each of `world` processes expects its share; the all-reduce
+        # averages over processes, so the update is (sum of clipped grads + noise) / batch.
+        expected_batch_size=expected_batch_size / world, loss_reduction="mean",
         generator=unseeded_generator(next(model.parameters()).device),
     )
     return dp_model, dp_optimizer

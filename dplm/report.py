@@ -222,6 +222,16 @@ def render_html(metrics: dict, charts: dict, run_info: dict | None) -> str:
         parts.append(_table([(k, v) for k, v in run_info.get("summary", {}).items()], ("", "value")))
         if "training" in charts:
             parts.append(_img(charts["training"], "loss and epsilon per step"))
+        audit = run_info.get("audit")
+        if audit:
+            mia = audit["membership_inference"]
+            rows = [("membership inference AUC (chance 0.5)", mia["auc"]),
+                    ("true-positive rate at 1% false positives (chance 0.01)", mia["tpr_at_1pct_fpr"])]
+            if "canaries" in audit:
+                c = audit["canaries"]
+                rows += [(f"canary exposure, mean of {c['count']} (bits; unseen ~1, max {c['max_possible']:.1f})",
+                          c["mean_exposure"]), ("canary exposure, max (bits)", c["max_exposure"])]
+            parts.append("<h2>Empirical privacy audit (dplm audit)</h2>" + _table(rows, ("attack", "value")))
     parts.append("<h2>Accuracy matrix</h2>" + _img(charts["accuracy_matrix"], "accuracy matrix"))
     parts.append("<h2>Univariate distributions, real vs synthetic</h2>" + _img(charts["univariate"], "univariate"))
     parts.append("<h2>Bivariate distributions: the three least accurate pairs</h2>" +
@@ -253,6 +263,8 @@ def write_report(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataF
     public["report_seconds"] = time.perf_counter() - start
     if run_info:
         public["run"] = run_info.get("summary", {})
+        if run_info.get("audit"):
+            public["audit"] = run_info["audit"]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     html_path, json_path = out_dir / "report.html", out_dir / "report.json"
@@ -281,7 +293,8 @@ def run_info(run_dir: Path) -> dict:
     if privacy.get("dp"):
         summary.update({k: privacy.get(k) for k in ("epsilon", "delta", "noise_multiplier", "max_grad_norm",
                                                     "sample_rate", "accountant", "privacy_unit")})
-    return {"summary": summary, "log": log}
+    audit = json.loads((run_dir / "audit.json").read_text()) if (run_dir / "audit.json").exists() else None
+    return {"summary": summary, "log": log, "audit": audit}
 
 
 def report_run(run_dir: str | Path, synthetic: str | Path | None = None, num_rows: int | None = None,

@@ -4,8 +4,10 @@ At every decoding step each row is in a grammar state (which column, and how far
 value). The state allows a set of tokens: the column's next possible value tokens, the
 separator once the value may end, EOS after the last column. Logits outside that set are
 masked to -inf and the token is sampled from the renormalized distribution, so the model's
-probabilities decide every value and no repair step is needed. Masks are cached per state.
-Every field's grammar is finite, so a row ends within `max_row_tokens` steps: no hang.
+probabilities decide every value and no repair step is needed. The automaton is compiled
+into tables on the device when it is small enough (`CompiledGrammar`), else walked in
+Python (`RowGrammar`). Every field's grammar is finite, so a row ends within
+`max_row_tokens` steps: no hang.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from dplm.model import output_head
 from dplm.schema import format_number
 from dplm.serialize import ParseError, RowCodec
 
@@ -38,49 +41,82 @@ class SampleStats:
 
 
 class RowGrammar:
-    """The whole-row automaton over `codec`'s fields, with one vocabulary mask per state."""
+    """The whole-row automaton over `codec`'s fields, walked lazily in Python.
 
-    def __init__(self, codec: RowCodec, vocab_size: int, device):
+    `token_ids[j]` is the token that the model's logit j scores (the whole vocabulary, or a
+    `RestrictedHead`'s tokens). A row's state is (column, field state), or None once it has
+    ended. Masks are built on first use, one per distinct allowed set, and kept in one table
+    on the device, so a step gathers its batch's masks with one index."""
+
+    def __init__(self, codec: RowCodec, token_ids: list[int], device):
         self.codec = codec
         self.fields = codec.fields
-        self.vocab_size = vocab_size
+        self.token_ids = torch.tensor(token_ids, dtype=torch.long, device=device)
+        self.position = {t: j for j, t in enumerate(token_ids)}
         self.device = device
-        self._masks: dict = {}  # one vocabulary mask per distinct allowed set
+        self._rows: list[torch.Tensor] = []  # distinct masks, in order of first use
+        self._row_of_key: dict = {}  # mask key -> index in _rows
         self._keys: dict = {}  # state -> mask key
-        self._done_mask = self._mask([codec.eos_id])
+        self._table: torch.Tensor | None = None  # _rows stacked, rebuilt when a mask is added
+        self._done = self._row("done", [codec.eos_id])
 
-    def _mask(self, ids) -> torch.Tensor:
-        mask = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
-        mask[list(ids)] = True
-        return mask
+    def _row(self, key, ids) -> int:
+        if key not in self._row_of_key:
+            mask = torch.zeros(len(self.position), dtype=torch.bool)
+            mask[[self.position[t] for t in ids]] = True
+            self._row_of_key[key] = len(self._rows)
+            self._rows.append(mask)
+            self._table = None
+        return self._row_of_key[key]
 
-    def start(self):
-        return (0, self.fields[0].start())
+    def allowed(self, state) -> tuple[list[int], object | None]:
+        """(token ids allowed in `state`, the token that ends the field there or None)."""
+        column, inner = state
+        ids, can_end = self.fields[column].next_tokens(inner)
+        end = (self.codec.sep_id if column < len(self.fields) - 1 else self.codec.eos_id) if can_end else None
+        return ids, end
 
-    def mask(self, state) -> torch.Tensor:
+    def mask_index(self, state) -> int:
+        """Row of the mask table that holds the tokens allowed in `state`."""
         if state is None:
-            return self._done_mask
+            return self._done
         column, inner = state
         key = self._keys.get(state)
         if key is None:
             if len(self._keys) > 200_000:  # bound memory: number prefixes are many
                 self._keys.clear()
             key = self._keys[state] = (column, self.fields[column].mask_key(inner))
-        if key not in self._masks:
-            ids, can_end = self.fields[column].next_tokens(inner)
-            if can_end:
-                ids = list(ids) + [self.codec.sep_id if column < len(self.fields) - 1 else self.codec.eos_id]
-            self._masks[key] = self._mask(ids)
-        return self._masks[key]
+        if key not in self._row_of_key:
+            ids, end = self.allowed(state)
+            self._row(key, list(ids) + ([end] if end is not None else []))
+        return self._row_of_key[key]
 
-    def advance(self, state, token: int):
-        """Next state; None once the row has ended."""
-        column, inner = state
-        if token == self.codec.eos_id:
+    def next_state(self, state, token: int):
+        """The state after `token`; None once the row has ended."""
+        if state is None or token == self.codec.eos_id:
             return None
+        column, inner = state
         if token == self.codec.sep_id:  # never part of a value (see serialize), so it ends the field
             return (column + 1, self.fields[column + 1].start())
         return (column, self.fields[column].advance(inner, token))
+
+    # The batch interface that generate_sequences uses (CompiledGrammar has the same).
+
+    def initial(self, num: int) -> list:
+        return [(0, self.fields[0].start())] * num
+
+    def masks(self, states: list) -> torch.Tensor:
+        rows = torch.tensor([self.mask_index(s) for s in states], device=self.device)
+        if self._table is None:
+            self._table = torch.stack(self._rows).to(self.device)
+        return self._table[rows]
+
+    def advance(self, states: list, positions: torch.Tensor) -> list:
+        tokens = self.token_ids[positions].tolist()
+        return [self.next_state(s, t) for s, t in zip(states, tokens)]
+
+    def finished(self, states: list) -> bool:
+        return all(s is None for s in states)
 
     def max_row_tokens(self) -> int:
         """An upper bound on the tokens of one row (values + separators + EOS)."""
@@ -98,31 +134,102 @@ class RowGrammar:
         return total
 
 
+class CompiledGrammar:
+    """The same automaton compiled into tables on the device: `allowed[s]` (a mask over the
+    logits) and `next[s, j]` (the state after logit j), so a decoding step applies the
+    schema to the whole batch with two gathers and no Python per row.
+
+    States are found by a breadth-first walk from the start, merging states whose fields'
+    `state_key`s are equal (trie nodes, token counts, digit-DP summaries of integers, date
+    and small-number prefixes). `build` returns None when the tables would pass
+    `max_entries` transitions (a float column with a huge range, long text fields over a
+    large vocabulary); the lazy RowGrammar serves those schemas.
+    """
+
+    def __init__(self, lazy: RowGrammar, allowed: torch.Tensor, next_state: torch.Tensor, start: int, done: int):
+        self.codec, self.token_ids, self.device = lazy.codec, lazy.token_ids, lazy.device
+        self.allowed, self.next, self.start, self.done = allowed, next_state, start, done
+        self.max_row_tokens = lazy.max_row_tokens
+
+    @classmethod
+    def build(cls, codec: RowCodec, token_ids: list[int], device,
+              max_entries: int = 1_000_000) -> CompiledGrammar | None:
+        lazy = RowGrammar(codec, token_ids, device)
+        done_key = "done"
+        keys = {done_key: 0}
+        examples = [None]  # one state per key, to expand
+        masks, transitions = [[codec.eos_id]], [{codec.eos_id: 0}]
+        entries = 0
+
+        def index(state) -> int:
+            key = done_key if state is None else (state[0], lazy.fields[state[0]].state_key(state[1]))
+            if key not in keys:
+                keys[key] = len(examples)
+                examples.append(state)
+            return keys[key]
+
+        start = index(lazy.initial(1)[0])
+        i = 1
+        while i < len(examples):
+            ids, end = lazy.allowed(examples[i])
+            ids = list(ids) + ([end] if end is not None else [])
+            entries += len(ids)
+            if entries > max_entries or len(examples) * len(token_ids) > 50 * max_entries:
+                return None
+            row = {t: index(lazy.next_state(examples[i], t)) for t in ids}
+            masks.append(ids)
+            transitions.append(row)
+            i += 1
+        allowed = torch.zeros((len(examples), len(token_ids)), dtype=torch.bool)
+        next_state = torch.zeros((len(examples), len(token_ids)), dtype=torch.long)
+        for s, (ids, row) in enumerate(zip(masks, transitions)):
+            positions = [lazy.position[t] for t in ids]
+            allowed[s, positions] = True
+            next_state[s, positions] = torch.tensor([row[t] for t in ids])
+        return cls(lazy, allowed.to(device), next_state.to(device), start, 0)
+
+    def initial(self, num: int) -> torch.Tensor:
+        return torch.full((num,), self.start, dtype=torch.long, device=self.device)
+
+    def masks(self, states: torch.Tensor) -> torch.Tensor:
+        return self.allowed[states]
+
+    def advance(self, states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.next[states, positions]
+
+    def finished(self, states: torch.Tensor) -> bool:
+        return bool((states == self.done).all())
+
+
+def row_grammar(codec: RowCodec, token_ids: list[int], device) -> CompiledGrammar | RowGrammar:
+    """The compiled grammar when the schema's automaton is small enough, else the lazy one."""
+    return CompiledGrammar.build(codec, token_ids, device) or RowGrammar(codec, token_ids, device)
+
+
 @torch.no_grad()
-def generate_sequences(model, grammar: RowGrammar, num: int, temperature: float, generator: torch.Generator,
-                       device) -> list[list[int]]:
-    """`num` token sequences (BOS ... EOS) sampled under the grammar, one batch, KV-cached."""
+def generate_sequences(model, grammar: CompiledGrammar | RowGrammar, num: int, temperature: float,
+                       generator: torch.Generator, device) -> list[list[int]]:
+    """`num` token sequences (BOS ... EOS) sampled under the grammar, one batch, KV-cached.
+    `generator` lives on `device`; a row that has ended keeps drawing EOS until all have."""
     codec = grammar.codec
     tokens = torch.full((num, 1), codec.bos_id, dtype=torch.long, device=device)
-    states = [grammar.start()] * num
-    out = [[codec.bos_id] for _ in range(num)]
+    states = grammar.initial(num)
+    columns = [tokens[:, 0]]
     cache = None
     cache_name = _cache_argument(model)
-    for _ in range(grammar.max_row_tokens()):
+    for step in range(grammar.max_row_tokens()):
         result = model(input_ids=tokens, use_cache=True, logits_to_keep=1, **{cache_name: cache})
         cache = getattr(result, cache_name)
-        logits = result.logits[:, -1].float() / temperature
-        masks = torch.stack([grammar.mask(s) for s in states])
-        logits = logits[:, : grammar.vocab_size].masked_fill(~masks, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        next_tokens = torch.multinomial(probs.cpu(), 1, generator=generator).flatten()
-        for i, t in enumerate(next_tokens.tolist()):
-            if states[i] is not None:
-                out[i].append(t)
-                states[i] = grammar.advance(states[i], t)
-        if all(s is None for s in states):
+        logits = (result.logits[:, -1].float() / temperature).masked_fill(~grammar.masks(states), float("-inf"))
+        positions = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).flatten()
+        tokens = grammar.token_ids[positions][:, None]
+        columns.append(tokens[:, 0])
+        states = grammar.advance(states, positions)
+        if step % 4 == 3 and grammar.finished(states):  # checking costs a device sync: not every step
             break
-        tokens = next_tokens.to(device)[:, None]
+    out = []
+    for row in torch.stack(columns, dim=1).tolist():
+        out.append(row[: row.index(codec.eos_id) + 1] if codec.eos_id in row else row)
     return out
 
 
@@ -136,9 +243,8 @@ def sample_rows(model, codec: RowCodec, num_rows: int, batch_size: int = 64, tem
                 seed: int = 0, device=None, progress: bool = True) -> tuple[pd.DataFrame, SampleStats]:
     """`num_rows` valid rows as a typed DataFrame, plus how many rows were generated for them."""
     device = device or next(model.parameters()).device
-    vocab_size = model.get_output_embeddings().weight.shape[0]
-    grammar = RowGrammar(codec, vocab_size, device)
-    generator = torch.Generator().manual_seed(seed)
+    grammar = row_grammar(codec, output_token_ids(model), device)
+    generator = torch.Generator(device=device).manual_seed(seed)
     model.eval()
     rows, generated = [], 0
     max_generated = 10 * num_rows + 10 * batch_size  # bound: sampling never loops forever
@@ -162,6 +268,12 @@ def sample_rows(model, codec: RowCodec, num_rows: int, batch_size: int = 64, tem
     bar.close()
     stats = SampleStats(rows_generated=generated, rows_returned=len(rows), seconds=time.perf_counter() - start)
     return to_frame(rows, codec.schema), stats
+
+
+def output_token_ids(model) -> list[int]:
+    """The token scored by each of the model's logits."""
+    head = output_head(model)
+    return head.token_ids.tolist() if head is not None else list(range(model.get_output_embeddings().weight.shape[0]))
 
 
 def to_frame(rows: list[dict], schema) -> pd.DataFrame:

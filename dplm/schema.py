@@ -155,7 +155,7 @@ class Schema:
                 raise DplmError(
                     f"column '{c.name}': DP training needs its metadata ({', '.join(_metadata_fields(c))}) "
                     "given in the schema file; metadata learned from the private data would leak it "
-                    "(DP estimation of metadata is not available yet)"
+                    "(or let dplm estimate it under DP: leave it out of the schema)"
                 )
             gaps = c.missing_metadata()
             if gaps:
@@ -198,6 +198,106 @@ def infer_schema(df: pd.DataFrame, given: Schema | None = None, text_tokens=None
         order = {n: i for i, n in enumerate(given.names)}
         columns.sort(key=lambda c: order.get(c.name, len(order)))
     return Schema(columns)
+
+
+DP_DEFAULT_PRECISION = 2  # decimals of a float column whose precision is not given (a public default)
+TEXT_LENGTH_EDGES = np.array([1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024,
+                              1536, 2048])
+
+
+def estimate_schema_dp(df: pd.DataFrame, given: Schema | None, units: list[list[int]], epsilon: float,
+                       delta: float, text_tokens, rng) -> tuple[Schema, dict]:
+    """Complete `given` with metadata estimated under DP (`source: dp`); user-given metadata
+    is kept as it is. Returns the schema and what was spent on it.
+
+    Each privacy unit (subject, or row) contributes one random row per column, so every
+    estimate has sensitivity 1. `epsilon` is split equally over the columns to estimate
+    (basic composition); `delta` goes to the category sets, the only (eps, delta) mechanism:
+    * categories: noisy-count thresholding (`privacy.dp_categories`); values below the
+      threshold never reach the model (rows holding them get a missing value);
+    * numeric bounds and datetime ranges: a noisy histogram over public bins
+      (`privacy.dp_range`: the `number_grid`, or the months 1900-2100); values outside are
+      clipped;
+    * text length caps: the same over token counts (`TEXT_LENGTH_EDGES`); longer values are cut.
+    Kinds come from the user or the column's pandas dtype (object columns are categorical:
+    give `kind: text` for free text); estimated columns are nullable, floats keep 2 decimals.
+    """
+    from dplm.privacy import dp_categories, dp_range, number_grid
+
+    given_names = set(given.names) if given else set()
+    columns, todo = [], []
+    for name in map(str, df.columns):
+        if name in given_names:
+            col = dataclasses.replace(given[name])
+        else:
+            col = Column(name=name, kind=_dtype_kind(df[name]), nullable=True,
+                         precision=DP_DEFAULT_PRECISION, source="dp")
+        gaps = col.missing_metadata()
+        if gaps:
+            col.source, col.nullable = "dp", True
+            todo.append((col, gaps))
+        columns.append(col)
+    if given:
+        order = {n: i for i, n in enumerate(given.names)}
+        columns.sort(key=lambda c: order.get(c.name, len(order)))
+    categorical = sum(col.kind == "categorical" for col, _ in todo)
+    spent = {"epsilon": epsilon if todo else 0.0, "delta": delta if categorical else 0.0,
+             "estimated": {col.name: gaps for col, gaps in todo}}
+    if not todo:
+        return Schema(columns), spent
+    eps = epsilon / len(todo)
+    picks = np.array([unit[rng.integers(len(unit))] for unit in units])  # one random row per unit
+    epoch = pd.Timestamp("1970-01-01")
+    for col, gaps in todo:
+        values = df[col.name].iloc[picks].dropna()
+        if col.kind == "categorical":
+            col.categories = dp_categories(values.astype(str).tolist(), eps, delta / categorical, rng)
+            found = bool(col.categories)
+        elif col.kind in ("integer", "float"):
+            nums = pd.to_numeric(values, errors="coerce").dropna().to_numpy(dtype=float)
+            found = dp_range(nums, number_grid(), eps, rng)
+            if found:
+                lo, hi = (math.floor(found[0]), math.ceil(found[1])) if col.kind == "integer" else found
+                col.min = _plain(lo) if col.min is None else col.min
+                col.max = _plain(hi) if col.max is None else col.max
+        elif col.kind == "datetime":
+            days = (pd.to_datetime(values, errors="coerce").dropna() - epoch).dt.days.to_numpy(dtype=float)
+            edges = (pd.date_range("1900-01-01", "2100-12-01", freq="MS") - epoch).days.to_numpy(dtype=float)
+            found = dp_range(days, edges, eps, rng)
+            if found:
+                lo, hi = (epoch + pd.Timedelta(days=d) for d in found)
+                col.min = lo.strftime(DATE_FORMAT) if col.min is None else col.min
+                col.max = (hi - pd.Timedelta(days=1)).strftime(DATE_FORMAT) if col.max is None else col.max
+        else:
+            lengths = np.array([text_tokens([v]) for v in values.astype(str)], dtype=float)
+            found = dp_range(lengths, TEXT_LENGTH_EDGES, eps, rng)
+            if found:
+                col.max_tokens = int(found[1])
+        if not found:
+            raise DplmError(f"column '{col.name}': too few {'subjects' if any(len(u) > 1 for u in units) else 'rows'} "
+                            f"for a DP estimate of its {', '.join(gaps)} at epsilon {eps:.3g}; give them in the "
+                            "schema or raise privacy.metadata_epsilon")
+        if col.kind in ("integer", "float", "datetime") and _bound_value(col.min) > _bound_value(col.max):
+            raise DplmError(f"column '{col.name}': the DP estimate of its range does not fit the given bound; "
+                            "give both min and max")
+    return Schema(columns), spent
+
+
+def _bound_value(bound):
+    return pd.Timestamp(bound) if isinstance(bound, str) else float(bound)
+
+
+def _dtype_kind(s: pd.Series) -> str:
+    """A column's kind from its pandas dtype alone (public structure, not its values)."""
+    if pd.api.types.is_bool_dtype(s):
+        return "categorical"
+    if pd.api.types.is_integer_dtype(s):
+        return "integer"
+    if pd.api.types.is_float_dtype(s):
+        return "float"
+    if pd.api.types.is_datetime64_any_dtype(s):
+        return "datetime"
+    return "categorical"
 
 
 def _infer_column(name: str, s: pd.Series, kind: str | None, text_tokens) -> Column:
@@ -294,15 +394,15 @@ def coerce_table(df: pd.DataFrame, schema: Schema) -> pd.DataFrame:
 def _coerce_column(col: Column, s: pd.Series, isna: pd.Series) -> pd.Series:
     present = s[~isna]
     if col.kind == "categorical":
-        values = present.astype(str)
-        unknown = ~values.isin(set(col.categories or []))
-        if unknown.any():
+        text = s.astype(str)
+        unknown = ~isna & ~text.isin(set(col.categories or []))
+        if unknown.any() and col.source != "dp":
             raise DplmError(
-                f"column '{col.name}': value '{values[unknown].iloc[0]}' is not one of its categories; "
+                f"column '{col.name}': value '{text[unknown].iloc[0]}' is not one of its categories; "
                 "add it to the schema's categories or fix the data"
             )
-        result = s.astype(object).where(isna, s.astype(str))
-        return result.where(~isna, None)
+        # Under DP-estimated categories, values rarer than the threshold never reach the model.
+        return text.astype(object).where(~(isna | unknown), None)
     if col.kind in ("integer", "float"):
         nums = pd.to_numeric(present, errors="coerce")
         if nums.isna().any():

@@ -79,6 +79,18 @@ class RowCodec:
                 if i not in special and SEPARATOR not in tokenizer.convert_tokens_to_string([tok])
             ]
 
+    def output_token_ids(self) -> list[int]:
+        """Every token id a row can contain after BOS (what a model must be able to score)."""
+        ids = {self.sep_id, self.eos_id}
+        for field in self.fields:
+            if field.kind == "categorical":
+                ids.update(t for tokens in field.category_ids.values() for t in tokens)
+            elif field.kind == "text":
+                ids.update(self.text_token_ids)
+            else:
+                ids.update(self.char_ids.values())
+        return sorted(ids)
+
     def _single_token(self, text: str) -> int:
         ids = self.tokenize(text)
         if len(ids) != 1:
@@ -144,8 +156,10 @@ class FieldGrammar:
         self.col = col
         self.codec = codec
         self.kind = col.kind
+        self._digit_bounds = None
         if col.kind == "categorical":
             self.category_ids = {c: codec.tokenize(escape(c)) for c in col.categories}
+            self._category_of = {tuple(ids): c for c, ids in self.category_ids.items()}
             self._build_trie()
         elif col.kind in ("integer", "float"):
             scale = 10**col.precision
@@ -153,6 +167,8 @@ class FieldGrammar:
             self.hi = int(round(float(col.max) * scale))
             p = col.precision
             self._complete_re = re.compile(r"-?(0|[1-9]\d*)" + (rf"\.\d{{{p}}}" if p else ""))
+            # Non-negative integers get a cheap exact mask key (see mask_key).
+            self._digit_bounds = (str(self.lo), str(self.hi)) if col.kind == "integer" and self.lo >= 0 else None
         elif col.kind == "datetime":
             lo = dt.datetime.strptime(str(col.min), DATE_FORMAT).date()
             hi = dt.datetime.strptime(str(col.max), DATE_FORMAT).date()
@@ -194,8 +210,25 @@ class FieldGrammar:
             return state
         if self.kind == "text":
             return (state < self.col.max_tokens, state > 0)
+        if self._digit_bounds:
+            return self._digit_key(state)
         ids, can_end = self.next_tokens(state)
         return (tuple(ids), can_end)
+
+    def state_key(self, state):
+        """A key that determines the allowed tokens and every later transition: states with
+        equal keys are one state of the field's finite automaton (a trie node, a token count,
+        the digit-DP summary of a non-negative integer, else the prefix itself)."""
+        return self._digit_key(state) if self._digit_bounds else state
+
+    def _digit_key(self, prefix: str):
+        """For a non-negative integer the allowed next digits depend only on the prefix's
+        length, how it compares with the bounds' leading digits, and whether it is "0"
+        (digit DP): constant time, where next_tokens tests every character."""
+        lo, hi = self._digit_bounds
+        k = len(prefix)
+        return (k, _compare(prefix, lo[:k]) if k <= len(lo) else None,
+                _compare(prefix, hi[:k]) if k <= len(hi) else None, prefix == "0")
 
     def advance(self, state, token: int):
         if self.kind == "categorical":
@@ -246,6 +279,8 @@ class FieldGrammar:
                 return ""
             if col.kind != "categorical" or "" not in col.categories:
                 raise ParseError(f"column '{col.name}': empty value")
+        if col.kind == "categorical" and tuple(ids) in self._category_of:  # a category's own tokens
+            return self._category_of[tuple(ids)]
         if col.kind in ("integer", "float", "datetime"):
             if any(t not in self.codec.id_chars for t in ids):
                 raise ParseError(f"column '{col.name}': non-numeric token")
@@ -261,6 +296,11 @@ class FieldGrammar:
         if col.kind == "categorical" and text not in self.category_ids:
             raise ParseError(f"column '{col.name}': {text!r} is not a category")
         return text
+
+
+def _compare(a: str, b: str) -> int:
+    """-1, 0 or 1 as digit string a is below, equal to or above b (same length)."""
+    return (a > b) - (a < b)
 
 
 def number_prefix_ok(s: str, lo: int, hi: int, precision: int) -> bool:

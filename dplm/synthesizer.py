@@ -11,6 +11,8 @@ A run directory holds everything needed to sample later:
     split.json        which input rows were held out (indexes only)
     training.json     steps, epochs, rows, tokens, seconds, stop reason
     synthetic.csv     rows sampled after training (when saved with them), for `dplm report`
+    canaries.csv      random records added to the training rows (audit.canaries), for `dplm audit`
+    audit.json        written by `dplm audit`: membership inference and canary exposure
 
 It is written to a temporary folder and renamed into place only when complete, so a
 failed run leaves no partial directory behind.
@@ -30,15 +32,22 @@ import torch
 import yaml
 
 from dplm import model as models
+from dplm.audit import random_records
 from dplm.config import RunConfig, from_dict
 from dplm.data import load_table
 from dplm.errors import DplmError
+from dplm.privacy import secret_rng
 from dplm.sample import SampleStats, sample_rows
-from dplm.schema import Schema, coerce_table, infer_schema
+from dplm.schema import Schema, coerce_table, estimate_schema_dp, infer_schema
 from dplm.serialize import RowCodec
-from dplm.train import TrainResult, train
+from dplm.train import Checkpoints, TrainResult, train
 
+METADATA_DELTA_SHARE = 0.1  # of privacy.delta, for DP category sets (only when some are estimated)
 PUBLIC_QUANTITIES = {
+    "column_names_and_dtypes": (
+        "the table's column names and pandas dtypes (its structure, not its values) choose how each "
+        "column is serialized; columns whose metadata is estimated get their kind from the dtype"
+    ),
     "num_training_rows": (
         "exact count of training rows, used for the sampling rate q = batch_size / N; treated as public, "
         "as in Opacus and the DP-SGD literature (add/remove-one neighbours change it by one)"
@@ -65,15 +74,17 @@ def split_indexes(num_rows: int, holdout_fraction: float, seed: int,
 class Synthesizer:
     """A fine-tuned model plus everything needed to sample valid rows from it."""
 
-    def __init__(self, config: RunConfig, schema: Schema, tokenizer, model, device=None):
+    def __init__(self, config: RunConfig, codec: RowCodec, model, device=None):
         self.config = config
-        self.schema = schema
-        self.tokenizer = tokenizer
+        self.codec = codec
+        self.schema = codec.schema
+        self.tokenizer = codec.tokenizer
         self.model = model
         self.device = device or models.default_device()
-        self.codec = RowCodec(schema, tokenizer)
         self.training: TrainResult | None = None
         self.privacy_record: dict = {"dp": False}
+        self.metadata: dict = {"epsilon": 0.0, "delta": 0.0, "estimated": {}}
+        self.canaries: pd.DataFrame | None = None
         self.split: dict | None = None
         self.last_sample_stats: SampleStats | None = None
 
@@ -81,8 +92,9 @@ class Synthesizer:
 
     @classmethod
     def fit(cls, data=None, config: RunConfig | None = None, schema: Schema | str | None = None,
-            progress: bool = True) -> Synthesizer:
-        """Fine-tune on `data` (DataFrame, path, Dataset; default `config.data.source`)."""
+            progress: bool = True, checkpoints: Checkpoints | None = None) -> Synthesizer:
+        """Fine-tune on `data` (DataFrame, path, Dataset; default `config.data.source`),
+        saving resumable `checkpoints` if given (see `train.Checkpoints`)."""
         config = copy.deepcopy(config or RunConfig())
         config.validate()
         if data is not None:  # the run records where its rows came from, for `dplm report`
@@ -99,28 +111,50 @@ class Synthesizer:
             subjects = pd.Series(np.arange(len(codes))).groupby(codes).agg(list).tolist()
             train_df = train_df.drop(columns=[config.data.subject])
         tokenizer = models.load_tokenizer(config.model.base)
-        if config.privacy.enabled:
-            if schema is None:
-                raise DplmError(
-                    "privacy.enabled needs data.schema: a schema file with every column's metadata given "
-                    "(metadata learned from the private data would leak it)"
-                )
-            schema.check_columns(train_df)
+
+        def text_tokens(texts: list[str]) -> int:
+            return _max_tokens(tokenizer, texts)
+
+        metadata = {"epsilon": 0.0, "delta": 0.0, "estimated": {}}
+        p = config.privacy
+        if p.enabled:
+            if schema is not None:
+                missing = [n for n in schema.names if n not in train_df.columns]
+                if missing:
+                    raise DplmError(f"column(s) {missing} are in the schema but not in the table; fix the schema or the data")
+            units = subjects if subjects is not None else [[i] for i in range(len(train_df))]
+            schema, metadata = estimate_schema_dp(train_df, schema, units, p.metadata_epsilon,
+                                                  p.delta * METADATA_DELTA_SHARE, text_tokens, secret_rng())
+            if p.max_epsilon is not None and metadata["epsilon"] >= p.max_epsilon:
+                raise DplmError(f"privacy.metadata_epsilon {p.metadata_epsilon} leaves nothing of privacy.max_epsilon "
+                                f"{p.max_epsilon} for training; lower it or give the schema's metadata")
             schema.check_dp_safe()
         else:
-            schema = infer_schema(train_df, schema, text_tokens=lambda texts: _max_tokens(tokenizer, texts))
+            schema = infer_schema(train_df, schema, text_tokens=text_tokens)
         rows = coerce_table(train_df, schema)
+        canaries = None
+        if config.audit.canaries:  # random records whose exposure `dplm audit` measures
+            canaries = random_records(schema, config.audit.canaries, secret_rng())
+            first, repeats = len(rows), config.audit.canary_repeats
+            rows = pd.concat([rows, coerce_table(pd.concat([canaries] * repeats, ignore_index=True), schema)],
+                             ignore_index=True)
+            if subjects is not None:  # each canary is one more subject
+                subjects = subjects + [[first + i + r * len(canaries) for r in range(repeats)]
+                                       for i in range(len(canaries))]
+        codec = RowCodec(schema, tokenizer)
         device = models.default_device()
-        dtype = models.weight_dtype(config.model.precision, device)
         # On its device before LoRA: peft/Opacus need the adapter created where it will train.
-        model = models.load_base_model(config.model.base, len(tokenizer), dtype).to(device)
+        model = _base_model(config, codec, device)
         m = config.model
         torch.manual_seed(config.train.seed)  # LoRA's random init
         model = models.add_lora(model, m.lora_r, m.lora_alpha, m.lora_dropout, m.target_modules)
-        synth = cls(config, schema, tokenizer, model, device)
-        sequences = synth.codec.encode_table(rows)
+        synth = cls(config, codec, model, device)
+        sequences = codec.encode_table(rows)
         synth.training = train(model, sequences, tokenizer.pad_token_id, config.train, config.privacy, device,
-                               progress=progress, subjects=subjects)
+                               progress=progress, subjects=subjects, checkpoints=checkpoints,
+                               metadata_epsilon=metadata["epsilon"], metadata_delta=metadata["delta"])
+        synth.metadata = metadata
+        synth.canaries = canaries
         synth.split = {"seed": config.train.seed, "subject": config.data.subject, "train": train_idx.tolist(),
                        "holdout": holdout_idx.tolist()}
         if subjects is not None:
@@ -133,6 +167,8 @@ class Synthesizer:
         if not self.config.privacy.enabled:
             return {"dp": False, "metadata_sources": metadata}
         record = {"dp": True, **self.training.privacy, "max_grad_norm": self.config.privacy.max_grad_norm,
+                  "metadata_estimated_under_dp": self.metadata["estimated"],
+                  "metadata_user_given": [c.name for c in self.schema.columns if c.source == "user"],
                   "privacy_unit": "row", "num_training_rows": len(self.split["train"]),
                   "secure_mode": self.config.privacy.secure_mode,
                   "metadata_sources": metadata, "public_quantities": dict(PUBLIC_QUANTITIES)}
@@ -174,6 +210,8 @@ class Synthesizer:
             (tmp / "privacy.json").write_text(json.dumps(self.privacy_record, indent=2))
             if synthetic is not None:
                 synthetic.to_csv(tmp / "synthetic.csv", index=False)
+            if self.canaries is not None:
+                self.canaries.to_csv(tmp / "canaries.csv", index=False)
             if self.split:
                 (tmp / "split.json").write_text(json.dumps(self.split))
             if self.training:
@@ -199,11 +237,10 @@ class Synthesizer:
 
         tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
         device = device or models.default_device()
-        dtype = models.weight_dtype(config.model.precision, device)
-        base = models.load_base_model(config.model.base, len(tokenizer), dtype).to(device)
-        model = models.load_adapter(base, run_dir / "adapter")
+        codec = RowCodec(schema, tokenizer)
+        model = models.load_adapter(_base_model(config, codec, device), run_dir / "adapter")
         model.eval()
-        synth = cls(config, schema, tokenizer, model, device)
+        synth = cls(config, codec, model, device)
         synth.privacy_record = json.loads((run_dir / "privacy.json").read_text())
         if (run_dir / "split.json").exists():
             synth.split = json.loads((run_dir / "split.json").read_text())
@@ -222,6 +259,32 @@ def split_rows(table: pd.DataFrame, config: RunConfig) -> tuple[np.ndarray, np.n
     if len(train_idx) == 0:
         raise DplmError("no training rows left after the holdout split; lower data.holdout_fraction")
     return train_idx, holdout_idx
+
+
+# Settings a resumed run may change: they only say when to stop or how to compute.
+RESUMABLE_CHANGES = {"train": {"max_epochs", "max_steps", "max_training_time", "threads", "micro_batch_size",
+                               "checkpoint_every"}, "privacy": {"max_epsilon"}}
+
+
+def checkpoints_for(config: RunConfig, resume: bool = False) -> Checkpoints | None:
+    """Checkpoints of a `dplm train` run, next to its output folder (`<output_dir>.checkpoint`)."""
+    if not config.train.checkpoint_every:
+        return None
+    key = {f"{section}.{name}": value for section, values in config.to_dict().items() if isinstance(values, dict)
+           and section in ("data", "model", "train", "privacy") for name, value in values.items()
+           if name not in RESUMABLE_CHANGES.get(section, ())}
+    folder = Path(config.output_dir).with_name(Path(config.output_dir).name + ".checkpoint")
+    return Checkpoints(folder, config.train.checkpoint_every, resume, key)
+
+
+def _base_model(config: RunConfig, codec: RowCodec, device):
+    """The frozen base model on `device`; with `model.prune_vocab` its output layer scores
+    only the tokens rows use."""
+    dtype = models.weight_dtype(config.model.precision, device)
+    model = models.load_base_model(config.model.base, len(codec.tokenizer), dtype)
+    if config.model.prune_vocab:
+        models.restrict_output_vocab(model, codec.output_token_ids())
+    return model.to(device)
 
 
 def _max_tokens(tokenizer, texts: list[str]) -> int:

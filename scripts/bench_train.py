@@ -35,7 +35,7 @@ def child(args) -> dict:
     dp = args.child == "dp"
     config = from_dict(RunConfig, {
         "data": {"schema": str(ROOT / "recipes/census_schema.yaml"), "max_rows": args.rows},
-        "model": {"base": args.model, "precision": args.precision},
+        "model": {"base": args.model, "precision": args.precision, "prune_vocab": not args.full_vocab},
         "train": {"batch_size": args.batch_size, "micro_batch_size": args.micro_batch_size,
                   "max_steps": args.steps + 1},
         "privacy": {"enabled": dp},
@@ -57,6 +57,8 @@ def child(args) -> dict:
         stats = synth.last_sample_stats
         result["sample_rows_per_s"] = stats.rows_returned / (time.perf_counter() - start)
         result["sample_valid_rate"] = stats.valid_rate
+    if args.profile and args.child == args.order.split(",")[0]:
+        print_profile(synth, args.micro_batch_size)
     if torch.cuda.is_available():
         result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
         result["device"] = torch.cuda.get_device_name()
@@ -64,6 +66,35 @@ def child(args) -> dict:
         result["peak_memory_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
         result["device"] = f"CPU, {torch.get_num_threads()} threads"
     return result
+
+
+def print_profile(synth, rows: int) -> None:
+    """Where one forward + backward pass over `rows` census rows spends its time (to stderr)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from dplm import model as models
+    from dplm.schema import coerce_table
+    from dplm.train import pad_batch, row_losses
+
+    table = coerce_table(dplm_census().head(rows), synth.schema)
+    ids, mask = pad_batch(synth.codec.encode_table(table), synth.tokenizer.pad_token_id, synth.device)
+    head = models.output_head(synth.model)
+    synth.model.train()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    for _ in range(2):  # the first pass warms up
+        with profile(activities=activities) as prof:
+            row_losses(synth.model, ids, mask, head.index if head is not None else None).mean().backward()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+    sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=18), file=sys.stderr)
+
+
+def dplm_census():
+    import dplm
+
+    return dplm.load_census()
 
 
 def main() -> None:
@@ -77,7 +108,9 @@ def main() -> None:
     parser.add_argument("--sample-rows", type=int, default=64)
     parser.add_argument("--sample-batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--full-vocab", action="store_true", help="score the whole vocabulary (lever off)")
     parser.add_argument("--order", default="no_dp,dp", help="order of the two runs, e.g. dp,no_dp")
+    parser.add_argument("--profile", action="store_true", help="print an operator profile of one micro-batch")
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
     parser.add_argument("--child", choices=["no_dp", "dp"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -91,10 +124,12 @@ def main() -> None:
         line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
         if out.returncode or not line:
             sys.exit(f"bench child {mode} failed:\n{out.stderr[-3000:]}")
+        if args.profile and "Self CPU" in out.stderr:
+            print(out.stderr[out.stderr.index("---"):])
         results[mode] = json.loads(line[0][len("RESULT "):])
     ratio = results["dp"]["mean_step_s"] / results["no_dp"]["mean_step_s"]
     per_row_ratio = results["no_dp"]["rows_per_s"] / results["dp"]["rows_per_s"]
-    summary = {"model": args.model, "machine": f"{platform.machine()} {os.cpu_count()} cores",
+    summary = {"model": args.model, "prune_vocab": not args.full_vocab, "machine": f"{platform.machine()} {os.cpu_count()} cores",
                "batch_size": args.batch_size, "micro_batch_size": args.micro_batch_size,
                "dp_over_no_dp_step_time": ratio, "dp_over_no_dp_time_per_row": per_row_ratio, **results}
     print(f"model {args.model}, logical batch {args.batch_size}, micro-batch {args.micro_batch_size}, "

@@ -97,3 +97,55 @@ def test_plan_prints_epsilon_per_epoch(workspace, capsys):
     assert out[0].startswith("4 training rows, batch 2: sample rate 0.5, 2 steps per epoch")
     assert "noise multiplier for epsilon 5 after 4 steps" in out[1]
     assert out[-1].startswith("  epoch 2: 4 steps, epsilon ") and float(out[-1].split()[-1]) <= 5
+
+
+def test_killed_run_resumes_to_the_same_epsilon_and_the_cap(tmp_path):
+    """SIGKILL a real DP training process at a random step, resume it: training continues
+    from the checkpoint (never from zero) and ends where an uninterrupted run ends: the
+    same steps, epsilon and stop at the cap."""
+    import json
+    import random
+    import signal
+    import time
+    from pathlib import Path
+
+    import torch
+
+    from test_privacy import independent_epsilon
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "run"
+    q, steps = 8 / 500, 120
+    cap = independent_epsilon(1.5, q, steps, 1e-5) * 1.0001  # the cap stops the run after 120 steps
+    cmd = [sys.executable, "-m", "dplm.cli", "train", str(root / "recipes/census_dp.yaml"), "model.base=tiny-random",
+           "data.max_rows=500", "train.batch_size=8", "train.micro_batch_size=8", "train.max_epochs=100",
+           "train.max_training_time=null", "train.checkpoint_every=1", f"privacy.max_epsilon={cap}",
+           "sample.num_rows=5", f"output_dir={out}", "output_csv=null", "-q"]
+    checkpoint = tmp_path / "run.checkpoint" / "checkpoint.pt"
+    kill_at = random.Random().randint(3, 60)
+    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if checkpoint.exists() and torch.load(checkpoint, weights_only=False)["step"] >= kill_at:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed = torch.load(checkpoint, weights_only=False)
+    assert kill_at <= killed["step"] < steps and not (out / "config.yaml").exists()
+    assert len(killed["accountant_history"]) == 1 and killed["accountant_history"][0][2] == killed["step"]
+
+    again = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+    assert again.returncode == 2 and "pass --resume" in again.stderr  # never restarts silently
+
+    resumed = subprocess.run(cmd + ["--resume"], cwd=root, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    privacy = json.loads((out / "privacy.json").read_text())
+    training = json.loads((out / "training.json").read_text())
+    assert privacy["steps"] == steps and training["stop_reason"] == "max_epsilon"
+    assert privacy["epsilon"] == pytest.approx(independent_epsilon(1.5, q, steps, 1e-5), rel=1e-4)
+    assert privacy["epsilon"] <= cap
+    assert training["resumed_from_step"] >= killed["step"]
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == list(range(1, steps + 1))  # the steps before the kill are kept
+    assert not checkpoint.parent.exists()

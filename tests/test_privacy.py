@@ -1,6 +1,9 @@
+import math
 import random
 
 import dp_accounting
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 from dp_accounting import rdp
@@ -9,6 +12,7 @@ from opacus.accountants.rdp import RDPAccountant
 from dplm.privacy import (
     PrivacyBudget, assert_weights_changed, epsilon_schedule, noise_for_epsilon, poisson_sample, trainable_snapshot,
 )
+from dplm.schema import Schema, coerce_table
 
 ORDERS = RDPAccountant.DEFAULT_ALPHAS
 
@@ -157,3 +161,52 @@ def test_secure_optimizer_adds_noise_of_the_right_scale():
     optimizer.step()
     step = (layer.weight.detach() - before).flatten()
     assert step.std().item() == pytest.approx(0.25, rel=0.02)
+
+
+# ---- DP metadata ---------------------------------------------------------------------
+
+def test_category_threshold_releases_a_singleton_with_probability_delta():
+    """A value only one unit holds passes the noisy threshold with probability delta
+    (Laplace tail beyond ln(1/(2 delta))/eps), computed independently here."""
+    from dplm.privacy import category_threshold, dp_categories
+
+    eps, delta = 1.0, 0.05  # a large delta so the rate is measurable
+    assert category_threshold(eps, delta) == pytest.approx(1 + math.log(10))
+    rng = np.random.default_rng(0)
+    kept = sum("rare" in dp_categories(["common"] * 200 + ["rare"], eps, delta, rng) for _ in range(20000))
+    tail = 0.5 * math.exp(-(category_threshold(eps, delta) - 1) * eps)  # P(Lap(1/eps) > t - 1)
+    assert tail == pytest.approx(delta)
+    assert kept / 20000 == pytest.approx(tail, abs=0.006)
+    assert all("common" in dp_categories(["common"] * 200, eps, delta, rng) for _ in range(200))
+
+
+def test_dp_range_keeps_well_populated_bins_and_no_empty_one():
+    from dplm.privacy import dp_range, number_grid, range_threshold
+
+    edges = number_grid()
+    eps = 0.5
+    # Independent: an empty bin passes with probability 1/2 exp(-threshold * eps) = failure / (2 bins).
+    assert 0.5 * math.exp(-range_threshold(eps, len(edges) - 1) * eps) == pytest.approx(0.01 / (2 * (len(edges) - 1)))
+    rng = np.random.default_rng(1)
+    values = np.concatenate([rng.uniform(20, 70, 5000), [3.0, 900.0]])  # two lone extremes
+    ranges = [dp_range(values, edges, eps, rng) for _ in range(200)]
+    # The grid's edges around the bulk, the extremes cut; an empty bin may pass in <= 0.5 % of runs.
+    assert sum(r == (20.0, 70.0) for r in ranges) >= 195
+    assert dp_range(np.array([5.0]), edges, eps, rng) is None  # one unit never passes
+
+
+def test_schema_estimated_under_dp_spends_the_metadata_budget():
+    from dplm.schema import estimate_schema_dp
+
+    rng = np.random.default_rng(2)
+    n = 4000
+    df = pd.DataFrame({"city": ["north"] * 2000 + ["south"] * 1995 + ["tiny"] * 5,
+                       "age": rng.integers(20, 70, n), "score": rng.normal(50, 5, n).round(2)})
+    given = Schema.from_dict({"columns": {"age": {"kind": "integer", "min": 0, "max": 120}}})
+    schema, spent = estimate_schema_dp(df, given, [[i] for i in range(n)], 1.0, 1e-6, None, rng)
+    assert spent == {"epsilon": 1.0, "delta": 1e-6, "estimated": {"city": ["categories"], "score": ["min", "max"]}}
+    assert schema["city"].categories == ["north", "south"] and schema["city"].source == "dp"
+    assert schema["age"].source == "user" and (schema["age"].min, schema["age"].max) == (0, 120)
+    assert (schema["score"].min, schema["score"].max) == (30.0, 70.0)  # grid edges around the bulk
+    table = coerce_table(df, schema)
+    assert table["city"].isna().sum() == 5  # rare values never reach the model

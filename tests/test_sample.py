@@ -2,7 +2,7 @@ import pandas as pd
 import torch
 
 from dplm import model as models
-from dplm.sample import RowGrammar, generate_sequences, sample_rows
+from dplm.sample import CompiledGrammar, RowGrammar, generate_sequences, sample_rows
 from dplm.schema import Schema, value_fits
 from dplm.serialize import RowCodec
 
@@ -31,7 +31,7 @@ def test_untrained_model_yields_only_valid_rows(tokenizer):
 
 def test_rows_end_within_the_grammar_bound(tokenizer):
     codec = RowCodec(MIXED, tokenizer)
-    grammar = RowGrammar(codec, len(tokenizer), torch.device("cpu"))
+    grammar = RowGrammar(codec, list(range(len(tokenizer))), torch.device("cpu"))
     sequences = generate_sequences(random_model(tokenizer), grammar, 16, 1.5, torch.Generator().manual_seed(0),
                                    torch.device("cpu"))
     assert all(s[-1] == codec.eos_id and len(s) <= grammar.max_row_tokens() + 1 for s in sequences)
@@ -52,7 +52,7 @@ def test_grammar_follows_the_model(tokenizer):
     codec = RowCodec(schema, tokenizer)
     model = random_model(tokenizer)
     south = codec.fields[0].category_ids["south"][0]
-    grammar = RowGrammar(codec, len(tokenizer), torch.device("cpu"))
+    grammar = RowGrammar(codec, list(range(len(tokenizer))), torch.device("cpu"))
 
     class Prefer(torch.nn.Module):
         def __init__(self, inner):
@@ -68,3 +68,41 @@ def test_grammar_follows_the_model(tokenizer):
     wrapped.get_base_model = lambda: model
     rows = generate_sequences(wrapped, grammar, 8, 1.0, torch.Generator().manual_seed(0), torch.device("cpu"))
     assert all(codec.decode(r)["c"] == "south" for r in rows)
+
+
+def test_restricted_head_samples_valid_rows_in_token_space(tokenizer, census_schema):
+    """With the output layer cut to the schema's tokens, sampled logit positions are mapped
+    back to token ids: rows decode and are valid."""
+    codec = RowCodec(census_schema, tokenizer)
+    model = random_model(tokenizer)
+    models.restrict_output_vocab(model, codec.output_token_ids())
+    assert model.get_output_embeddings().weight.shape[0] == len(codec.output_token_ids()) < 1000
+    df, stats = sample_rows(model, codec, 20, batch_size=8, seed=3, progress=False)
+    assert len(df) == 20 and stats.valid_rate == 1.0
+    for col in census_schema.columns:
+        assert all(value_fits(col, None if pd.isna(v) else v) for v in df[col.name]), col.name
+
+
+def test_compiled_grammar_samples_exactly_what_the_lazy_one_does(tokenizer, census_schema):
+    """Same model, same seed: the table-driven automaton draws the same rows as the Python one."""
+    small = Schema.from_dict({"columns": {**{c.name: c.to_dict() for c in MIXED.columns},
+                                          "f": {"kind": "float", "min": 0.5, "max": 9.5, "precision": 1}}})
+    for schema in (small, census_schema):
+        codec = RowCodec(schema, tokenizer)
+        model = random_model(tokenizer)
+        models.restrict_output_vocab(model, codec.output_token_ids())
+        token_ids = codec.output_token_ids()
+        compiled = CompiledGrammar.build(codec, token_ids, torch.device("cpu"))
+        assert compiled is not None
+        runs = [generate_sequences(model, g, 12, 1.3, torch.Generator().manual_seed(5), torch.device("cpu"))
+                for g in (RowGrammar(codec, token_ids, torch.device("cpu")), compiled)]
+        assert runs[0] == runs[1]
+        assert all(codec.decode(r) for r in runs[1])
+
+
+def test_huge_automata_fall_back_to_the_lazy_grammar(tokenizer):
+    schema = Schema.from_dict({"columns": {"x": {"kind": "float", "min": 0, "max": 1e7, "precision": 2}}})
+    codec = RowCodec(schema, tokenizer)
+    assert CompiledGrammar.build(codec, codec.output_token_ids(), torch.device("cpu")) is None
+    df, stats = sample_rows(random_model(tokenizer), codec, 5, seed=0, progress=False)
+    assert len(df) == 5 and df["x"].between(0, 1e7).all()

@@ -1,4 +1,5 @@
 import itertools
+import random
 
 import numpy as np
 import pandas as pd
@@ -88,3 +89,20 @@ def test_number_prefixes_match_brute_force(lo, hi, precision):
         for chars in itertools.product(alphabet, repeat=length):
             s = "".join(chars)
             assert number_prefix_ok(s, lo_s, hi_s, precision) == (s in prefixes), s
+
+
+@pytest.mark.parametrize("lo,hi", [(0, 99999), (1, 2000000), (17, 90), (5, 5), (0, 0), (10, 100), (3, 250)])
+def test_integer_mask_key_determines_the_allowed_tokens(tokenizer, lo, hi):
+    """The cheap digit-DP key of a non-negative integer prefix must imply its exact allowed set."""
+    schema = Schema.from_dict({"columns": {"n": {"kind": "integer", "min": lo, "max": hi, "nullable": True}}})
+    field = RowCodec(schema, tokenizer).fields[0]
+    rng = random.Random(lo * 7 + hi)
+    prefixes = {""} | {str(n)[:k] for n in [rng.randint(0, 3 * hi + 10) for _ in range(3000)] + [lo, hi]
+                       for k in range(1, len(str(n)) + 1)}
+    seen = {}
+    for prefix in sorted(prefixes):
+        if prefix and not field._prefix_ok(prefix):
+            continue
+        allowed = field.next_tokens(prefix)
+        assert seen.setdefault(field.mask_key(prefix), allowed) == allowed, prefix
+    assert len(seen) < 60

@@ -34,6 +34,20 @@ def test_padding_is_masked(tokenizer):
     assert together.item() == pytest.approx(single.item(), rel=1e-4)
 
 
+def test_restricted_head_scores_the_kept_tokens_like_the_full_head(tokenizer, sequences, census_schema):
+    codec = RowCodec(census_schema, tokenizer)
+    full = models.load_base_model("tiny-random", len(tokenizer))
+    cut = models.load_base_model("tiny-random", len(tokenizer))
+    models.restrict_output_vocab(cut, codec.output_token_ids())
+    ids, mask = pad_batch(sequences[:4], tokenizer.pad_token_id, "cpu")
+    with torch.no_grad():
+        kept = torch.tensor(codec.output_token_ids())
+        assert torch.allclose(cut(input_ids=ids).logits, full(input_ids=ids).logits[..., kept], atol=1e-5)
+        # Every target is scorable; the loss is a softmax over fewer tokens, so it is lower.
+        restricted = row_losses(cut, ids, mask, models.output_head(cut).index)
+        assert (restricted < row_losses(full, ids, mask)).all()
+
+
 def test_dp_epsilon_matches_independent_computation_and_weights_change(tokenizer, sequences):
     model = tiny_lora(tokenizer)
     lora_b = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}

@@ -1,0 +1,112 @@
+"""Empirical privacy audit of a trained run: does the model remember its training records?
+
+Two attacks, both on the model's per-record loss (mean next-token loss of a serialized row):
+
+* membership inference: score = -loss; training rows should not score higher than holdout
+  rows. Reported as the ROC AUC (0.5 = chance) and the true-positive rate at a 1 %
+  false-positive rate (chance: 0.01).
+* canaries (Carlini et al. 2019, "The Secret Sharer"): `audit.canaries` random records drawn
+  uniformly from the schema's domain were added to the training rows (see
+  `Synthesizer.fit`); each canary's loss is ranked among `num_references` fresh records from
+  the same distribution. Exposure = log2(references + 1) - log2(rank): about 1 bit for
+  records the model never saw, up to log2(references + 1) for memorized ones.
+
+DP bounds what any such attack can achieve; these numbers are a sanity check of the
+implementation, not a proof. `dplm audit RUN_DIR` writes `audit.json` into the run, and
+`dplm report` shows it when present.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from dplm import model as models
+from dplm.errors import DplmError
+from dplm.schema import Schema, coerce_table
+from dplm.train import pad_batch, row_losses
+
+
+def random_records(schema: Schema, num: int, rng: np.random.Generator) -> pd.DataFrame:
+    """`num` records drawn uniformly and independently per column from the schema's domain."""
+    columns = {}
+    for col in schema.columns:
+        if col.kind == "categorical":
+            columns[col.name] = rng.choice(np.array(col.categories, dtype=object), num)
+        elif col.kind in ("integer", "float"):
+            scale = 10**col.precision
+            values = rng.integers(math.ceil(float(col.min) * scale), math.floor(float(col.max) * scale) + 1, num)
+            columns[col.name] = values if col.kind == "integer" else values / scale
+        elif col.kind == "datetime":
+            lo, hi = pd.Timestamp(col.min), pd.Timestamp(col.max)
+            columns[col.name] = lo + pd.to_timedelta(rng.integers(0, (hi - lo).days + 1, num), unit="D")
+        else:
+            words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(2, 8)))
+                     for _ in range(num * 4)]
+            columns[col.name] = [" ".join(words[4 * i: 4 * i + 4]) for i in range(num)]
+    return pd.DataFrame(columns)
+
+
+@torch.no_grad()
+def record_losses(synth, df: pd.DataFrame, batch_size: int = 64) -> np.ndarray:
+    """The model's mean next-token loss of each record (lower: more familiar)."""
+    sequences = synth.codec.encode_table(coerce_table(df, synth.schema))
+    head = models.output_head(synth.model)
+    synth.model.eval()
+    losses = []
+    for i in range(0, len(sequences), batch_size):
+        ids, mask = pad_batch(sequences[i: i + batch_size], synth.tokenizer.pad_token_id, synth.device)
+        losses.append(row_losses(synth.model, ids, mask, head.index if head is not None else None).float().cpu())
+    return torch.cat(losses).numpy()
+
+
+def membership_inference(member_losses: np.ndarray, other_losses: np.ndarray) -> dict:
+    """ROC AUC and TPR at 1 % FPR of the attack 'lower loss means member'."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    labels = np.r_[np.ones(len(member_losses)), np.zeros(len(other_losses))]
+    scores = -np.r_[member_losses, other_losses]
+    fpr, tpr, _ = roc_curve(labels, scores)
+    return {"auc": float(roc_auc_score(labels, scores)), "tpr_at_1pct_fpr": float(np.interp(0.01, fpr, tpr)),
+            "members": len(member_losses), "non_members": len(other_losses)}
+
+
+def exposure(canary_losses: np.ndarray, reference_losses: np.ndarray) -> np.ndarray:
+    """Carlini et al.'s exposure of each canary among the references (in bits)."""
+    ranks = 1 + (reference_losses[None, :] < canary_losses[:, None]).sum(axis=1)
+    return np.log2(len(reference_losses) + 1) - np.log2(ranks)
+
+
+def audit_run(run_dir: str | Path, num_records: int = 1000, num_references: int = 1000, seed: int = 0) -> dict:
+    """Run both attacks on a run directory and write `audit.json` there; returns the results."""
+    from dplm.data import load_table
+    from dplm.synthesizer import Synthesizer
+
+    run_dir = Path(run_dir)
+    synth = Synthesizer.load(run_dir)
+    if not synth.split or synth.config.data.source is None:
+        raise DplmError(f"run '{run_dir}' records no data source and split; the audit needs its training rows")
+    table = load_table(synth.config.data.source)
+    rng = np.random.default_rng(seed)
+    picks = {name: rng.permutation(np.array(synth.split[name]))[:num_records] for name in ("train", "holdout")}
+    if len(picks["holdout"]) == 0:
+        raise DplmError("the run kept no holdout rows (data.holdout_fraction: 0); membership inference needs them")
+    names = synth.schema.names
+    losses = {name: record_losses(synth, table.iloc[idx][names]) for name, idx in picks.items()}
+    result = {"membership_inference": membership_inference(losses["train"], losses["holdout"]),
+              "dp": synth.privacy_record.get("dp", False), "epsilon": synth.privacy_record.get("epsilon")}
+    if (run_dir / "canaries.csv").exists():
+        canaries = pd.read_csv(run_dir / "canaries.csv")
+        references = random_records(synth.schema, num_references, rng)
+        bits = exposure(record_losses(synth, canaries[names]), record_losses(synth, references))
+        result["canaries"] = {"count": len(canaries), "references": num_references,
+                              "repeats": synth.config.audit.canary_repeats,
+                              "mean_exposure": float(bits.mean()), "max_exposure": float(bits.max()),
+                              "max_possible": float(math.log2(num_references + 1))}
+    (run_dir / "audit.json").write_text(json.dumps(result, indent=2))
+    return result
