@@ -123,8 +123,12 @@ def noise_for_epsilon(target_epsilon: float, delta: float, sample_rate: float, s
 # ---- DP estimates of schema metadata --------------------------------------------------
 
 def secret_rng() -> np.random.Generator:
-    """A numpy generator seeded from the OS and never recorded (for DP mechanisms)."""
-    return np.random.default_rng(secrets.randbits(128))
+    """A numpy generator seeded from the OS and never recorded (for DP mechanisms). With
+    several processes every rank gets rank 0's seed, so all estimate the same schema."""
+    seed = [secrets.randbits(128)]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(seed, src=0)
+    return np.random.default_rng(seed[0])
 
 
 def category_threshold(epsilon: float, delta: float) -> float:

@@ -327,14 +327,12 @@ def _infer_column(name: str, s: pd.Series, kind: str | None, text_tokens) -> Col
 
 
 def _guess_kind(values: pd.Series) -> str:
-    if pd.api.types.is_bool_dtype(values):
-        return "categorical"
-    if pd.api.types.is_integer_dtype(values):
-        return "integer"
-    if pd.api.types.is_float_dtype(values):
+    """A column's kind from its dtype, refined by its values (without DP only)."""
+    kind = _dtype_kind(values)
+    if kind == "float":
         return "integer" if bool((values == values.round()).all()) else "float"
-    if pd.api.types.is_datetime64_any_dtype(values):
-        return "datetime"
+    if kind != "categorical" or pd.api.types.is_bool_dtype(values):
+        return kind
     text = values.astype(str)
     if pd.to_numeric(text, errors="coerce").notna().all():
         nums = pd.to_numeric(text)

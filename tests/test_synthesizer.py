@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -85,6 +86,38 @@ def test_without_dp_metadata_is_learned(tmp_path):
     synth = dplm.fit(df, config, progress=False)
     assert synth.privacy_record["metadata_sources"] == {"x": "data", "y": "data"}
     assert synth.schema["y"].categories == ["a", "b"]
+
+
+def test_dp_estimates_missing_metadata_and_charges_it(tmp_path):
+    """Under DP, metadata the schema leaves out is estimated with its own DP mechanisms; the
+    run's epsilon is metadata + training, and the record says which columns were estimated."""
+    from test_privacy import independent_epsilon
+
+    rng = np.random.default_rng(0)
+    n = 3000
+    df = pd.DataFrame({"city": ["north"] * 1500 + ["south"] * 1497 + ["rare"] * 3,
+                       "age": rng.integers(20, 70, n)})
+    config = tiny_config(True, tmp_path)
+    config.data.schema = None
+    config.data.max_rows = None
+    config.data.holdout_fraction = 0.0
+    config.privacy.metadata_epsilon = 1.0
+    config.train.max_steps = 2
+    synth = dplm.fit(df, config, progress=False)
+    record = synth.privacy_record
+    assert record["metadata_estimated_under_dp"] == {"city": ["categories"], "age": ["min", "max"]}
+    assert record["metadata_sources"] == {"city": "dp", "age": "dp"} and record["metadata_user_given"] == []
+    assert synth.schema["city"].categories == ["north", "south"]  # the rare value never reaches the model
+    assert (synth.schema["age"].min, synth.schema["age"].max) == (20, 70)
+    assert record["metadata_delta"] == pytest.approx(1e-6) and record["delta"] == pytest.approx(1e-5)
+    training = independent_epsilon(1.5, config.train.batch_size / n, 2, 1e-5 - 1e-6)
+    assert record["training_epsilon"] == pytest.approx(training, rel=1e-4)
+    assert record["epsilon"] == pytest.approx(1.0 + training, rel=1e-4)
+    # Sampling starts from BOS alone and follows the DP schema: the rare value cannot come out.
+    assert set(synth.sample(40, progress=False)["city"].dropna()) <= {"north", "south"}
+    config.privacy.max_epsilon = 0.9  # the cap holds for the total: metadata alone passes it
+    with pytest.raises(dplm.DplmError, match="privacy.metadata_epsilon 1.0 leaves nothing"):
+        dplm.fit(df, config, progress=False)
 
 
 def test_per_subject_dp_on_cdnow(tmp_path):
