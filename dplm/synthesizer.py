@@ -172,6 +172,8 @@ class Synthesizer:
                   "privacy_unit": "row", "num_training_rows": len(self.split["train"]),
                   "secure_mode": self.config.privacy.secure_mode,
                   "metadata_sources": metadata, "public_quantities": dict(PUBLIC_QUANTITIES)}
+        if self.canaries is not None:  # random records, also sampling units: q counts them
+            record["audit_canary_rows"] = len(self.canaries) * self.config.audit.canary_repeats
         subject = self.config.data.subject
         if subject:
             record["privacy_unit"] = f"subject (column '{subject}')"

@@ -59,7 +59,7 @@ def test_canaries_are_saved_and_fit_the_schema(runs, census_schema):
     canaries = pd.read_csv(runs["dp"] / "canaries.csv")
     assert len(canaries) == 5 and list(canaries.columns) == census_schema.names
     record = json.loads((runs["dp"] / "privacy.json").read_text())
-    assert record["num_training_rows"] == 64  # real rows; the 20 canary rows are extra units
+    assert record["num_training_rows"] == 64 and record["audit_canary_rows"] == 20  # canaries are units too
     assert record["sample_rate"] == pytest.approx(8 / 84)
 
 
