@@ -118,7 +118,11 @@ class Synthesizer:
 
         metadata = {"epsilon": 0.0, "delta": 0.0, "estimated": {}}
         p = config.privacy
-        if p.enabled:
+        resumed = checkpoints.load() if checkpoints else None
+        if resumed:  # the schema, its DP spend and the canaries the checkpoint was trained with
+            schema = Schema.from_dict(resumed["run_state"]["schema"])
+            metadata = resumed["run_state"]["metadata"]
+        elif p.enabled:
             if schema is not None:
                 missing = [n for n in schema.names if n not in train_df.columns]
                 if missing:
@@ -135,7 +139,8 @@ class Synthesizer:
         rows = coerce_table(train_df, schema)
         canaries = None
         if config.audit.canaries:  # random records whose exposure `dplm audit` measures
-            canaries = random_records(schema, config.audit.canaries, secret_rng())
+            canaries = (pd.DataFrame(resumed["run_state"]["canaries"]) if resumed
+                        else random_records(schema, config.audit.canaries, secret_rng()))
             first, repeats = len(rows), config.audit.canary_repeats
             rows = pd.concat([rows, coerce_table(pd.concat([canaries] * repeats, ignore_index=True), schema)],
                              ignore_index=True)
@@ -150,6 +155,9 @@ class Synthesizer:
         model = models.add_lora(model, m.lora_r, m.lora_alpha, m.lora_dropout, m.target_modules)
         synth = cls(config, codec, model, device)
         sequences = codec.encode_table(rows)
+        if checkpoints:
+            checkpoints.run_state = {"schema": schema.to_dict(), "metadata": metadata,
+                                     "canaries": None if canaries is None else canaries.to_dict("list")}
         synth.training = train(model, sequences, tokenizer.pad_token_id, config.train, config.privacy, device,
                                progress=progress, subjects=subjects, checkpoints=checkpoints,
                                metadata_epsilon=metadata["epsilon"], metadata_delta=metadata["delta"])

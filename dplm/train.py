@@ -111,6 +111,11 @@ class Checkpoints:
     every: int = 50  # steps between checkpoints
     resume: bool = False  # continue from the checkpoint in `folder` (an error if there is none)
     key: dict = field(default_factory=dict)  # settings a resumed run must share with its checkpoint
+    # What the run derived from the data before training (the schema, DP metadata spent,
+    # canaries): saved with every checkpoint and reused on resume, so nothing is estimated
+    # (and charged) twice.
+    run_state: dict = field(default_factory=dict)
+    _loaded: dict | None = field(default=None, repr=False)
 
     @property
     def path(self) -> Path:
@@ -118,6 +123,8 @@ class Checkpoints:
 
     def load(self) -> dict | None:
         """The checkpoint to resume from (None for a fresh run); refuses to silently restart."""
+        if self._loaded is not None:
+            return self._loaded
         exists = self.path.exists()
         if not exists and self.resume:
             raise DplmError(f"resume: no checkpoint in '{self.folder}'; run without --resume to start a new run")
@@ -134,12 +141,13 @@ class Checkpoints:
         if changed:
             raise DplmError(f"resume: the settings {changed} differ from the checkpoint's; resume with the same "
                             "recipe (only stopping limits may change)")
+        self._loaded = state
         return state
 
     def save(self, state: dict) -> None:
         Path(self.folder).mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        torch.save({**state, "key": self.key}, tmp)
+        torch.save({**state, "key": self.key, "run_state": self.run_state}, tmp)
         os.replace(tmp, self.path)  # atomic: a kill mid-save keeps the previous checkpoint
 
 

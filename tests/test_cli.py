@@ -102,7 +102,8 @@ def test_plan_prints_epsilon_per_epoch(workspace, capsys):
 def test_killed_run_resumes_to_the_same_epsilon_and_the_cap(tmp_path):
     """SIGKILL a real DP training process at a random step, resume it: training continues
     from the checkpoint (never from zero) and ends where an uninterrupted run ends: the
-    same steps, epsilon and stop at the cap."""
+    same steps, epsilon and stop at the cap. The DP-estimated schema and the canaries come
+    back from the checkpoint: nothing is estimated or charged twice."""
     import json
     import random
     import signal
@@ -115,11 +116,13 @@ def test_killed_run_resumes_to_the_same_epsilon_and_the_cap(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "run"
-    q, steps = 8 / 500, 120
-    cap = independent_epsilon(1.5, q, steps, 1e-5) * 1.0001  # the cap stops the run after 120 steps
+    q, steps = 8 / 502, 120  # 500 rows + 2 canaries
+    training_epsilon = independent_epsilon(1.5, q, steps, 0.9e-5)  # a tenth of delta went to the category sets
+    cap = 30 + training_epsilon * 1.0001  # metadata 30 + training: the cap stops the run after 120 steps
     cmd = [sys.executable, "-m", "dplm.cli", "train", str(root / "recipes/census_dp.yaml"), "model.base=tiny-random",
            "data.max_rows=500", "train.batch_size=8", "train.micro_batch_size=8", "train.max_epochs=100",
            "train.max_training_time=null", "train.checkpoint_every=1", f"privacy.max_epsilon={cap}",
+           "data.schema=null", "privacy.metadata_epsilon=30", "audit.canaries=2",
            "sample.num_rows=5", f"output_dir={out}", "output_csv=null", "-q"]
     checkpoint = tmp_path / "run.checkpoint" / "checkpoint.pt"
     kill_at = random.Random().randint(3, 60)
@@ -143,8 +146,11 @@ def test_killed_run_resumes_to_the_same_epsilon_and_the_cap(tmp_path):
     privacy = json.loads((out / "privacy.json").read_text())
     training = json.loads((out / "training.json").read_text())
     assert privacy["steps"] == steps and training["stop_reason"] == "max_epsilon"
-    assert privacy["epsilon"] == pytest.approx(independent_epsilon(1.5, q, steps, 1e-5), rel=1e-4)
+    assert privacy["epsilon"] == pytest.approx(30 + training_epsilon, rel=1e-4) and privacy["metadata_epsilon"] == 30
     assert privacy["epsilon"] <= cap
+    assert yaml.safe_load((out / "schema.yaml").read_text()) == killed["run_state"]["schema"]
+    assert pd.read_csv(out / "canaries.csv").astype(str).to_dict("list") == \
+        pd.DataFrame(killed["run_state"]["canaries"]).astype(str).to_dict("list")
     assert training["resumed_from_step"] >= killed["step"]
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log] == list(range(1, steps + 1))  # the steps before the kill are kept
