@@ -135,15 +135,16 @@ class Schema:
 
     # ---- checks ---------------------------------------------------------------------
 
-    def check_columns(self, df: pd.DataFrame) -> None:
-        """The table must have exactly the schema's columns (order may differ)."""
+    def check_columns(self, df: pd.DataFrame, allow_extra: bool = False) -> None:
+        """The table must have the schema's columns (order may differ), and no others unless
+        `allow_extra` (columns a schema is about to be completed with)."""
         missing = [n for n in self.names if n not in df.columns]
         if missing:
             raise DplmError(
                 f"column(s) {missing} are in the schema but not in the table; fix the schema or the data"
             )
         extra = [str(n) for n in df.columns if n not in self.names]
-        if extra:
+        if extra and not allow_extra:
             raise DplmError(
                 f"column(s) {extra} are in the table but not in the schema; add them to the schema or drop them"
             )
@@ -173,11 +174,11 @@ def parse_date(text: str, column: str) -> dt.date:
         raise DplmError(f"column '{column}': '{text}' is not a date in YYYY-MM-DD form") from None
 
 
-def infer_schema(df: pd.DataFrame, given: Schema | None = None, text_tokens=None) -> Schema:
+def infer_schema(df: pd.DataFrame, given: Schema | None = None, text_lengths=None) -> Schema:
     """Complete `given` (which may be None or cover some columns) from the data.
 
     Everything learned here is marked `source: data`: fine without DP, refused under DP.
-    `text_tokens(values) -> max token count` measures text lengths with the model's tokenizer.
+    `text_lengths(values) -> token counts` measures text lengths with the model's tokenizer.
     """
     given_names = set(given.names) if given else set()
     columns = []
@@ -187,13 +188,13 @@ def infer_schema(df: pd.DataFrame, given: Schema | None = None, text_tokens=None
             col = dataclasses.replace(given[name])
             gaps = col.missing_metadata()
             if gaps:
-                learned = _infer_column(name, df[name], col.kind, text_tokens)
+                learned = _infer_column(name, df[name], col.kind, text_lengths)
                 for k in gaps:
                     setattr(col, k, getattr(learned, k))
                 col.source = "data"
             columns.append(col)
         else:
-            columns.append(_infer_column(name, df[name], None, text_tokens))
+            columns.append(_infer_column(name, df[name], None, text_lengths))
     if given:
         order = {n: i for i, n in enumerate(given.names)}
         columns.sort(key=lambda c: order.get(c.name, len(order)))
@@ -206,7 +207,7 @@ TEXT_LENGTH_EDGES = np.array([1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128,
 
 
 def estimate_schema_dp(df: pd.DataFrame, given: Schema | None, units: list[list[int]], epsilon: float,
-                       delta: float, text_tokens, rng) -> tuple[Schema, dict]:
+                       delta: float, text_lengths, rng) -> tuple[Schema, dict]:
     """Complete `given` with metadata estimated under DP (`source: dp`); user-given metadata
     is kept as it is. Returns the schema and what was spent on it.
 
@@ -224,6 +225,8 @@ def estimate_schema_dp(df: pd.DataFrame, given: Schema | None, units: list[list[
     """
     from dplm.privacy import dp_categories, dp_range, number_grid
 
+    if given:
+        given.check_columns(df, allow_extra=True)
     given_names = set(given.names) if given else set()
     columns, todo = [], []
     for name in map(str, df.columns):
@@ -269,7 +272,7 @@ def estimate_schema_dp(df: pd.DataFrame, given: Schema | None, units: list[list[
                 col.min = lo.strftime(DATE_FORMAT) if col.min is None else col.min
                 col.max = (hi - pd.Timedelta(days=1)).strftime(DATE_FORMAT) if col.max is None else col.max
         else:
-            lengths = np.array([text_tokens([v]) for v in values.astype(str)], dtype=float)
+            lengths = np.array(text_lengths(values.astype(str).tolist()), dtype=float)
             found = dp_range(lengths, TEXT_LENGTH_EDGES, eps, rng)
             if found:
                 col.max_tokens = int(found[1])
@@ -300,7 +303,7 @@ def _dtype_kind(s: pd.Series) -> str:
     return "categorical"
 
 
-def _infer_column(name: str, s: pd.Series, kind: str | None, text_tokens) -> Column:
+def _infer_column(name: str, s: pd.Series, kind: str | None, text_lengths) -> Column:
     nullable = bool(s.isna().any())
     values = s.dropna()
     if kind is None:
@@ -322,7 +325,7 @@ def _infer_column(name: str, s: pd.Series, kind: str | None, text_tokens) -> Col
         dates = pd.to_datetime(values, errors="coerce")
         col.min, col.max = dates.min().strftime(DATE_FORMAT), dates.max().strftime(DATE_FORMAT)
     elif kind == "text":
-        col.max_tokens = int(text_tokens(values.astype(str).tolist())) if text_tokens else 256
+        col.max_tokens = max(text_lengths(values.astype(str).tolist())) if text_lengths else 256
     return col
 
 

@@ -113,8 +113,8 @@ class Synthesizer:
             train_df = train_df.drop(columns=[config.data.subject])
         tokenizer = models.load_tokenizer(config.model.base)
 
-        def text_tokens(texts: list[str]) -> int:
-            return _max_tokens(tokenizer, texts)
+        def text_lengths(texts: list[str]) -> list[int]:
+            return [len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids]
 
         metadata = {"epsilon": 0.0, "delta": 0.0, "estimated": {}}
         p = config.privacy
@@ -123,19 +123,15 @@ class Synthesizer:
             schema = Schema.from_dict(resumed["run_state"]["schema"])
             metadata = resumed["run_state"]["metadata"]
         elif p.enabled:
-            if schema is not None:
-                missing = [n for n in schema.names if n not in train_df.columns]
-                if missing:
-                    raise DplmError(f"column(s) {missing} are in the schema but not in the table; fix the schema or the data")
             units = subjects if subjects is not None else [[i] for i in range(len(train_df))]
             schema, metadata = estimate_schema_dp(train_df, schema, units, p.metadata_epsilon,
-                                                  p.delta * METADATA_DELTA_SHARE, text_tokens, secret_rng())
+                                                  p.delta * METADATA_DELTA_SHARE, text_lengths, secret_rng())
             if p.max_epsilon is not None and metadata["epsilon"] >= p.max_epsilon:
                 raise DplmError(f"privacy.metadata_epsilon {p.metadata_epsilon} leaves nothing of privacy.max_epsilon "
                                 f"{p.max_epsilon} for training; lower it or give the schema's metadata")
             schema.check_dp_safe()
         else:
-            schema = infer_schema(train_df, schema, text_tokens=text_tokens)
+            schema = infer_schema(train_df, schema, text_lengths=text_lengths)
         rows = coerce_table(train_df, schema)
         canaries = None
         if config.audit.canaries:  # random records whose exposure `dplm audit` measures
@@ -295,10 +291,6 @@ def _base_model(config: RunConfig, codec: RowCodec, device):
     if config.model.prune_vocab:
         models.restrict_output_vocab(model, codec.output_token_ids())
     return model.to(device)
-
-
-def _max_tokens(tokenizer, texts: list[str]) -> int:
-    return max(len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids)
 
 
 def fit(data=None, config: RunConfig | None = None, **kwargs) -> Synthesizer:
