@@ -75,10 +75,11 @@ class PrivacyBudget:
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         self.steps += 1
 
-    def restore(self, history: list, steps: int) -> None:
-        """Continue from a checkpoint's accountant history (never from zero)."""
+    def restore(self, history: list) -> None:
+        """Continue from a checkpoint's accountant history (never from zero); its entries are
+        (noise_multiplier, sample_rate, steps)."""
         self.accountant.history = [tuple(h) for h in history]
-        self.steps = steps
+        self.steps = sum(h[2] for h in self.accountant.history)
 
     def record(self) -> dict:
         return {

@@ -158,7 +158,7 @@ class CompiledGrammar:
         done_key = "done"
         keys = {done_key: 0}
         examples = [None]  # one state per key, to expand
-        masks, transitions = [[codec.eos_id]], [{codec.eos_id: 0}]
+        transitions = [{codec.eos_id: 0}]  # per state: allowed token -> next state
         entries = 0
 
         def index(state) -> int:
@@ -176,16 +176,14 @@ class CompiledGrammar:
             entries += len(ids)
             if entries > max_entries or len(examples) * len(token_ids) > 50 * max_entries:
                 return None
-            row = {t: index(lazy.next_state(examples[i], t)) for t in ids}
-            masks.append(ids)
-            transitions.append(row)
+            transitions.append({t: index(lazy.next_state(examples[i], t)) for t in ids})
             i += 1
         allowed = torch.zeros((len(examples), len(token_ids)), dtype=torch.bool)
         next_state = torch.zeros((len(examples), len(token_ids)), dtype=torch.long)
-        for s, (ids, row) in enumerate(zip(masks, transitions)):
-            positions = [lazy.position[t] for t in ids]
+        for s, row in enumerate(transitions):
+            positions = [lazy.position[t] for t in row]
             allowed[s, positions] = True
-            next_state[s, positions] = torch.tensor([row[t] for t in ids])
+            next_state[s, positions] = torch.tensor(list(row.values()))
         return cls(lazy, allowed.to(device), next_state.to(device), start, 0)
 
     def initial(self, num: int) -> torch.Tensor:

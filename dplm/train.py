@@ -15,6 +15,7 @@ are those of one process. Checkpoints (`Checkpoints`) make a killed run resumabl
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -216,7 +217,7 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
         scheduler.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["torch_rng"])
         if budget:
-            budget.restore(saved["accountant_history"], saved["budget_steps"])
+            budget.restore(saved["accountant_history"])
         step, rows_seen, tokens_seen = saved["step"], saved["rows_seen"], saved["tokens_seen"]
         seconds_before, log = saved["seconds"], saved["log"]
     resumed_from = step
@@ -271,7 +272,6 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
                     "trainable": trainable_snapshot(model), "optimizer": base_optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
                     "accountant_history": list(budget.accountant.history) if budget else None,
-                    "budget_steps": budget.steps if budget else None,
                     "epsilon": budget.epsilon() if budget else None,
                 })
     finally:
@@ -302,8 +302,13 @@ def _shuffled_batch(step: int, num_rows: int, batch_size: int, seed: int) -> lis
     alone, so a resumed run continues the same sequence of batches."""
     per_epoch = max(1, num_rows // batch_size)
     epoch, i = divmod(step, per_epoch)
-    order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    return order[i * batch_size: (i + 1) * batch_size].tolist()
+    return _epoch_order(num_rows, seed, epoch)[i * batch_size: (i + 1) * batch_size]
+
+
+@functools.lru_cache(maxsize=1)
+def _epoch_order(num_rows: int, seed: int, epoch: int) -> list[int]:
+    """The row order of one epoch (cached: every step of the epoch slices the same one)."""
+    return torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
 
 
 def _cap_rows(rows: list[int], cap: int, generator: torch.Generator) -> list[int]:
