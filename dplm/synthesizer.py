@@ -277,7 +277,7 @@ def checkpoints_for(config: RunConfig, resume: bool = False) -> Checkpoints | No
     if not config.train.checkpoint_every:
         return None
     key = {f"{section}.{name}": value for section, values in config.to_dict().items() if isinstance(values, dict)
-           and section in ("data", "model", "train", "privacy") for name, value in values.items()
+           and section in ("data", "model", "train", "privacy", "audit") for name, value in values.items()
            if name not in RESUMABLE_CHANGES.get(section, ())}
     folder = Path(config.output_dir).with_name(Path(config.output_dir).name + ".checkpoint")
     return Checkpoints(folder, config.train.checkpoint_every, resume, key)

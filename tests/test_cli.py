@@ -155,3 +155,13 @@ def test_killed_run_resumes_to_the_same_epsilon_and_the_cap(tmp_path):
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log] == list(range(1, steps + 1))  # the steps before the kill are kept
     assert not checkpoint.parent.exists()
+
+
+def test_resume_key_holds_every_setting_that_shapes_training():
+    """A resume may change stopping limits only; canaries change the training units."""
+    from dplm.config import RunConfig
+    from dplm.synthesizer import RESUMABLE_CHANGES, checkpoints_for
+
+    key = checkpoints_for(RunConfig()).key
+    assert {"audit.canaries", "audit.canary_repeats", "privacy.noise_multiplier", "data.subject"} <= set(key)
+    assert not {f"{section}.{name}" for section, names in RESUMABLE_CHANGES.items() for name in names} & set(key)
