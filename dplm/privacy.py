@@ -52,6 +52,9 @@ class PrivacyBudget:
         self.metadata_epsilon = metadata_epsilon
         self.metadata_delta = metadata_delta
         self.steps = 0
+        # Training epsilon now and after one more step, computed at most once per step (PRV is slow).
+        self._training_epsilon: float | None = 0.0
+        self._next_training_epsilon: float | None = None
 
     @staticmethod
     def _epsilon_of(accountant, delta: float) -> float:
@@ -59,14 +62,21 @@ class PrivacyBudget:
             return 0.0
         return float(accountant.get_epsilon(delta=delta))
 
+    def training_epsilon(self) -> float:
+        if self._training_epsilon is None:
+            self._training_epsilon = self._epsilon_of(self.accountant, self.delta)
+        return self._training_epsilon
+
     def epsilon(self) -> float:
         """Total epsilon spent so far: metadata + training."""
-        return self.metadata_epsilon + self._epsilon_of(self.accountant, self.delta)
+        return self.metadata_epsilon + self.training_epsilon()
 
     def epsilon_after_next_step(self) -> float:
-        trial = copy.deepcopy(self.accountant)
-        trial.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
-        return self.metadata_epsilon + self._epsilon_of(trial, self.delta)
+        if self._next_training_epsilon is None:
+            trial = copy.deepcopy(self.accountant)
+            trial.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+            self._next_training_epsilon = self._epsilon_of(trial, self.delta)
+        return self.metadata_epsilon + self._next_training_epsilon
 
     def allows_next_step(self) -> bool:
         return self.max_epsilon is None or self.epsilon_after_next_step() <= self.max_epsilon
@@ -74,17 +84,19 @@ class PrivacyBudget:
     def step(self) -> None:
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         self.steps += 1
+        self._training_epsilon, self._next_training_epsilon = self._next_training_epsilon, None
 
     def restore(self, history: list) -> None:
         """Continue from a checkpoint's accountant history (never from zero); its entries are
         (noise_multiplier, sample_rate, steps)."""
         self.accountant.history = [tuple(h) for h in history]
         self.steps = sum(h[2] for h in self.accountant.history)
+        self._training_epsilon = self._next_training_epsilon = None
 
     def record(self) -> dict:
         return {
             "epsilon": self.epsilon(),
-            "training_epsilon": self._epsilon_of(self.accountant, self.delta),
+            "training_epsilon": self.training_epsilon(),
             "metadata_epsilon": self.metadata_epsilon,
             "delta": self.delta + self.metadata_delta,
             "training_delta": self.delta,

@@ -115,8 +115,11 @@ class RowGrammar:
         tokens = self.token_ids[positions].tolist()
         return [self.next_state(s, t) for s, t in zip(states, tokens)]
 
-    def finished(self, states: list) -> bool:
-        return all(s is None for s in states)
+    def ended(self, states: list) -> torch.Tensor:
+        return torch.tensor([s is None for s in states], device=self.device)
+
+    def select(self, states: list, rows: torch.Tensor) -> list:
+        return [states[i] for i in rows.tolist()]
 
     def max_row_tokens(self) -> int:
         """An upper bound on the tokens of one row (values + separators + EOS)."""
@@ -195,8 +198,11 @@ class CompiledGrammar:
     def advance(self, states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.next[states, positions]
 
-    def finished(self, states: torch.Tensor) -> bool:
-        return bool((states == self.done).all())
+    def ended(self, states: torch.Tensor) -> torch.Tensor:
+        return states == self.done
+
+    def select(self, states: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return states[rows]
 
 
 def row_grammar(codec: RowCodec, token_ids: list[int], device) -> CompiledGrammar | RowGrammar:
@@ -208,27 +214,70 @@ def row_grammar(codec: RowCodec, token_ids: list[int], device) -> CompiledGramma
 def generate_sequences(model, grammar: CompiledGrammar | RowGrammar, num: int, temperature: float,
                        generator: torch.Generator, device) -> list[list[int]]:
     """`num` token sequences (BOS ... EOS) sampled under the grammar, one batch, KV-cached.
-    `generator` lives on `device`; a row that has ended keeps drawing EOS until all have."""
+    `generator` lives on `device`. Rows that have ended leave the batch (with their cache
+    rows), so the model computes only rows still being written."""
     codec = grammar.codec
-    tokens = torch.full((num, 1), codec.bos_id, dtype=torch.long, device=device)
+    max_tokens = grammar.max_row_tokens()
+    out = torch.full((num, max_tokens + 1), codec.eos_id, dtype=torch.long, device=device)
+    out[:, 0] = codec.bos_id
+    rows = torch.arange(num, device=device)  # the batch's rows, as indices into `out`
+    tokens = out[:, :1]
     states = grammar.initial(num)
-    columns = [tokens[:, 0]]
-    cache = None
+    cache = preallocated_cache(max_tokens + 1)
     cache_name = _cache_argument(model)
-    for step in range(grammar.max_row_tokens()):
+    for step in range(max_tokens):
         result = model(input_ids=tokens, use_cache=True, logits_to_keep=1, **{cache_name: cache})
-        cache = getattr(result, cache_name)
         logits = (result.logits[:, -1].float() / temperature).masked_fill(~grammar.masks(states), float("-inf"))
         positions = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).flatten()
         tokens = grammar.token_ids[positions][:, None]
-        columns.append(tokens[:, 0])
+        out[rows, step + 1] = tokens[:, 0]
         states = grammar.advance(states, positions)
-        if step % 4 == 3 and grammar.finished(states):  # checking costs a device sync: not every step
-            break
-    out = []
-    for row in torch.stack(columns, dim=1).tolist():
-        out.append(row[: row.index(codec.eos_id) + 1] if codec.eos_id in row else row)
-    return out
+        if step % 4 == 3:  # checking costs a device sync: not every step
+            live = (~grammar.ended(states)).nonzero().flatten()
+            if len(live) == 0:
+                break
+            if len(live) <= 0.9 * len(rows):  # dropping rows copies the cache: only when it pays
+                rows, tokens, states = rows[live], tokens[live], grammar.select(states, live)
+                cache.keep_rows(live)
+    return [row[: row.index(codec.eos_id) + 1] for row in out.tolist()]
+
+
+def preallocated_cache(max_tokens: int):
+    """A KV cache that writes each step into buffers of `max_tokens` positions, allocated on the
+    first step, and attends over the filled prefix (a view). transformers' default cache
+    concatenates every layer's keys and values each step, which copies the whole cache: on 2 CPU
+    cores that was 46 % of sampling time. Unlike its StaticCache, attention never spans
+    the unfilled positions, so no mask is needed."""
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    class PreallocatedLayer(DynamicLayer):
+        def lazy_initialization(self, key_states, value_states):
+            super().lazy_initialization(key_states, value_states)
+            shape = lambda t: (*t.shape[:2], max_tokens, t.shape[3])  # noqa: E731
+            self.key_buffer = key_states.new_empty(shape(key_states))
+            self.value_buffer = value_states.new_empty(shape(value_states))
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            start, end = self.get_seq_length(), self.get_seq_length() + key_states.shape[-2]
+            self.key_buffer[:, :, start:end] = key_states
+            self.value_buffer[:, :, start:end] = value_states
+            self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+            return self.keys, self.values
+
+        def keep_rows(self, rows):
+            end = self.get_seq_length()
+            self.key_buffer, self.value_buffer = self.key_buffer[rows], self.value_buffer[rows]
+            self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+
+    class PreallocatedCache(Cache):
+        def keep_rows(self, rows: torch.Tensor) -> None:
+            """Keep only these batch rows (indices) of every layer."""
+            for layer in self.layers:
+                layer.keep_rows(rows)
+
+    return PreallocatedCache(layer_class_to_replicate=PreallocatedLayer)  # a layer per attention layer, on first use
 
 
 def _cache_argument(model) -> str:

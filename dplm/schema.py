@@ -180,6 +180,8 @@ def infer_schema(df: pd.DataFrame, given: Schema | None = None, text_lengths=Non
     Everything learned here is marked `source: data`: fine without DP, refused under DP.
     `text_lengths(values) -> token counts` measures text lengths with the model's tokenizer.
     """
+    if given:
+        given.check_columns(df, allow_extra=True)
     given_names = set(given.names) if given else set()
     columns = []
     for name in df.columns:

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -31,7 +32,7 @@ from dplm.config import PrivacyConfig, TrainConfig
 from dplm.errors import DplmError
 from dplm.privacy import (
     PrivacyBudget, assert_weights_changed, make_private, poisson_sample, prepare_empty_step, sum_grad_samples_by_group,
-    trainable_snapshot, unseeded_generator,
+    secure_uniform, trainable_snapshot, unseeded_generator,
 )
 
 
@@ -196,7 +197,8 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
             )
         budget = PrivacyBudget(privacy.accountant, privacy.noise_multiplier, sample_rate,
                                privacy.delta - metadata_delta, privacy.max_epsilon, metadata_epsilon, metadata_delta)
-        dp_generator = unseeded_generator()  # secret batches: not reproducible from train.seed
+        # Secret batches, not reproducible from train.seed; secure_mode draws from the OS CSPRNG (None).
+        dp_generator = None if privacy.secure_mode else unseeded_generator()
         forward_model, optimizer = make_private(model, optimizer, privacy.noise_multiplier,
                                                 privacy.max_grad_norm, cfg.batch_size, privacy.secure_mode)
     base_optimizer = optimizer.original_optimizer if privacy.enabled else optimizer
@@ -237,8 +239,7 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
                 elif budget and not budget.allows_next_step():
                     stop = "max_epsilon"
                 elif budget:
-                    sampled = poisson_sample(len(units), budget.sample_rate,
-                                             None if privacy.secure_mode else dp_generator)
+                    sampled = poisson_sample(len(units), budget.sample_rate, dp_generator)
                     groups = [_cap_rows(units[u], records_cap, dp_generator) for u in sampled.tolist()]
                 else:
                     groups = [[i] for i in _shuffled_batch(step, num_rows, cfg.batch_size, cfg.seed)]
@@ -311,11 +312,12 @@ def _epoch_order(num_rows: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
 
 
-def _cap_rows(rows: list[int], cap: int, generator: torch.Generator) -> list[int]:
-    """A random subset of at most `cap` of a subject's rows."""
+def _cap_rows(rows: list[int], cap: int, generator: torch.Generator | None) -> list[int]:
+    """A random subset of at most `cap` of a subject's rows (`generator=None`: the OS CSPRNG)."""
     if len(rows) <= cap:
         return rows
-    return [rows[i] for i in torch.randperm(len(rows), generator=generator)[:cap].tolist()]
+    order = np.argsort(secure_uniform(len(rows))) if generator is None else torch.randperm(len(rows), generator=generator)
+    return [rows[i] for i in order[:cap].tolist()]
 
 
 def _pack(groups: list[list[int]], size: int) -> list[list[list[int]]]:

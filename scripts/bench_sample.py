@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--run-dir", help="sample from this run's fine-tuned model")
     parser.add_argument("--rows", type=int, default=256, help="rows to sample per batch size")
-    parser.add_argument("--batch-sizes", default="64,256")
+    parser.add_argument("--batch-sizes", default="256,512")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--full-vocab", action="store_true", help="score the whole vocabulary (lever off)")
     parser.add_argument("--out", help="also write the results as JSON here")

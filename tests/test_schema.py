@@ -31,6 +31,13 @@ def test_given_schema_is_kept_and_gaps_learned():
     assert (schema["i"].min, schema["i"].max, schema["i"].source) == (3, 9, "data")
 
 
+def test_schema_column_missing_from_table_is_an_error():
+    given = Schema.from_dict({"columns": {"c": {"kind": "categorical", "categories": ["a"]},
+                                          "gone": {"kind": "integer", "min": 0, "max": 9}}})
+    with pytest.raises(DplmError, match=r"column\(s\) \['gone'\] are in the schema but not in the table"):
+        infer_schema(pd.DataFrame({"c": ["a"]}), given)
+
+
 def test_dp_refuses_learned_or_missing_metadata():
     learned = infer_schema(pd.DataFrame({"x": [1, 2]}))
     with pytest.raises(DplmError, match="column 'x': DP training needs its metadata"):

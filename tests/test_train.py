@@ -6,7 +6,7 @@ from dplm.config import PrivacyConfig, TrainConfig
 from dplm.errors import DplmError
 from dplm.schema import coerce_table
 from dplm.serialize import RowCodec
-from dplm.train import pad_batch, row_losses, train
+from dplm.train import _cap_rows, pad_batch, row_losses, train
 from test_privacy import independent_epsilon
 
 
@@ -57,7 +57,10 @@ def test_dp_epsilon_matches_independent_computation_and_weights_change(tokenizer
     assert result.steps == 4 and result.stop_reason == "max_steps"
     expected = independent_epsilon(1.5, 8 / len(sequences), 4, 1e-5)
     assert result.privacy["epsilon"] == pytest.approx(expected, rel=1e-4)
-    assert [e["epsilon"] for e in result.log][-1] == pytest.approx(expected, rel=1e-4)
+    # Each step's logged epsilon (reused from the check before the step) is that step's.
+    for entry in result.log:
+        assert entry["epsilon"] == pytest.approx(
+            independent_epsilon(1.5, 8 / len(sequences), entry["step"], 1e-5), rel=1e-4)
     # LoRA B starts at zero; DP training must move it (the Opacus/peft pitfall).
     after = dict(model.named_parameters())
     assert all(not torch.equal(w, after[n].detach()) for n, w in lora_b.items())
@@ -117,7 +120,18 @@ def test_dp_randomness_is_not_reproducible_from_the_seed(tokenizer, sequences):
 
 
 def test_secure_mode_trains_and_accounts_the_same(tokenizer, sequences):
+    """Poisson sampling, each subject's row subset and the noise all come from the OS CSPRNG."""
     model = tiny_lora(tokenizer)
-    result = train(model, sequences, tokenizer.pad_token_id, TrainConfig(batch_size=8, max_steps=3),
-                   PrivacyConfig(enabled=True, secure_mode=True), torch.device("cpu"), progress=False)
-    assert result.privacy["epsilon"] == pytest.approx(independent_epsilon(1.5, 8 / len(sequences), 3, 1e-5), rel=1e-4)
+    subjects = [list(range(i, i + 4)) for i in range(0, len(sequences), 4)]
+    result = train(model, sequences, tokenizer.pad_token_id, TrainConfig(batch_size=4, max_steps=3),
+                   PrivacyConfig(enabled=True, secure_mode=True, max_records_per_subject=2), torch.device("cpu"),
+                   progress=False, subjects=subjects)
+    assert result.privacy["epsilon"] == pytest.approx(independent_epsilon(1.5, 4 / len(subjects), 3, 1e-5), rel=1e-4)
+    assert all(entry["batch_rows"] % 2 == 0 for entry in result.log)  # 2 of each sampled subject's 4 rows
+
+
+def test_subject_row_subsets_are_random_and_capped():
+    subsets = [_cap_rows(list(range(10)), 3, generator) for generator in [None] * 200 + [torch.Generator()] * 200]
+    assert all(len(s) == len(set(s)) == 3 and set(s) <= set(range(10)) for s in subsets)
+    assert len({tuple(sorted(s)) for s in subsets[:200]}) > 50  # the CSPRNG path draws varied subsets
+    assert _cap_rows([4, 7], 3, None) == [4, 7]
