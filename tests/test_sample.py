@@ -106,3 +106,27 @@ def test_huge_automata_fall_back_to_the_lazy_grammar(tokenizer):
     assert CompiledGrammar.build(codec, codec.output_token_ids(), torch.device("cpu")) is None
     df, stats = sample_rows(random_model(tokenizer), codec, 5, seed=0, progress=False)
     assert len(df) == 5 and df["x"].between(0, 1e7).all()
+
+
+def test_preallocated_cache_gives_the_default_caches_logits_and_drops_rows(tokenizer):
+    """Decoding with the preallocated cache, rows dropped midway included, matches transformers'
+    default cache step for step."""
+    from transformers import DynamicCache
+
+    from dplm.sample import _cache_argument, preallocated_cache
+
+    model = random_model(tokenizer)
+    ids = torch.randint(0, 1000, (5, 9), generator=torch.Generator().manual_seed(0))
+    ours, reference = preallocated_cache(10), DynamicCache()
+    name = _cache_argument(model)
+    rows = torch.arange(5)
+    with torch.no_grad():
+        for t in range(9):
+            if t == 5:  # rows 1 and 3 have ended
+                rows = torch.tensor([0, 2, 4])
+                ours.keep_rows(torch.tensor([0, 2, 4]))
+                reference.batch_select_indices(torch.tensor([0, 2, 4]))
+            a = model(input_ids=ids[rows, t:t + 1], use_cache=True, **{name: ours}).logits
+            b = model(input_ids=ids[rows, t:t + 1], use_cache=True, **{name: reference}).logits
+            assert torch.allclose(a, b, atol=1e-5), t
+    assert ours.get_seq_length() == 9
