@@ -225,10 +225,13 @@ def generate_sequences(model, grammar: CompiledGrammar | RowGrammar, num: int, t
     states = grammar.initial(num)
     cache = preallocated_cache(max_tokens + 1)
     cache_name = _cache_argument(model)
+    forbidden = torch.zeros((), dtype=torch.long, device=device)  # draws outside the mask: must stay 0
     for step in range(max_tokens):
         result = model(input_ids=tokens, use_cache=True, logits_to_keep=1, **{cache_name: cache})
-        logits = (result.logits[:, -1].float() / temperature).masked_fill(~grammar.masks(states), float("-inf"))
+        allowed = grammar.masks(states)
+        logits = (result.logits[:, -1].float() / temperature).masked_fill(~allowed, float("-inf"))
         positions = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).flatten()
+        forbidden += (~allowed.gather(1, positions[:, None])).sum()
         tokens = grammar.token_ids[positions][:, None]
         out[rows, step + 1] = tokens[:, 0]
         states = grammar.advance(states, positions)
@@ -239,6 +242,8 @@ def generate_sequences(model, grammar: CompiledGrammar | RowGrammar, num: int, t
             if len(live) <= 0.9 * len(rows):  # dropping rows copies the cache: only when it pays
                 rows, tokens, states = rows[live], tokens[live], grammar.select(states, live)
                 cache.keep_rows(live)
+    if forbidden.item():  # a broken draw would otherwise surface only as invalid rows
+        raise RuntimeError(f"the sampler drew {forbidden.item()} tokens the schema's grammar forbids on {device}")
     return [row[: row.index(codec.eos_id) + 1] for row in out.tolist()]
 
 

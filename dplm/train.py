@@ -348,7 +348,8 @@ def _logical_step(model, optimizer, groups, batch_rows, sequences, pad_id, micro
     chunks = _pack(groups, micro_batch_size)
     for i, chunk in enumerate(chunks):
         ids, mask = pad_batch([sequences[r] for group in chunk for r in group], pad_id, device)
-        losses = row_losses(model, ids, mask, target_index)
+        with models.training_attention(device):
+            losses = row_losses(model, ids, mask, target_index)
         total += float(losses.detach().sum())
         if dp:
             # Opacus wants the micro-batch mean; it rescales per-row gradients by the batch size.

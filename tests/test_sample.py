@@ -1,4 +1,5 @@
 import pandas as pd
+import pytest
 import torch
 
 from dplm import model as models
@@ -130,3 +131,12 @@ def test_preallocated_cache_gives_the_default_caches_logits_and_drops_rows(token
             b = model(input_ids=ids[rows, t:t + 1], use_cache=True, **{name: reference}).logits
             assert torch.allclose(a, b, atol=1e-5), t
     assert ours.get_seq_length() == 9
+
+
+def test_a_draw_outside_the_grammar_is_an_error_not_invalid_rows(tokenizer, census_schema, monkeypatch):
+    codec = RowCodec(census_schema, tokenizer)
+    grammar = CompiledGrammar.build(codec, list(range(len(tokenizer))), torch.device("cpu"))
+    # A broken sampler: always logit 0 (a special token, never allowed where a row starts).
+    monkeypatch.setattr(torch, "multinomial", lambda probs, n, generator=None: torch.zeros(len(probs), 1, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="tokens the schema's grammar forbids"):
+        generate_sequences(random_model(tokenizer), grammar, 4, 1.0, torch.Generator(), torch.device("cpu"))
