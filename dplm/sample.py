@@ -256,12 +256,15 @@ def preallocated_cache(tokens: int):
     from transformers.cache_utils import Cache, DynamicLayer
 
     class PreallocatedLayer(DynamicLayer):
+        # DynamicLayer's own initialisation changed signature across transformers versions;
+        # this layer sets up the little it needs itself.
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
+                self.is_initialized, self.device, self.dtype = True, key_states.device, key_states.dtype
+                self.length = 0
                 self.key_buffer = self.value_buffer = key_states.new_empty(0, 0, 0, 0)
-            start = self.get_seq_length()
-            end = start + key_states.shape[-2]
+            start = self.length
+            end = self.length = start + key_states.shape[-2]
             if end > self.key_buffer.shape[2]:
                 capacity = max(end, tokens, 2 * self.key_buffer.shape[2])
                 self.key_buffer = self._grown(self.key_buffer, key_states, start, capacity)
@@ -278,10 +281,12 @@ def preallocated_cache(tokens: int):
                 grown[:, :, :filled] = buffer[:, :, :filled]
             return grown
 
+        def get_seq_length(self) -> int:
+            return self.length if self.is_initialized else 0
+
         def keep_rows(self, rows):
-            end = self.get_seq_length()
             self.key_buffer, self.value_buffer = self.key_buffer[rows], self.value_buffer[rows]
-            self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+            self.keys, self.values = self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length]
 
     class PreallocatedCache(Cache):
         def keep_rows(self, rows: torch.Tensor) -> None:
