@@ -75,7 +75,9 @@ def print_profile(synth, rows: int) -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     for _ in range(2):  # the first pass warms up
         with profile(activities=activities) as prof:
-            row_losses(synth.model, ids, mask, head.index if head is not None else None).mean().backward()
+            with models.training_attention(synth.device):  # the attention kernel training uses
+                losses = row_losses(synth.model, ids, mask, head.index if head is not None else None)
+            losses.mean().backward()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
     sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
