@@ -69,12 +69,14 @@ class RowGrammar:
             self._table = None
         return self._row_of_key[key]
 
-    def allowed(self, state) -> tuple[list[int], object | None]:
-        """(token ids allowed in `state`, the token that ends the field there or None)."""
+    def allowed(self, state) -> list[int]:
+        """The token ids allowed in `state`: the field's next value tokens, plus the token that
+        ends the field (separator, or EOS after the last column) once the value may end."""
         column, inner = state
         ids, can_end = self.fields[column].next_tokens(inner)
-        end = (self.codec.sep_id if column < len(self.fields) - 1 else self.codec.eos_id) if can_end else None
-        return ids, end
+        if not can_end:
+            return list(ids)
+        return list(ids) + [self.codec.sep_id if column < len(self.fields) - 1 else self.codec.eos_id]
 
     def mask_index(self, state) -> int:
         """Row of the mask table that holds the tokens allowed in `state`."""
@@ -87,8 +89,7 @@ class RowGrammar:
                 self._keys.clear()
             key = self._keys[state] = (column, self.fields[column].mask_key(inner))
         if key not in self._row_of_key:
-            ids, end = self.allowed(state)
-            self._row(key, list(ids) + ([end] if end is not None else []))
+            self._row(key, self.allowed(state))
         return self._row_of_key[key]
 
     def next_state(self, state, token: int):
@@ -174,8 +175,7 @@ class CompiledGrammar:
         start = index(lazy.initial(1)[0])
         i = 1
         while i < len(examples):
-            ids, end = lazy.allowed(examples[i])
-            ids = list(ids) + ([end] if end is not None else [])
+            ids = lazy.allowed(examples[i])
             entries += len(ids)
             if entries > max_entries or len(examples) * len(token_ids) > 50 * max_entries:
                 return None
