@@ -51,10 +51,14 @@ class PrivacyBudget:
         self.max_epsilon = max_epsilon
         self.metadata_epsilon = metadata_epsilon
         self.metadata_delta = metadata_delta
-        self.steps = 0
         # Training epsilon now and after one more step, computed at most once per step (PRV is slow).
         self._training_epsilon: float | None = 0.0
         self._next_training_epsilon: float | None = None
+
+    @property
+    def steps(self) -> int:
+        """Steps accounted so far (the accountant's history holds (noise, rate, steps) entries)."""
+        return sum(h[2] for h in self.accountant.history)
 
     @staticmethod
     def _epsilon_of(accountant, delta: float) -> float:
@@ -83,14 +87,12 @@ class PrivacyBudget:
 
     def step(self) -> None:
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
-        self.steps += 1
         self._training_epsilon, self._next_training_epsilon = self._next_training_epsilon, None
 
     def restore(self, history: list) -> None:
         """Continue from a checkpoint's accountant history (never from zero); its entries are
         (noise_multiplier, sample_rate, steps)."""
         self.accountant.history = [tuple(h) for h in history]
-        self.steps = sum(h[2] for h in self.accountant.history)
         self._training_epsilon = self._next_training_epsilon = None
 
     def record(self) -> dict:
