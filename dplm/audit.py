@@ -56,12 +56,12 @@ def random_records(schema: Schema, num: int, rng: np.random.Generator) -> pd.Dat
 def record_losses(synth, df: pd.DataFrame, batch_size: int = 64) -> np.ndarray:
     """The model's mean next-token loss of each record (lower: more familiar)."""
     sequences = synth.codec.encode_table(coerce_table(df, synth.schema))
-    head = models.output_head(synth.model)
+    target_index = models.target_index(synth.model)
     synth.model.eval()
     losses = []
     for i in range(0, len(sequences), batch_size):
         ids, mask = pad_batch(sequences[i: i + batch_size], synth.tokenizer.pad_token_id, synth.device)
-        losses.append(row_losses(synth.model, ids, mask, head.index if head is not None else None).float().cpu())
+        losses.append(row_losses(synth.model, ids, mask, target_index).float().cpu())
     return torch.cat(losses).numpy()
 
 

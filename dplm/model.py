@@ -135,6 +135,13 @@ def output_head(model) -> RestrictedHead | None:
     return head if isinstance(head, RestrictedHead) else None
 
 
+def target_index(model) -> torch.Tensor | None:
+    """What `train.row_losses` needs to score targets: the map from token ids to logit positions
+    when the output layer is restricted, None when logit j scores token j."""
+    head = output_head(model)
+    return head.index if head is not None else None
+
+
 def add_lora(model, r: int, alpha: int, dropout: float, target_modules: list[str]):
     """Wrap `model` with a fresh LoRA adapter; only the adapter's weights are trainable (fp32,
     whatever the base weights' dtype: peft upcasts adapters by default)."""

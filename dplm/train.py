@@ -178,8 +178,7 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
     total_steps, stop_reason = planned_steps(len(units) if privacy.enabled else num_rows, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     before = trainable_snapshot(model)
-    head = models.output_head(model)
-    target_index = head.index if head is not None else None
+    target_index = models.target_index(model)
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
     budget = None
     forward_model = model

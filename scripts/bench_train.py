@@ -70,13 +70,13 @@ def print_profile(synth, rows: int) -> None:
 
     table = coerce_table(dplm_census().head(rows), synth.schema)
     ids, mask = pad_batch(synth.codec.encode_table(table), synth.tokenizer.pad_token_id, synth.device)
-    head = models.output_head(synth.model)
+    target_index = models.target_index(synth.model)
     synth.model.train()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     for _ in range(2):  # the first pass warms up
         with profile(activities=activities) as prof:
             with models.training_attention(synth.device):  # the attention kernel training uses
-                losses = row_losses(synth.model, ids, mask, head.index if head is not None else None)
+                losses = row_losses(synth.model, ids, mask, target_index)
             losses.mean().backward()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
