@@ -197,9 +197,14 @@ def infer_schema(df: pd.DataFrame, given: Schema | None = None, text_lengths=Non
             columns.append(col)
         else:
             columns.append(_infer_column(name, df[name], None, text_lengths))
+    return _in_given_order(columns, given)
+
+
+def _in_given_order(columns: list[Column], given: Schema | None) -> Schema:
+    """A completed schema: the given schema's columns in its order, then the table's others."""
     if given:
         order = {n: i for i, n in enumerate(given.names)}
-        columns.sort(key=lambda c: order.get(c.name, len(order)))
+        columns = sorted(columns, key=lambda c: order.get(c.name, len(order)))
     return Schema(columns)
 
 
@@ -242,14 +247,11 @@ def estimate_schema_dp(df: pd.DataFrame, given: Schema | None, units: list[list[
             col.source, col.nullable = "dp", True
             todo.append((col, gaps))
         columns.append(col)
-    if given:
-        order = {n: i for i, n in enumerate(given.names)}
-        columns.sort(key=lambda c: order.get(c.name, len(order)))
     categorical = sum(col.kind == "categorical" for col, _ in todo)
     spent = {"epsilon": epsilon if todo else 0.0, "delta": delta if categorical else 0.0,
              "estimated": {col.name: gaps for col, gaps in todo}}
     if not todo:
-        return Schema(columns), spent
+        return _in_given_order(columns, given), spent
     eps = epsilon / len(todo)
     picks = np.array([unit[rng.integers(len(unit))] for unit in units])  # one random row per unit
     epoch = pd.Timestamp("1970-01-01")
@@ -285,7 +287,7 @@ def estimate_schema_dp(df: pd.DataFrame, given: Schema | None, units: list[list[
         if col.kind in ("integer", "float", "datetime") and _bound_value(col.min) > _bound_value(col.max):
             raise DplmError(f"column '{col.name}': the DP estimate of its range does not fit the given bound; "
                             "give both min and max")
-    return Schema(columns), spent
+    return _in_given_order(columns, given), spent
 
 
 def _bound_value(bound):
