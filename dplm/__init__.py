@@ -5,6 +5,8 @@ synthesize tabular data.
     synth = dplm.fit("census", config)        # or a DataFrame, CSV/Parquet/JSONL path, Dataset
     rows = synth.sample(1000)
     synth.save("runs/census"); synth = dplm.load("runs/census")
+    synth.export("shareable/")               # only what may be shared, with a MANIFEST.md
+    dplm.plan(config)                         # the epsilon a run will report, without training
 """
 
 from dplm.config import RunConfig, load_recipe
@@ -12,7 +14,7 @@ from dplm.data import load_table
 from dplm.datasets import load_census
 from dplm.errors import DplmError
 from dplm.schema import Column, Schema
-from dplm.synthesizer import Synthesizer, fit, load
+from dplm.synthesizer import Synthesizer, export_run, fit, load, plan
 
-__all__ = ["Column", "DplmError", "RunConfig", "Schema", "Synthesizer", "fit", "load", "load_census",
-           "load_recipe", "load_table"]
+__all__ = ["Column", "DplmError", "RunConfig", "Schema", "Synthesizer", "export_run", "fit", "load",
+           "load_census", "load_recipe", "load_table", "plan"]

@@ -1,5 +1,5 @@
 """Command line: `dplm train RECIPE [key=value ...]`, `dplm generate RUN_DIR -n N -o FILE`,
-`dplm report RUN_DIR`."""
+`dplm report RUN_DIR`, `dplm audit RUN_DIR`, `dplm plan RECIPE`, `dplm export RUN_DIR OUT_DIR`."""
 
 from __future__ import annotations
 
@@ -47,8 +47,8 @@ def summary(synth, df=None) -> str:
                                                  f"{'learned from data (not DP)' if s == 'data' else 'DP-estimated'}: "
                                                  f"{', '.join(cols)}" for s, cols in by_source.items() if cols))
     t = synth.training
-    if t:
-        lines.append(f"training: {t.steps} steps, {t.rows_seen} rows ({t.epochs:.3f} epochs), "
+    if t:  # the run directory's private diagnostics: shown to the data owner, never exported
+        lines.append(f"training (private diagnostics, not covered by epsilon): {t.steps} steps, {t.rows_seen} rows ({t.epochs:.3f} epochs), "
                      f"{t.seconds:.0f} s, {t.rows_per_second:.1f} rows/s, stopped by {t.stop_reason}, "
                      f"last loss {t.final_loss if t.final_loss is None else round(t.final_loss, 4)}"
                      + (f", resumed at step {t.resumed_from_step}" if t.resumed_from_step else "")
@@ -62,8 +62,6 @@ def summary(synth, df=None) -> str:
 
 
 def cmd_train(args) -> None:
-    import shutil
-
     from dplm.config import load_recipe
     from dplm.synthesizer import Synthesizer, checkpoints_for
     from dplm.train import process_rank
@@ -75,8 +73,6 @@ def cmd_train(args) -> None:
         return
     df = synth.sample(config.sample.num_rows, progress=not args.quiet)
     run_dir = synth.save(config.output_dir, synthetic=df)
-    if checkpoints:
-        shutil.rmtree(checkpoints.folder, ignore_errors=True)  # the run is complete
     print(f"run directory: {run_dir} (synthetic rows: {run_dir / 'synthetic.csv'})")
     if config.output_csv:
         write_csv(df, config.output_csv)
@@ -126,35 +122,43 @@ def cmd_audit(args) -> None:
 
 
 def cmd_plan(args) -> None:
-    """Epsilon per epoch for a recipe, and the noise for a target epsilon, without training."""
-    import math
-
+    """Epsilon per epoch and at the end of a recipe's run, and the noise for a target
+    epsilon, without training (metadata epsilon and the delta split included)."""
     from dplm.config import load_recipe
-    from dplm.data import load_table
-    from dplm.privacy import epsilon_schedule, noise_for_epsilon
-    from dplm.synthesizer import split_rows
-    from dplm.train import planned_steps
+    from dplm.privacy import noise_for_epsilon
+    from dplm.synthesizer import plan
 
     config = load_recipe(args.recipe, args.overrides)
-    p, t = config.privacy, config.train
-    table = load_table(config.data.source)
-    train_idx = split_rows(table, config)[0]
-    subject = config.data.subject
-    units = table[subject].iloc[train_idx].nunique() if subject else len(train_idx)
-    sample_rate = t.batch_size / units
-    steps_per_epoch = math.ceil(units / t.batch_size)
-    epochs = math.ceil(t.max_epochs)
-    print(f"{units} training {'subjects' if subject else 'rows'}, batch {t.batch_size}: sample rate {sample_rate:.4g}, "
-          f"{steps_per_epoch} steps per epoch; {p.accountant} accountant, delta {p.delta:g}")
+    p = config.privacy
+    result = plan(config)
     if args.target_epsilon:
-        steps, _ = planned_steps(units, t)
-        noise = noise_for_epsilon(args.target_epsilon, p.delta, sample_rate, steps, p.accountant)
-        print(f"noise multiplier for epsilon {args.target_epsilon:g} after {steps} steps: {noise:.4f}")
-        p.noise_multiplier = noise
+        training_target = args.target_epsilon - result["metadata_epsilon"]
+        if training_target <= 0:
+            raise DplmError(f"--target-epsilon {args.target_epsilon:g} is not above the schema's metadata epsilon "
+                            f"{result['metadata_epsilon']:g}; raise it or give the schema's metadata")
+        p.noise_multiplier = noise_for_epsilon(training_target, result["training_delta"], result["sample_rate"],
+                                               result["planned_steps"], p.accountant)
+        print(f"noise multiplier for epsilon {args.target_epsilon:g} after {result['planned_steps']} steps: "
+              f"{p.noise_multiplier:.4f}")
+        result = plan(config)
+    print(f"{result['units']} training {result['unit']}, batch {config.train.batch_size}: sample rate "
+          f"{result['sample_rate']:.4g}, {result['steps_per_epoch']} steps per epoch; {p.accountant} accountant, "
+          f"delta {result['delta']:g} (training {result['training_delta']:g} + schema {result['metadata_delta']:g})")
+    if result["metadata_estimated"]:
+        print(f"schema metadata estimated under DP: epsilon {result['metadata_epsilon']:g} for "
+              + ", ".join(result["metadata_estimated"]))
     print(f"noise multiplier {p.noise_multiplier:g}:")
-    for epoch, (steps, eps) in enumerate(epsilon_schedule(p.noise_multiplier, sample_rate, p.delta,
-                                                          steps_per_epoch, epochs, p.accountant), start=1):
+    for epoch, (steps, eps) in enumerate(result["epochs"], start=1):
         print(f"  epoch {epoch}: {steps} steps, epsilon {eps:.4f}")
+    print(f"the run: {result['steps']} steps (stopped by {result['stop_reason']}), epsilon {result['epsilon']:.4f} "
+          f"at delta {result['delta']:g}")
+
+
+def cmd_export(args) -> None:
+    from dplm.synthesizer import export_run
+
+    out = export_run(args.run_dir, args.out_dir)
+    print(f"export: {out} ({', '.join(sorted(p.name for p in out.iterdir()))}); see {out / 'MANIFEST.md'}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     aud.add_argument("-n", "--num-records", type=int, default=1000, help="training and holdout rows to attack")
     aud.add_argument("--references", type=int, default=1000, help="random records to rank each canary among")
     aud.set_defaults(func=cmd_audit)
+    exp = sub.add_parser("export", help="copy what a run may share (model, schema, privacy record, synthetic "
+                                        "rows) into a new folder, without its private diagnostics")
+    exp.add_argument("run_dir")
+    exp.add_argument("out_dir", help="a new folder")
+    exp.set_defaults(func=cmd_export)
     rep = sub.add_parser("report", help="score a run: HTML report and JSON metrics")
     rep.add_argument("run_dir")
     rep.add_argument("--synthetic", help="CSV of synthetic rows (default: the run's synthetic.csv)")

@@ -25,12 +25,14 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     base: str = "smollm2-135m"  # "smollm2-135m", "tiny-random", a local HF folder or hub id
+    layers: int | None = None  # keep only the base model's first N transformer layers (None: all)
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     precision: str = "auto"  # auto | bf16 | fp32: dtype of the frozen base weights (LoRA stays fp32)
     prune_vocab: bool = True  # output layer scores only the tokens the schema can produce
+    value_tokens: bool = False  # one new token per category / small-range integer (see serialize)
 
 
 @dataclass
@@ -41,7 +43,7 @@ class TrainConfig:
     warmup_steps: int = 10
     max_epochs: float = 1.0
     max_steps: int | None = None
-    max_training_time: float | None = None  # seconds
+    max_training_time: float | None = None  # seconds; without DP only (under DP the steps are fixed in advance)
     seed: int = 0
     threads: int | None = None  # torch CPU threads; None keeps torch's default
     checkpoint_every: int | None = 50  # `dplm train` saves a resumable checkpoint every N steps (None: never)
@@ -103,9 +105,13 @@ class RunConfig:
             (t.max_epochs > 0, "train.max_epochs must be > 0"),
             (t.max_steps is None or t.max_steps >= 1, "train.max_steps must be >= 1 (or unset)"),
             (t.max_training_time is None or t.max_training_time > 0, "train.max_training_time must be > 0 seconds"),
+            (t.max_training_time is None or not p.enabled,
+             "train.max_training_time cannot be used with DP: the number of steps would depend on timing, and timing "
+             "on the private rows; set train.max_steps or train.max_epochs instead (`dplm plan` prints their epsilon)"),
             (t.checkpoint_every is None or t.checkpoint_every >= 1, "train.checkpoint_every must be >= 1 (or unset)"),
             (0 <= self.data.holdout_fraction < 1, "data.holdout_fraction must be in [0, 1)"),
             (self.model.precision in ("auto", "bf16", "fp32"), "model.precision must be auto, bf16 or fp32"),
+            (self.model.layers is None or self.model.layers >= 1, "model.layers must be >= 1 (or unset for all)"),
             (self.sample.num_rows >= 1 and self.sample.batch_size >= 1, "sample.num_rows and sample.batch_size must be >= 1"),
             (self.sample.temperature > 0, "sample.temperature must be > 0"),
             (self.audit.canaries >= 0 and self.audit.canary_repeats >= 1,

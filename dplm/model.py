@@ -82,8 +82,10 @@ def load_tokenizer(name: str):
     return tokenizer
 
 
-def load_base_model(name: str, vocab_size: int, dtype: torch.dtype = torch.float32):
-    """The base causal LM with its (frozen) weights in `dtype`."""
+def load_base_model(name: str, vocab_size: int, dtype: torch.dtype = torch.float32, layers: int | None = None):
+    """The base causal LM with its (frozen) weights in `dtype`; with `layers`, only its first
+    `layers` transformer blocks (embeddings, final norm and head kept): a cut-down model that
+    still starts from the pretrained weights."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     if name == TINY:
@@ -95,10 +97,24 @@ def load_base_model(name: str, vocab_size: int, dtype: torch.dtype = torch.float
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             return LlamaForCausalLM(config).to(dtype)
+    cut = {"num_hidden_layers": layers} if layers else {}
     try:
-        return AutoModelForCausalLM.from_pretrained(_model_path(name), dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(_model_path(name), dtype=dtype, **cut)
     except OSError:
         raise DplmError(f"model '{name}' not found: use smollm2-135m, tiny-random or a local model folder") from None
+    if model.get_input_embeddings().weight.shape[0] < vocab_size:  # the tokenizer has value tokens
+        model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    return model
+
+
+def init_value_embeddings(model, texts: dict[int, list[int]]) -> None:
+    """Start each new value token (`serialize` value tokens: id -> its text's token ids) at the
+    mean embedding of its text, in the input embeddings and, when untied, the output layer."""
+    matrices = {id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings())}
+    with torch.no_grad():
+        for weight in matrices.values():
+            for token, ids in texts.items():
+                weight[token] = weight[ids].float().mean(0).to(weight.dtype)
 
 
 class RestrictedHead(torch.nn.Linear):

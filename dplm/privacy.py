@@ -111,18 +111,6 @@ class PrivacyBudget:
         }
 
 
-def epsilon_schedule(noise_multiplier: float, sample_rate: float, delta: float, steps_per_epoch: int,
-                     epochs: int, accountant: str = "rdp") -> list[tuple[int, float]]:
-    """(steps, epsilon) at the end of each epoch of a planned run, without training."""
-    budget = PrivacyBudget(accountant, noise_multiplier, sample_rate, delta)
-    schedule = []
-    for _ in range(epochs):
-        for _ in range(steps_per_epoch):
-            budget.step()
-        schedule.append((budget.steps, budget.epsilon()))
-    return schedule
-
-
 def noise_for_epsilon(target_epsilon: float, delta: float, sample_rate: float, steps: int,
                       accountant: str = "rdp") -> float:
     """The smallest noise multiplier (to Opacus' 0.01 tolerance) whose epsilon after `steps`
@@ -137,13 +125,24 @@ def noise_for_epsilon(target_epsilon: float, delta: float, sample_rate: float, s
 
 # ---- DP estimates of schema metadata --------------------------------------------------
 
-def secret_rng() -> np.random.Generator:
-    """A numpy generator seeded from the OS and never recorded (for DP mechanisms). With
-    several processes every rank gets rank 0's seed, so all estimate the same schema."""
-    seed = [secrets.randbits(128)]
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.broadcast_object_list(seed, src=0)
-    return np.random.default_rng(seed[0])
+def secret_rng(secure_mode: bool = False):
+    """The generator of the DP metadata mechanisms and the canaries: a numpy generator seeded
+    from the OS and never recorded, or with `secure_mode` a `SecureRandom` that draws every
+    value from the OS CSPRNG."""
+    return SecureRandom() if secure_mode else np.random.default_rng(secrets.randbits(128))
+
+
+class SecureRandom:
+    """The draws `schema.estimate_schema_dp` makes, from os.urandom (privacy.secure_mode)."""
+
+    def integers(self, high: int) -> int:
+        """A uniform integer in [0, high)."""
+        return secrets.randbelow(int(high))
+
+    def laplace(self, loc: float, scale: float, size: int) -> np.ndarray:
+        """Laplace(loc, scale) by inversion of uniforms in (0, 1) from `secure_uniform`."""
+        u = secure_uniform(size) - 0.5
+        return loc - scale * np.sign(u) * np.log1p(-2.0 * np.abs(u))
 
 
 def category_threshold(epsilon: float, delta: float) -> float:

@@ -18,6 +18,9 @@ from dplm.errors import DplmError
 from dplm.evaluate import evaluate
 
 REAL, SYNTHETIC, HOLDOUT = "#1f77b4", "#ff7f0e", "#2ca02c"
+PRIVATE_REPORT = ("this report compares the synthetic rows with the private training and holdout rows and shows "
+                  "training diagnostics; it is for the data owner and not covered by epsilon. Share the model and "
+                  "rows with `dplm export`, which leaves it out.")
 
 
 def align_types(df: pd.DataFrame, schema) -> pd.DataFrame:
@@ -204,8 +207,10 @@ def render_html(metrics: dict, charts: dict, run_info: dict | None) -> str:
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>dplm model report</title><style>",
              "body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}",
              "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#eee}",
-             "td:first-child{text-align:left}img{max-width:100%;display:block;margin:1em 0}</style></head><body>",
-             "<h1>dplm model report</h1>"]
+             "td:first-child{text-align:left}img{max-width:100%;display:block;margin:1em 0}",
+             ".private{background:#fff3cd;border:1px solid #e0c060;padding:.6em}</style></head><body>",
+             "<h1>dplm model report</h1>",
+             f"<p class='private'><b>Private:</b> {html.escape(PRIVATE_REPORT)}</p>"]
     rows = metrics["rows"]
     parts.append(f"<p>{rows['training']:,} training rows, {rows['holdout']:,} holdout rows, "
                  f"{rows['synthetic']:,} synthetic rows. The holdout column scores real unseen rows as if they were "
@@ -218,7 +223,10 @@ def render_html(metrics: dict, charts: dict, run_info: dict | None) -> str:
                      _table([(f"trained on {'synthetic (TSTR)' if n == 'tstr' else 'real training rows (TRTR)'}",
                               *[u[n].get(k) for k in keys]) for n in ("tstr", "trtr")], ("model", *keys)))
     if run_info:
-        parts.append("<h2>Compute and privacy</h2>")
+        parts.append("<h2>Compute and privacy</h2><p>Epsilon and the DP settings are the run's privacy record "
+                     "(privacy.json, shared by <code>dplm export</code>); the step counts, rows, timings and "
+                     "losses are training diagnostics from the private batches: for the data owner, not "
+                     "covered by epsilon.</p>")
         parts.append(_table([(k, v) for k, v in run_info.get("summary", {}).items()], ("", "value")))
         if "training" in charts:
             parts.append(_img(charts["training"], "loss and epsilon per step"))
@@ -231,7 +239,8 @@ def render_html(metrics: dict, charts: dict, run_info: dict | None) -> str:
                 c = audit["canaries"]
                 rows += [(f"canary exposure, mean of {c['count']} (bits; unseen ~1, max {c['max_possible']:.1f})",
                           c["mean_exposure"]), ("canary exposure, max (bits)", c["max_exposure"])]
-            parts.append("<h2>Empirical privacy audit (dplm audit)</h2>" + _table(rows, ("attack", "value")))
+            parts.append("<h2>Empirical privacy audit (dplm audit)</h2><p>Measured on the private training rows: "
+                         "for the data owner, not covered by epsilon.</p>" + _table(rows, ("attack", "value")))
     parts.append("<h2>Accuracy matrix</h2>" + _img(charts["accuracy_matrix"], "accuracy matrix"))
     parts.append("<h2>Univariate distributions, real vs synthetic</h2>" + _img(charts["univariate"], "univariate"))
     parts.append("<h2>Bivariate distributions: the three least accurate pairs</h2>" +
@@ -259,17 +268,17 @@ def write_report(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataF
     }
     if run_info and run_info.get("log"):
         charts["training"] = training_chart(run_info["log"])
-    public = {k: v for k, v in metrics.items() if not k.startswith("_")}
-    public["report_seconds"] = time.perf_counter() - start
+    scores = {"private": PRIVATE_REPORT, **{k: v for k, v in metrics.items() if not k.startswith("_")}}
+    scores["report_seconds"] = time.perf_counter() - start
     if run_info:
-        public["run"] = run_info.get("summary", {})
+        scores["run"] = run_info.get("summary", {})
         if run_info.get("audit"):
-            public["audit"] = run_info["audit"]
+            scores["audit"] = run_info["audit"]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     html_path, json_path = out_dir / "report.html", out_dir / "report.json"
-    _write_atomic(json_path, json.dumps(public, indent=2, default=float))
-    _write_atomic(html_path, render_html(public, charts, run_info))
+    _write_atomic(json_path, json.dumps(scores, indent=2, default=float))
+    _write_atomic(html_path, render_html(scores, charts, run_info))
     return html_path, json_path
 
 

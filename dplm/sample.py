@@ -76,6 +76,7 @@ class RowGrammar:
         ids, can_end = self.fields[column].next_tokens(inner)
         if not can_end:
             return list(ids)
+        # A one-token field moves on by itself (see next_state): it ends only the row, with EOS.
         return list(ids) + [self.codec.sep_id if column < len(self.fields) - 1 else self.codec.eos_id]
 
     def mask_index(self, state) -> int:
@@ -97,9 +98,13 @@ class RowGrammar:
         if state is None or token == self.codec.eos_id:
             return None
         column, inner = state
-        if token == self.codec.sep_id:  # never part of a value (see serialize), so it ends the field
+        field = self.fields[column]
+        if token == self.codec.sep_id and not field.single:  # never part of a value (see serialize)
             return (column + 1, self.fields[column + 1].start())
-        return (column, self.fields[column].advance(inner, token))
+        inner = field.advance(inner, token)
+        if field.single and column < len(self.fields) - 1:  # no separator after a one-token value
+            return (column + 1, self.fields[column + 1].start())
+        return (column, inner)
 
     # The batch interface that generate_sequences uses (CompiledGrammar has the same).
 
@@ -127,7 +132,9 @@ class RowGrammar:
         total = len(self.fields)
         for f in self.fields:
             col = f.col
-            if col.kind == "categorical":
+            if f.single:
+                total += 1
+            elif col.kind == "categorical":
                 total += max(len(ids) for ids in f.category_ids.values())
             elif col.kind == "text":
                 total += col.max_tokens

@@ -208,16 +208,40 @@ def _in_given_order(columns: list[Column], given: Schema | None) -> Schema:
     return Schema(columns)
 
 
-DP_DEFAULT_PRECISION = 2  # decimals of a float column whose precision is not given (a public default)
 TEXT_LENGTH_EDGES = np.array([1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024,
                               1536, 2048])
+
+
+def dp_metadata_spend(schema: Schema, epsilon: float, delta: float) -> dict:
+    """What `estimate_schema_dp` will spend completing `schema` (every column's kind given):
+    `epsilon` when any metadata is missing, `delta` when any category set is, and which
+    fields of which columns. Depends on the schema alone, so `dplm plan` knows it in advance."""
+    estimated = {c.name: c.missing_metadata() for c in schema.columns if c.missing_metadata()}
+    categorical = any(schema[name].kind == "categorical" for name in estimated)
+    return {"epsilon": epsilon if estimated else 0.0, "delta": delta if categorical else 0.0,
+            "estimated": estimated}
+
+
+def require_kinds(df: pd.DataFrame, given: Schema | None) -> Schema:
+    """Under DP the schema must give the kind of every column of `df` (its metadata may be
+    left out): `given` itself, or a one-line error naming the first column it lacks."""
+    given = given or Schema([])
+    unknown = [str(n) for n in df.columns if n not in given.names]
+    if unknown:
+        raise DplmError(f"column '{unknown[0]}': DP training needs its kind from the schema file (a kind read off "
+                        f"the data would leak it); add '{unknown[0]}: {{kind: categorical}}' (or integer, float, "
+                        "datetime, text) to the schema, leaving its metadata out for a DP estimate, or drop the column")
+    given.check_columns(df)
+    return given
 
 
 def estimate_schema_dp(df: pd.DataFrame, given: Schema | None, units: list[list[int]], epsilon: float,
                        delta: float, text_lengths, rng) -> tuple[Schema, dict]:
     """Complete `given` with metadata estimated under DP (`source: dp`); user-given metadata
-    is kept as it is. Returns the schema and what was spent on it.
+    is kept as it is. Returns the schema and what was spent on it (`dp_metadata_spend`).
 
+    Every column's kind must be given: a kind guessed from the data (even from its pandas
+    dtype, which `read_csv` infers from the values) would be a release without epsilon.
     Each privacy unit (subject, or row) contributes one random row per column, so every
     estimate has sensitivity 1. `epsilon` is split equally over the columns to estimate
     (basic composition); `delta` goes to the category sets, the only (eps, delta) mechanism:
@@ -227,29 +251,22 @@ def estimate_schema_dp(df: pd.DataFrame, given: Schema | None, units: list[list[
       (`privacy.dp_range`: the `number_grid`, or the months 1900-2100); values outside are
       clipped;
     * text length caps: the same over token counts (`TEXT_LENGTH_EDGES`); longer values are cut.
-    Kinds come from the user or the column's pandas dtype (object columns are categorical:
-    give `kind: text` for free text); estimated columns are nullable, floats keep 2 decimals.
+    Estimated columns are nullable.
+    `rng` needs `integers(n)` and `laplace(loc, scale, size)` (`privacy.secret_rng`).
     """
     from dplm.privacy import dp_categories, dp_range, number_grid
 
-    if given:
-        given.check_columns(df, allow_extra=True)
-    given_names = set(given.names) if given else set()
+    given = require_kinds(df, given)
     columns, todo = [], []
     for name in map(str, df.columns):
-        if name in given_names:
-            col = dataclasses.replace(given[name])
-        else:
-            col = Column(name=name, kind=_dtype_kind(df[name]), nullable=True,
-                         precision=DP_DEFAULT_PRECISION, source="dp")
+        col = dataclasses.replace(given[name])
         gaps = col.missing_metadata()
         if gaps:
             col.source, col.nullable = "dp", True
             todo.append((col, gaps))
         columns.append(col)
     categorical = sum(col.kind == "categorical" for col, _ in todo)
-    spent = {"epsilon": epsilon if todo else 0.0, "delta": delta if categorical else 0.0,
-             "estimated": {col.name: gaps for col, gaps in todo}}
+    spent = dp_metadata_spend(given, epsilon, delta)
     if not todo:
         return _in_given_order(columns, given), spent
     eps = epsilon / len(todo)
@@ -295,7 +312,7 @@ def _bound_value(bound):
 
 
 def _dtype_kind(s: pd.Series) -> str:
-    """A column's kind from its pandas dtype alone (public structure, not its values)."""
+    """A column's kind from its pandas dtype (without DP only: file readers infer dtypes from the values)."""
     if pd.api.types.is_bool_dtype(s):
         return "categorical"
     if pd.api.types.is_integer_dtype(s):

@@ -11,6 +11,12 @@ split on the separator id:
   the separator character never occurs inside a value, then tokenized normally;
 * a missing value is an empty field.
 
+With value tokens (`model.value_tokens`), a column whose values are few (the categories,
+or the integers of a range of at most `MAX_VALUE_TOKENS`) gets one new token per value,
+`<|column=value|>` (and `<|column|>` for a missing value). Such a field is always one token,
+so no separator follows it: a census row shrinks from 57 tokens to 25. The new tokens come
+from the schema alone; `model.init_value_embeddings` starts each from its text's embedding.
+
 The same token sequences are used for training and as the grammar's language, so a
 constrained sampler can produce exactly the sequences the model was trained on.
 """
@@ -27,6 +33,17 @@ from dplm.schema import DATE_FORMAT, Column, Schema, format_number
 
 SEPARATOR = "|"
 NUMBER_CHARS = "0123456789.-"
+MAX_VALUE_TOKENS = 256  # integer columns with at most this many values get a token per value
+
+
+def token_values(col: Column) -> list[str] | None:
+    """The values of a column that gets one token per value (its categories, or every integer
+    of a small range), as text; None for the others."""
+    if col.kind == "categorical":
+        return list(col.categories)
+    if col.kind == "integer" and float(col.max) - float(col.min) < MAX_VALUE_TOKENS:
+        return [str(v) for v in range(int(float(col.min)), int(float(col.max)) + 1)]
+    return None
 
 
 class ParseError(ValueError):
@@ -60,30 +77,53 @@ def _is_missing(value) -> bool:
 
 
 class RowCodec:
-    """Encode rows to token ids and decode token ids to typed rows, for one schema."""
+    """Encode rows to token ids and decode token ids to typed rows, for one schema.
 
-    def __init__(self, schema: Schema, tokenizer):
+    With `value_tokens` the schema's few-valued columns get a token per value, added to
+    `tokenizer` (idempotent: a tokenizer saved with them maps them to the same ids)."""
+
+    def __init__(self, schema: Schema, tokenizer, value_tokens: bool = False):
         self.schema = schema
         self.tokenizer = tokenizer
+        self.value_tokens = value_tokens
         self.bos_id = tokenizer.convert_tokens_to_ids(tokenizer.bos_token)
         self.eos_id = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
         self.sep_id = self._single_token(SEPARATOR)
         self.char_ids = {c: self._single_token(c) for c in NUMBER_CHARS}
         self.id_chars = {i: c for c, i in self.char_ids.items()}
+        if value_tokens:
+            from tokenizers import AddedToken
+
+            names = [name for col in schema.columns if token_values(col) is not None
+                     for name in value_token_names(col).values()]
+            tokenizer.add_tokens([AddedToken(n, special=True, normalized=False) for n in names], special_tokens=True)
         self.fields = [FieldGrammar(col, self) for col in schema.columns]
         if any(col.kind == "text" for col in schema.columns):
             # Text may use any ordinary token that cannot contain the separator.
-            special = set(tokenizer.all_special_ids)
+            special = set(tokenizer.all_special_ids) | {t for f in self.fields for t in f.token_ids()}
             self.text_token_ids = [
                 i for i, tok in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
                 if i not in special and SEPARATOR not in tokenizer.convert_tokens_to_string([tok])
             ]
 
+    def value_token_texts(self) -> dict[int, list[int]]:
+        """Each value token's id -> the ordinary tokens of its text (the column name for the
+        missing-value token): where its embedding starts."""
+        out = {}
+        for field in self.fields:
+            if field.single:
+                for value, token in field.value_ids.items():
+                    name = self.tokenize(escape(field.col.name))
+                    out[token] = name if value is None else self.tokenize(escape(value)) or name
+        return out
+
     def output_token_ids(self) -> list[int]:
         """Every token id a row can contain after BOS (what a model must be able to score)."""
         ids = {self.sep_id, self.eos_id}
         for field in self.fields:
-            if field.kind == "categorical":
+            if field.single:
+                ids.update(field.value_ids.values())
+            elif field.kind == "categorical":
                 ids.update(t for tokens in field.category_ids.values() for t in tokens)
             elif field.kind == "text":
                 ids.update(self.text_token_ids)
@@ -109,9 +149,9 @@ class RowCodec:
         values = [row[c.name] for c in self.schema.columns] if hasattr(row, "keys") else list(row)
         ids = [self.bos_id]
         for i, (field, value) in enumerate(zip(self.fields, values)):
-            if i:
-                ids.append(self.sep_id)
             ids.extend(field.encode(value))
+            if i < len(self.fields) - 1 and not field.single:
+                ids.append(self.sep_id)
         ids.append(self.eos_id)
         return ids
 
@@ -132,17 +172,23 @@ class RowCodec:
         if self.eos_id not in ids:
             raise ParseError("row has no end token")
         ids = ids[: ids.index(self.eos_id)]
-        fields, current = [], []
-        for t in ids:
-            if t == self.sep_id:
-                fields.append(current)
-                current = []
+        row, i, last = {}, 0, len(self.fields) - 1
+        for k, field in enumerate(self.fields):
+            if field.single:  # exactly one token, no separator
+                end, following = i + 1, i + 1
             else:
-                current.append(t)
-        fields.append(current)
-        if len(fields) != len(self.schema.columns):
-            raise ParseError(f"row has {len(fields)} fields, schema has {len(self.schema.columns)}")
-        return {g.col.name: g.parse(f) for g, f in zip(self.fields, fields)}
+                end = ids.index(self.sep_id, i) if self.sep_id in ids[i:] else len(ids)
+                if (k < last) != (end < len(ids)):
+                    raise ParseError(f"row has {'more' if k == last else 'fewer'} fields than the schema's "
+                                     f"{len(self.fields)}")
+                following = end + 1
+            if end > len(ids):
+                raise ParseError(f"row ends before column '{field.col.name}'")
+            row[field.col.name] = field.parse(ids[i:end])
+            i = following
+        if i < len(ids):
+            raise ParseError(f"row has more tokens than the schema's {len(self.fields)} fields")
+        return row
 
 
 class FieldGrammar:
@@ -157,7 +203,13 @@ class FieldGrammar:
         self.codec = codec
         self.kind = col.kind
         self._digit_bounds = None
-        if col.kind == "categorical":
+        # One token per value (value tokens): value text (None: missing) -> token id.
+        self.single = codec.value_tokens and token_values(col) is not None
+        if self.single:
+            names = value_token_names(col)
+            self.value_ids = {v: codec.tokenizer.convert_tokens_to_ids(n) for v, n in names.items()}
+            self._value_of = {t: v for v, t in self.value_ids.items()}
+        elif col.kind == "categorical":
             self.category_ids = {c: codec.tokenize(escape(c)) for c in col.categories}
             self._category_of = {tuple(ids): c for c, ids in self.category_ids.items()}
             self._build_trie()
@@ -174,7 +226,15 @@ class FieldGrammar:
             hi = dt.datetime.strptime(str(col.max), DATE_FORMAT).date()
             self.dates = [(lo + dt.timedelta(days=d)).strftime(DATE_FORMAT) for d in range((hi - lo).days + 1)]
 
+    def token_ids(self) -> list[int]:
+        """The field's own value tokens (empty unless `single`)."""
+        return list(self.value_ids.values()) if self.single else []
+
     def encode(self, value) -> list[int]:
+        if self.single:
+            if _is_missing(value):
+                return [self.value_ids[None]]
+            return [self.value_ids[format_number(value, 0) if self.kind == "integer" else str(value)]]
         if _is_missing(value):
             return []
         col, codec = self.col, self.codec
@@ -189,10 +249,12 @@ class FieldGrammar:
     # ---- the grammar ------------------------------------------------------------------
 
     def start(self):
-        return 0 if self.kind in ("categorical", "text") else ""
+        return 0 if self.single or self.kind in ("categorical", "text") else ""
 
     def next_tokens(self, state) -> tuple[list[int], bool]:
         """(token ids allowed next inside the value, whether the value may end here)."""
+        if self.single:  # state 0: before the value token, 1: after it
+            return (list(self.value_ids.values()), False) if state == 0 else ([], True)
         if self.kind == "categorical":
             node = self.trie[state]
             return list(node["next"]), node["end"] or (state == 0 and self.col.nullable)
@@ -206,7 +268,7 @@ class FieldGrammar:
     def mask_key(self, state):
         """A small key that determines `next_tokens(state)`: masks are cached per key, so a
         sampler keeps a few dozen masks per number column, not one per digit prefix seen."""
-        if self.kind == "categorical":
+        if self.single or self.kind == "categorical":
             return state
         if self.kind == "text":
             return (state < self.col.max_tokens, state > 0)
@@ -231,6 +293,8 @@ class FieldGrammar:
                 _compare(prefix, hi[:k]) if k <= len(hi) else None, prefix == "0")
 
     def advance(self, state, token: int):
+        if self.single:
+            return 1
         if self.kind == "categorical":
             return self.trie[state]["next"][token]
         if self.kind == "text":
@@ -272,6 +336,11 @@ class FieldGrammar:
 
     def parse(self, ids: list[int]):
         col = self.col
+        if self.single:
+            if len(ids) != 1 or ids[0] not in self._value_of:
+                raise ParseError(f"column '{col.name}': not one of its value tokens")
+            value = self._value_of[ids[0]]
+            return int(value) if value is not None and self.kind == "integer" else value
         if not ids:
             if col.nullable:
                 return None
@@ -296,6 +365,15 @@ class FieldGrammar:
         if col.kind == "categorical" and text not in self.category_ids:
             raise ParseError(f"column '{col.name}': {text!r} is not a category")
         return text
+
+
+def value_token_names(col: Column) -> dict:
+    """A one-token column's token strings: value text -> `<|column=value|>`, and None ->
+    `<|column|>` when the column is nullable."""
+    names = {v: f"<|{col.name}={v}|>" for v in token_values(col)}
+    if col.nullable:
+        names[None] = f"<|{col.name}|>"
+    return names
 
 
 def _compare(a: str, b: str) -> int:

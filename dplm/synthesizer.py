@@ -16,6 +16,11 @@ A run directory holds everything needed to sample later:
 
 It is written to a temporary folder and renamed into place only when complete, so a
 failed run leaves no partial directory behind.
+
+A run directory is for the data owner: train_log.jsonl, training.json, split.json, the
+report and the audit are computed from the private rows outside the privacy budget
+(`PRIVATE_DIAGNOSTICS`). `export_run` (`dplm export`) copies only what may be shared
+(`RELEASE`) into a new folder, with a MANIFEST.md saying what epsilon covers.
 """
 
 from __future__ import annotations
@@ -38,21 +43,48 @@ from dplm.data import load_table
 from dplm.errors import DplmError
 from dplm.privacy import secret_rng
 from dplm.sample import SampleStats, sample_rows
-from dplm.schema import Schema, coerce_table, estimate_schema_dp, infer_schema
+from dplm.schema import Schema, coerce_table, dp_metadata_spend, estimate_schema_dp, infer_schema, require_kinds
 from dplm.serialize import RowCodec
-from dplm.train import Checkpoints, TrainResult, train
+from dplm.train import Checkpoints, TrainResult, process_rank, train
 
 METADATA_DELTA_SHARE = 0.1  # of privacy.delta, for DP category sets (only when some are estimated)
 PUBLIC_QUANTITIES = {
-    "column_names_and_dtypes": (
-        "the table's column names and pandas dtypes (its structure, not its values) choose how each "
-        "column is serialized; columns whose metadata is estimated get their kind from the dtype"
+    "column_names_and_kinds": (
+        "the table's column names, which must match the schema, and every column's kind, which under DP "
+        "the schema gives (never read off the data)"
     ),
-    "num_training_rows": (
-        "exact count of training rows, used for the sampling rate q = batch_size / N; treated as public, "
-        "as in Opacus and the DP-SGD literature (add/remove-one neighbours change it by one)"
+    "num_training_units": (
+        "exact count of training units (rows, or subjects with data.subject), used for the sampling rate "
+        "q = batch_size / N; treated as public, as in Opacus and the DP-SGD literature (add/remove-one-unit "
+        "neighbours change it by one)"
+    ),
+    "steps": (
+        "the number of DP steps: fixed before training by train.max_steps, train.max_epochs and the epsilon "
+        "cap (data-independent; train.max_training_time is refused under DP)"
     ),
 }
+NEIGHBOURS = ("training tables that differ by adding or removing one privacy unit; the holdout split is fixed "
+              "by train.seed before training and held-out rows reach nothing that is released")
+# What `dplm export` copies from a run directory, and why each may be shared.
+RELEASE = {
+    "adapter": "the LoRA weights: trained by DP-SGD (covered by epsilon under DP)",
+    "tokenizer": "the base model's tokenizer, unchanged (public)",
+    "schema.yaml": "columns, kinds and metadata: user-given (public) or DP-estimated (covered by epsilon)",
+    "config.yaml": "the run's settings, all given by the user (public)",
+    "privacy.json": "the accounting: epsilon, delta, settings and the quantities treated as public",
+    "synthetic.csv": "rows sampled from the adapter and the schema: post-processing (covered by epsilon under DP)",
+}
+# What stays in the run directory: for the data owner, not covered by epsilon.
+PRIVATE_DIAGNOSTICS = {
+    "train_log.jsonl": "each step's exact loss, realised batch size and timings, from the private batches",
+    "training.json": "rows and tokens seen, last loss and timings of the private batches",
+    "split.json": "which input rows trained and which were held out",
+    "report.html": "scores comparing the synthetic rows with the private training and holdout rows",
+    "report.json": "scores comparing the synthetic rows with the private training and holdout rows",
+    "audit.json": "membership and canary attacks measured on the private training rows",
+    "canaries.csv": "the audit's secret canary records",
+}
+PRIVATE_NOTE = "for the data owner; not covered by epsilon: never share them (`dplm export` leaves them out)"
 
 
 def split_indexes(num_rows: int, holdout_fraction: float, seed: int,
@@ -124,8 +156,10 @@ class Synthesizer:
             metadata = resumed["run_state"]["metadata"]
         elif p.enabled:
             units = subjects if subjects is not None else [[i] for i in range(len(train_df))]
-            schema, metadata = estimate_schema_dp(train_df, schema, units, p.metadata_epsilon,
-                                                  p.delta * METADATA_DELTA_SHARE, text_lengths, secret_rng())
+            # Rank 0 draws (secret noise differs per process); every rank gets its result.
+            schema, metadata = _from_rank0(lambda: estimate_schema_dp(
+                train_df, schema, units, p.metadata_epsilon, p.delta * METADATA_DELTA_SHARE, text_lengths,
+                secret_rng(p.secure_mode)))
             if p.max_epsilon is not None and metadata["epsilon"] >= p.max_epsilon:
                 raise DplmError(f"privacy.metadata_epsilon {p.metadata_epsilon} leaves nothing of privacy.max_epsilon "
                                 f"{p.max_epsilon} for training; lower it or give the schema's metadata")
@@ -136,14 +170,14 @@ class Synthesizer:
         canaries = None
         if config.audit.canaries:  # random records whose exposure `dplm audit` measures
             canaries = (pd.DataFrame(resumed["run_state"]["canaries"]) if resumed
-                        else random_records(schema, config.audit.canaries, secret_rng()))
+                        else _from_rank0(lambda: random_records(schema, config.audit.canaries, secret_rng())))
             first, repeats = len(rows), config.audit.canary_repeats
             rows = pd.concat([rows, coerce_table(pd.concat([canaries] * repeats, ignore_index=True), schema)],
                              ignore_index=True)
             if subjects is not None:  # each canary is one more subject
                 subjects = subjects + [[first + i + r * len(canaries) for r in range(repeats)]
                                        for i in range(len(canaries))]
-        codec = RowCodec(schema, tokenizer)
+        codec = RowCodec(schema, tokenizer, config.model.value_tokens)
         # On its device before LoRA: peft/Opacus need the adapter created where it will train.
         model = _base_model(config, codec, device)
         m = config.model
@@ -157,35 +191,39 @@ class Synthesizer:
         synth.training = train(model, sequences, tokenizer.pad_token_id, config.train, config.privacy, device,
                                progress=progress, subjects=subjects, checkpoints=checkpoints,
                                metadata_epsilon=metadata["epsilon"], metadata_delta=metadata["delta"])
+        if checkpoints and process_rank()[0] == 0:
+            # The model is out: a checkpoint of it would resume without the steps taken since.
+            shutil.rmtree(checkpoints.folder, ignore_errors=True)
         synth.metadata = metadata
         synth.canaries = canaries
         synth.split = {"seed": config.train.seed, "subject": config.data.subject, "train": train_idx.tolist(),
                        "holdout": holdout_idx.tolist()}
-        if subjects is not None:
-            synth.split["num_training_subjects"] = len(subjects)
+        if subjects is not None:  # the data's subjects, not the canaries added to them
+            synth.split["num_training_subjects"] = len(subjects) - (0 if canaries is None else len(canaries))
         synth.privacy_record = synth._privacy_record()
         return synth
 
     def _privacy_record(self) -> dict:
         metadata = {c.name: c.source for c in self.schema.columns}
+        release = {"release": dict(RELEASE), "private_diagnostics": {"note": PRIVATE_NOTE, **PRIVATE_DIAGNOSTICS}}
         if not self.config.privacy.enabled:
-            return {"dp": False, "metadata_sources": metadata}
+            return {"dp": False, "metadata_sources": metadata, **release}
         record = {"dp": True, **self.training.privacy, "max_grad_norm": self.config.privacy.max_grad_norm,
                   "metadata_estimated_under_dp": self.metadata["estimated"],
                   "metadata_user_given": [c.name for c in self.schema.columns if c.source == "user"],
-                  "privacy_unit": "row", "num_training_rows": len(self.split["train"]),
-                  "secure_mode": self.config.privacy.secure_mode,
-                  "metadata_sources": metadata, "public_quantities": dict(PUBLIC_QUANTITIES)}
+                  "privacy_unit": "row", "neighbouring": NEIGHBOURS, "secure_mode": self.config.privacy.secure_mode,
+                  "metadata_sources": metadata, "public_quantities": dict(PUBLIC_QUANTITIES), **release}
         if self.canaries is not None:  # random records, also sampling units: q counts them
             record["audit_canary_rows"] = len(self.canaries) * self.config.audit.canary_repeats
         subject = self.config.data.subject
         if subject:
+            # Rows per subject are unbounded: one subject changes the row count by any amount,
+            # so no exact row count is released, only the subject count (changed by one).
             record["privacy_unit"] = f"subject (column '{subject}')"
             record["max_records_per_subject"] = self.config.privacy.max_records_per_subject
             record["num_training_subjects"] = self.split["num_training_subjects"]
-            record["public_quantities"]["num_training_subjects"] = (
-                "exact count of training subjects, used for the sampling rate q = batch_size / subjects; "
-                "treated as public like the row count")
+        else:
+            record["num_training_rows"] = len(self.split["train"])
         return record
 
     # ---- sample -----------------------------------------------------------------------
@@ -232,6 +270,11 @@ class Synthesizer:
             shutil.rmtree(tmp, ignore_errors=True)
         return run_dir
 
+    def export(self, out_dir: str | Path, synthetic: pd.DataFrame | None = None) -> Path:
+        """Write only what may be shared (see `export_run`) into the new folder `out_dir`."""
+        with tempfile.TemporaryDirectory() as tmp:
+            return export_run(self.save(Path(tmp) / "run", synthetic), out_dir)
+
     @classmethod
     def load(cls, run_dir: str | Path, device=None) -> Synthesizer:
         run_dir = Path(run_dir)
@@ -243,7 +286,7 @@ class Synthesizer:
 
         tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
         device = device or models.default_device()
-        codec = RowCodec(schema, tokenizer)
+        codec = RowCodec(schema, tokenizer, config.model.value_tokens)
         model = models.load_adapter(_base_model(config, codec, device), run_dir / "adapter")
         model.eval()
         synth = cls(config, codec, model, device)
@@ -251,6 +294,110 @@ class Synthesizer:
         if (run_dir / "split.json").exists():
             synth.split = json.loads((run_dir / "split.json").read_text())
         return synth
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path) -> Path:
+    """Copy what a run may share (`RELEASE`: adapter, tokenizer, schema, config, privacy.json,
+    synthetic rows) into the new folder `out_dir`, with a MANIFEST.md saying what epsilon
+    covers and what is public. The private diagnostics stay behind. Written atomically."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise DplmError(f"'{run_dir}' is not a dplm run directory (no config.yaml); give the folder `dplm train` wrote")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise DplmError(f"export folder '{out_dir}' already exists; give a new folder")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
+    try:
+        copied = []
+        for name in RELEASE:
+            source = run_dir / name
+            if source.is_dir():
+                shutil.copytree(source, tmp / name)
+            elif source.exists():
+                shutil.copy2(source, tmp / name)
+            else:
+                continue
+            copied.append(name)
+        privacy = json.loads((run_dir / "privacy.json").read_text())
+        (tmp / "MANIFEST.md").write_text(manifest(privacy, copied, run_dir.name))
+        if out_dir.exists():
+            out_dir.rmdir()
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def manifest(privacy: dict, files: list[str], run_name: str) -> str:
+    """The MANIFEST.md of an export: what epsilon covers, what is public, what was left out."""
+    lines = [f"# dplm export of run '{run_name}'", ""]
+    if privacy.get("dp"):
+        lines += [f"Differential privacy: epsilon = {privacy['epsilon']:.4f} at delta = {privacy['delta']:g} "
+                  f"(schema metadata {privacy['metadata_epsilon']:.4g} + training {privacy['training_epsilon']:.4f}; "
+                  f"{privacy['accountant']} accountant, {privacy['steps']} steps), privacy unit: "
+                  f"{privacy['privacy_unit']}; neighbouring datasets: {privacy.get('neighbouring', NEIGHBOURS)}.", "",
+                  "Covered by epsilon (derived from the private rows only through DP mechanisms):"]
+        estimated = privacy.get("metadata_estimated_under_dp") or {}
+        covered = {"adapter": RELEASE["adapter"], "synthetic.csv": RELEASE["synthetic.csv"]}
+        lines += [f"- `{n}`: {why}" for n, why in covered.items() if n in files]
+        if estimated:
+            lines.append("- `schema.yaml`: the DP-estimated metadata of " + ", ".join(
+                f"{c} ({', '.join(f)})" for c, f in estimated.items()))
+        lines += ["", "Public (given by the user, from the pretrained model, or treated as public):"]
+        lines += [f"- `{n}`: {RELEASE[n]}" for n in ("tokenizer", "config.yaml", "privacy.json") if n in files]
+        if privacy.get("metadata_user_given"):
+            lines.append("- `schema.yaml`: the user-given metadata of " + ", ".join(privacy["metadata_user_given"]))
+        lines += [f"- {name.replace('_', ' ')}: {why}" for name, why in privacy.get("public_quantities", {}).items()]
+    else:
+        lines += ["Differential privacy: **none** (DP was off). Nothing here is covered by a privacy guarantee: "
+                  "the adapter, the synthetic rows and the schema's learned metadata come from the private rows "
+                  "directly.", "", "Files:"]
+        lines += [f"- `{n}`" for n in files]
+    lines += ["", "Left out: the run directory's private diagnostics, " + PRIVATE_NOTE + ":"]
+    lines += [f"- `{n}`: {why}" for n, why in PRIVATE_DIAGNOSTICS.items()]
+    return "\n".join(lines) + "\n"
+
+
+def plan(config: RunConfig, data=None, schema: Schema | str | None = None) -> dict:
+    """The privacy a recipe's run will report, without training: sampling units and rate,
+    the steps it takes (its planned steps, or fewer where the epsilon cap stops it), and
+    epsilon after each epoch and at the end, metadata included, at the run's deltas. The
+    same `PrivacyBudget` the run uses, so the end figure is the one privacy.json will show.
+    `data` and `schema` as in `fit` (defaults: `config.data.source`, `config.data.schema`)."""
+    import math
+
+    from dplm.privacy import PrivacyBudget
+    from dplm.train import planned_steps
+
+    config.validate()
+    p, t, subject = config.privacy, config.train, config.data.subject
+    table = load_table(data if data is not None else config.data.source)
+    train_rows = table.iloc[split_rows(table, config)[0]]
+    if subject:
+        units = train_rows[subject].nunique() + config.audit.canaries
+        train_rows = train_rows.drop(columns=[subject])
+    else:
+        units = len(train_rows) + config.audit.canaries * config.audit.canary_repeats
+    if isinstance(schema, str) or (schema is None and config.data.schema):
+        schema = Schema.from_yaml(schema or config.data.schema)
+    schema = require_kinds(train_rows, schema)
+    metadata = dp_metadata_spend(schema, p.metadata_epsilon, p.delta * METADATA_DELTA_SHARE)
+    sample_rate = t.batch_size / units
+    steps_per_epoch = math.ceil(units / t.batch_size)
+    total_steps, stop_reason = planned_steps(units, t)
+    budget = PrivacyBudget(p.accountant, p.noise_multiplier, sample_rate, p.delta - metadata["delta"],
+                           p.max_epsilon, metadata["epsilon"], metadata["delta"])
+    epochs = []
+    while budget.steps < total_steps:
+        if not budget.allows_next_step():
+            stop_reason = "max_epsilon"
+            break
+        budget.step()
+        if budget.steps % steps_per_epoch == 0:
+            epochs.append((budget.steps, budget.epsilon()))
+    return {"units": units, "unit": "subjects" if subject else "rows", "sample_rate": sample_rate,
+            "steps_per_epoch": steps_per_epoch, "planned_steps": total_steps, "stop_reason": stop_reason,
+            "epochs": epochs, "metadata_estimated": metadata["estimated"], **budget.record()}
 
 
 def split_rows(table: pd.DataFrame, config: RunConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -283,11 +430,29 @@ def checkpoints_for(config: RunConfig, resume: bool = False) -> Checkpoints | No
     return Checkpoints(folder, config.train.checkpoint_every, resume, key)
 
 
+def _from_rank0(compute):
+    """`compute()` on rank 0 and its result (or its DplmError) on every rank; with one process,
+    just `compute()`."""
+    rank, world = process_rank()
+    result = [None]
+    if rank == 0:
+        try:
+            result = [compute()]
+        except DplmError as e:
+            result = [e]
+    if world > 1:
+        torch.distributed.broadcast_object_list(result, src=0)
+    if isinstance(result[0], DplmError):
+        raise result[0]
+    return result[0]
+
+
 def _base_model(config: RunConfig, codec: RowCodec, device):
     """The frozen base model on `device`; with `model.prune_vocab` its output layer scores
     only the tokens rows use."""
     dtype = models.weight_dtype(config.model.precision, device)
-    model = models.load_base_model(config.model.base, len(codec.tokenizer), dtype)
+    model = models.load_base_model(config.model.base, len(codec.tokenizer), dtype, config.model.layers)
+    models.init_value_embeddings(model, codec.value_token_texts())
     if config.model.prune_vocab:
         models.restrict_output_vocab(model, codec.output_token_ids())
     return model.to(device)

@@ -39,3 +39,13 @@ def shared_file(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"reference data {path} not present")
     return path
+
+
+def census_kinds_file(folder: Path) -> Path:
+    """The census schema with each column's kind only: under DP all metadata is then estimated."""
+    import yaml
+
+    columns = yaml.safe_load(CENSUS_SCHEMA.read_text())["columns"]
+    path = folder / "census_kinds.yaml"
+    path.write_text(yaml.safe_dump({"columns": {name: {"kind": spec["kind"]} for name, spec in columns.items()}}))
+    return path

@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from conftest import census_kinds_file
 from dplm.cli import main
 
 SCHEMA = {"columns": {"x": {"kind": "integer", "min": 0, "max": 9}, "y": {"kind": "categorical",
@@ -38,7 +39,8 @@ def run_cli(args, capsys):
     (["privacy.max_epsilon=0"], "privacy.max_epsilon must be > 0"),
     (["train.batch_size=many"], "config 'train.batch_size': 'many' is not a valid int"),
     (["data.source=/no/such/file.csv"], "data file '/no/such/file.csv' not found"),
-    (["privacy.enabled=true", "data.schema=null"], "column 'x': too few rows for a DP estimate of its min, max"),
+    (["privacy.enabled=true", "data.schema=null"], "column 'x': DP training needs its kind from the schema file"),
+    (["train.max_training_time=60"], "train.max_training_time cannot be used with DP"),
 ])
 def test_bad_settings(workspace, capsys, overrides, message):
     code, err = run_cli(["train", str(workspace / "recipe.yaml"), *overrides], capsys)
@@ -52,7 +54,7 @@ def test_bad_settings(workspace, capsys, overrides, message):
     ("x,y\n1,a\nabc,b\n", None, "column 'x': value 'abc' is not a number"),
     ("x,y\n1,a\n2,c\n", None, "column 'y': value 'c' is not one of its categories"),
     ("x\n1\n2\n", None, "column(s) ['y'] are in the schema but not in the table"),
-    ("x,y,z\n1,a,0\n2,b,1\n", None, "column 'z': too few rows for a DP estimate of its min, max"),
+    ("x,y,z\n1,a,0\n2,b,1\n", None, "column 'z': DP training needs its kind from the schema file"),
     ("x,y\n1,a\n2,b\n", {"columns": {"x": {"kind": "integer"}, "y": {"kind": "categorical", "categories": ["a", "b"]}}},
      "column 'x': too few rows for a DP estimate of its min, max"),
 ])
@@ -94,9 +96,11 @@ def test_plan_prints_epsilon_per_epoch(workspace, capsys):
     assert main(["plan", str(workspace / "recipe.yaml"), "train.max_epochs=2", "train.max_steps=null",
                  "--target-epsilon", "5"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("4 training rows, batch 2: sample rate 0.5, 2 steps per epoch")
-    assert "noise multiplier for epsilon 5 after 4 steps" in out[1]
-    assert out[-1].startswith("  epoch 2: 4 steps, epsilon ") and float(out[-1].split()[-1]) <= 5
+    assert out[0].startswith("noise multiplier for epsilon 5 after 4 steps: ")
+    assert out[1].startswith("4 training rows, batch 2: sample rate 0.5, 2 steps per epoch")
+    assert out[-2].startswith("  epoch 2: 4 steps, epsilon ") and float(out[-2].split()[-1]) <= 5
+    assert out[-1].startswith("the run: 4 steps (stopped by max_epochs), epsilon ") and \
+        out[-1].split()[-4] == out[-2].split()[-1]
 
 
 def test_killed_run_resumes_to_the_same_epsilon_and_the_cap(tmp_path):
@@ -120,9 +124,9 @@ def test_killed_run_resumes_to_the_same_epsilon_and_the_cap(tmp_path):
     training_epsilon = independent_epsilon(1.5, q, steps, 0.9e-5)  # a tenth of delta went to the category sets
     cap = 30 + training_epsilon * 1.0001  # metadata 30 + training: the cap stops the run after 120 steps
     cmd = [sys.executable, "-m", "dplm.cli", "train", str(root / "recipes/census_dp.yaml"), "model.base=tiny-random",
-           "data.max_rows=500", "train.batch_size=8", "train.micro_batch_size=8", "train.max_epochs=100",
-           "train.max_training_time=null", "train.checkpoint_every=1", f"privacy.max_epsilon={cap}",
-           "data.schema=null", "privacy.metadata_epsilon=30", "audit.canaries=2",
+           "data.max_rows=500", "train.batch_size=8", "train.micro_batch_size=8", "train.max_epochs=100", "train.max_steps=null",
+           "train.checkpoint_every=1", f"privacy.max_epsilon={cap}",
+           f"data.schema={census_kinds_file(tmp_path)}", "privacy.metadata_epsilon=30", "audit.canaries=2",
            "sample.num_rows=5", f"output_dir={out}", "output_csv=null", "-q"]
     checkpoint = tmp_path / "run.checkpoint" / "checkpoint.pt"
     kill_at = random.Random().randint(3, 60)

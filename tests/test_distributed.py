@@ -15,6 +15,7 @@ from dplm.config import PrivacyConfig, TrainConfig
 from dplm.schema import Schema, coerce_table
 from dplm.serialize import RowCodec
 from dplm.train import train
+from conftest import census_kinds_file
 from test_privacy import independent_epsilon
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,8 +79,8 @@ def test_torchrun_launch_of_the_cli(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "dplm.cli", "train",
            str(ROOT / "recipes/census_dp.yaml"), "model.base=tiny-random", "train.max_steps=2",
-           "train.max_training_time=null", "data.max_rows=1000", "sample.num_rows=5", f"output_dir={out}",
-           "output_csv=null", "data.schema=null", "privacy.metadata_epsilon=30", "privacy.max_epsilon=null",
+           "data.max_rows=1000", "sample.num_rows=5", f"output_dir={out}",
+           "output_csv=null", f"data.schema={census_kinds_file(tmp_path)}", "privacy.metadata_epsilon=30", "privacy.max_epsilon=null",
            "audit.canaries=2", "-q"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -10,8 +10,9 @@ from dp_accounting import rdp
 from opacus.accountants.rdp import RDPAccountant
 
 from dplm.privacy import (
-    PrivacyBudget, assert_weights_changed, epsilon_schedule, noise_for_epsilon, poisson_sample, trainable_snapshot,
+    PrivacyBudget, assert_weights_changed, noise_for_epsilon, poisson_sample, trainable_snapshot,
 )
+from dplm.errors import DplmError
 from dplm.schema import Schema, coerce_table
 
 ORDERS = RDPAccountant.DEFAULT_ALPHAS
@@ -90,13 +91,26 @@ def test_unchanged_weights_fail_loudly():
 
 
 def test_budget_planning():
+    """`plan` schedules epsilon per epoch without training; the noise found for a target
+    reaches it after the planned steps (checked against dp-accounting)."""
+    import dplm
+    from dplm.config import RunConfig, from_dict
+
     q, delta = 256 / 39074, 1e-5
     noise = noise_for_epsilon(2.5, delta, q, steps=459)
-    schedule = epsilon_schedule(noise, q, delta, steps_per_epoch=153, epochs=3)
-    assert [steps for steps, _ in schedule] == [153, 306, 459]
-    assert 2.45 < schedule[-1][1] <= 2.5
-    assert schedule[0][1] < schedule[1][1] < schedule[2][1]
-    for steps, eps in schedule:
+    table = pd.DataFrame({"x": np.zeros(39074 + 9768, dtype=int)})
+    config = from_dict(RunConfig, {"data": {"schema": None}, "train": {"batch_size": 256, "max_epochs": 3},
+                                   "privacy": {"enabled": True, "noise_multiplier": noise}})
+    with pytest.raises(dplm.DplmError, match="column 'x': DP training needs its kind from the schema"):
+        dplm.plan(config, table)
+    schema = Schema.from_dict({"columns": {"x": {"kind": "integer", "min": 0, "max": 9}}})
+    result = dplm.plan(config, table, schema)
+    # 3 epochs of 39,074 / 256 rows: ceil(457.9) = 458 steps; full epochs end at 153 and 306.
+    assert (result["units"], result["steps_per_epoch"], result["steps"]) == (39074, 153, 458)
+    assert [steps for steps, _ in result["epochs"]] == [153, 306] and result["stop_reason"] == "max_epochs"
+    assert result["metadata_epsilon"] == 0 and result["training_delta"] == delta  # the schema gives everything
+    assert 2.45 < result["epsilon"] <= 2.5
+    for steps, eps in result["epochs"] + [(458, result["epsilon"])]:
         assert eps == pytest.approx(independent_epsilon(noise, q, steps, delta), rel=1e-3)
 
 
@@ -202,7 +216,8 @@ def test_schema_estimated_under_dp_spends_the_metadata_budget():
     n = 4000
     df = pd.DataFrame({"city": ["north"] * 2000 + ["south"] * 1995 + ["tiny"] * 5,
                        "age": rng.integers(20, 70, n), "score": rng.normal(50, 5, n).round(2)})
-    given = Schema.from_dict({"columns": {"age": {"kind": "integer", "min": 0, "max": 120}}})
+    given = Schema.from_dict({"columns": {"age": {"kind": "integer", "min": 0, "max": 120},
+                                          "city": {"kind": "categorical"}, "score": {"kind": "float", "precision": 2}}})
     schema, spent = estimate_schema_dp(df, given, [[i] for i in range(n)], 1.0, 1e-6, None, rng)
     assert spent == {"epsilon": 1.0, "delta": 1e-6, "estimated": {"city": ["categories"], "score": ["min", "max"]}}
     assert schema["city"].categories == ["north", "south"] and schema["city"].source == "dp"
@@ -210,3 +225,33 @@ def test_schema_estimated_under_dp_spends_the_metadata_budget():
     assert (schema["score"].min, schema["score"].max) == (30.0, 70.0)  # grid edges around the bulk
     table = coerce_table(df, schema)
     assert table["city"].isna().sum() == 5  # rare values never reach the model
+    # Kinds are never read off the data under DP: a column the schema leaves out is refused.
+    with pytest.raises(DplmError, match="column 'score': DP training needs its kind from the schema file"):
+        estimate_schema_dp(df, Schema.from_dict({"columns": {"age": {"kind": "integer"}, "city": {"kind": "categorical"}}}),
+                           [[i] for i in range(n)], 1.0, 1e-6, None, rng)
+
+
+def test_secure_metadata_draws_come_from_the_os():
+    """With secure_mode the metadata mechanisms draw from os.urandom: Laplace noise of the
+    right scale (mean |x| = scale, tail P(|x| > t) = exp(-t/scale)) and uniform unit picks."""
+    from dplm import privacy
+
+    rng = privacy.secret_rng(secure_mode=True)
+    assert isinstance(rng, privacy.SecureRandom) and isinstance(privacy.secret_rng(), np.random.Generator)
+    x = rng.laplace(0.0, 2.0, 200_000)
+    assert abs(x.mean()) < 0.03 and np.abs(x).mean() == pytest.approx(2.0, rel=0.01)
+    assert (np.abs(x) > 4.0).mean() == pytest.approx(math.exp(-2), abs=0.004)
+    picks = np.bincount([rng.integers(4) for _ in range(8000)], minlength=4)
+    assert len(picks) == 4 and picks.min() > 1800
+    calls = []
+    real = privacy.os.urandom
+    privacy.os.urandom = lambda n: calls.append(n) or real(n)
+    try:
+        from dplm.schema import estimate_schema_dp
+
+        df = pd.DataFrame({"city": ["a"] * 300 + ["b"] * 300})
+        given = Schema.from_dict({"columns": {"city": {"kind": "categorical"}}})
+        schema, _ = estimate_schema_dp(df, given, [[i] for i in range(600)], 1.0, 1e-6, None, rng)
+    finally:
+        privacy.os.urandom = real
+    assert schema["city"].categories == ["a", "b"] and calls  # the noise came from os.urandom

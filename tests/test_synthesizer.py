@@ -22,9 +22,10 @@ def tiny_config(dp: bool, tmp_path) -> RunConfig:
     })
 
 
-@pytest.mark.parametrize("dp", [True, False])
-def test_fit_sample_save_load_sample(dp, tmp_path, census):
+@pytest.mark.parametrize("dp,value_tokens", [(True, False), (False, False), (True, True)])
+def test_fit_sample_save_load_sample(dp, value_tokens, tmp_path, census):
     config = tiny_config(dp, tmp_path)
+    config.model.value_tokens = value_tokens
     synth = dplm.fit(census, config, progress=False)
     first = synth.sample(12, seed=5, progress=False)
     assert first.shape == (12, 15) and list(first.columns) == list(census.columns)
@@ -46,7 +47,8 @@ def test_fit_sample_save_load_sample(dp, tmp_path, census):
         assert privacy["sample_rate"] == pytest.approx(16 / 200)
         assert set(privacy["metadata_sources"].values()) == {"user"} and privacy["secure_mode"] is False
     else:
-        assert privacy == {"dp": False, "metadata_sources": privacy["metadata_sources"]}
+        assert set(privacy) == {"dp", "metadata_sources", "release", "private_diagnostics"} and not privacy["dp"]
+    assert "train_log.jsonl" in privacy["private_diagnostics"] and "adapter" in privacy["release"]
     again = dplm.load(run_dir).sample(12, seed=5, progress=False)
     pd.testing.assert_frame_equal(first, again)
     # Fitted on an in-memory table: the report cannot reload the rows and says so.
@@ -103,7 +105,8 @@ def test_dp_estimates_missing_metadata_and_charges_it(tmp_path):
     config.data.holdout_fraction = 0.0
     config.privacy.metadata_epsilon = 1.0
     config.train.max_steps = 2
-    synth = dplm.fit(df, config, progress=False)
+    kinds = dplm.Schema.from_dict({"columns": {"city": {"kind": "categorical"}, "age": {"kind": "integer"}}})
+    synth = dplm.fit(df, config, schema=kinds, progress=False)
     record = synth.privacy_record
     assert record["metadata_estimated_under_dp"] == {"city": ["categories"], "age": ["min", "max"]}
     assert record["metadata_sources"] == {"city": "dp", "age": "dp"} and record["metadata_user_given"] == []
@@ -117,7 +120,7 @@ def test_dp_estimates_missing_metadata_and_charges_it(tmp_path):
     assert set(synth.sample(40, progress=False)["city"].dropna()) <= {"north", "south"}
     config.privacy.max_epsilon = 0.9  # the cap holds for the total: metadata alone passes it
     with pytest.raises(dplm.DplmError, match="privacy.metadata_epsilon 1.0 leaves nothing"):
-        dplm.fit(df, config, progress=False)
+        dplm.fit(df, config, schema=kinds, progress=False)
 
 
 def test_per_subject_dp_on_cdnow(tmp_path):
@@ -142,3 +145,88 @@ def test_per_subject_dp_on_cdnow(tmp_path):
     rows = synth.sample(6, progress=False)
     assert list(rows.columns) == ["date", "cds", "amt"]
     assert rows["amt"].between(0, 2000).all() and rows["date"].between("1997-01-01", "1998-06-30").all()
+
+
+KINDS_ONLY = {"columns": {"city": {"kind": "categorical"}, "age": {"kind": "integer"}}}
+
+
+def people_table(num_subjects: int = 300, seed: int = 0) -> pd.DataFrame:
+    """A table of subjects with 1 to 6 rows each: a city and an age per row."""
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(1, 7, num_subjects)
+    ids = np.repeat(np.arange(num_subjects), counts)
+    return pd.DataFrame({"person": ids, "city": rng.choice(["north", "south"], len(ids)),
+                         "age": rng.integers(20, 70, len(ids))})
+
+
+def test_export_holds_only_what_may_be_shared(tmp_path):
+    """`export` copies the model, tokenizer, schema, config, privacy record and synthetic rows
+    with a MANIFEST; no per-step loss, timings, split or exact row count (under subjects one
+    person changes the row count by any amount) leaves the run directory."""
+    from dplm.synthesizer import PRIVATE_DIAGNOSTICS, RELEASE
+
+    table = people_table(1000)
+    config = tiny_config(True, tmp_path)
+    config.data.schema, config.data.max_rows, config.data.subject = None, None, "person"
+    config.audit.canaries, config.privacy.metadata_epsilon = 2, 2.0
+    synth = dplm.fit(table, config, schema=dplm.Schema.from_dict(KINDS_ONLY), progress=False)
+    run_dir = synth.save(tmp_path / "run", synthetic=synth.sample(20, progress=False))
+    (run_dir / "audit.json").write_text("{}")
+    out = dplm.export_run(run_dir, tmp_path / "shared")
+    assert {p.name for p in out.iterdir()} == set(RELEASE) | {"MANIFEST.md"}
+    assert not set(PRIVATE_DIAGNOSTICS) & {p.name for p in out.iterdir()}
+    privacy = json.loads((out / "privacy.json").read_text())
+    assert privacy["privacy_unit"] == "subject (column 'person')" and "num_training_rows" not in privacy
+    assert privacy["num_training_subjects"] == len(set(table["person"].iloc[synth.split["train"]]))
+    text = "\n".join(p.read_text() for p in out.rglob("*")  # the tokenizer's vocabulary holds any word
+                     if p.suffix in (".json", ".yaml", ".md") and "tokenizer" not in p.parts)
+    log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert not any(f'"{key}"' in text for key in ("loss", "final_loss", "rows_seen", "batch_rows", "elapsed_s"))
+    for entry in log:
+        assert repr(entry["loss"]) not in text and f"{entry['loss']:.4f}" not in text
+    assert f": {len(synth.split['train'])}" not in text and f" {len(synth.split['train'])} " not in text
+    manifest = (out / "MANIFEST.md").read_text()
+    assert f"epsilon = {privacy['epsilon']:.4f}" in manifest and "`train_log.jsonl`" in manifest
+    assert "city (categories)" in manifest  # DP-estimated metadata is named as covered
+    assert dplm.load(out).sample(5, progress=False).shape == (5, 2)  # the export is a usable model
+    with pytest.raises(dplm.DplmError, match="already exists; give a new folder"):
+        dplm.export_run(run_dir, out)
+    shared = synth.export(tmp_path / "from_api")
+    assert {p.name for p in shared.iterdir()} == set(RELEASE) - {"synthetic.csv"} | {"MANIFEST.md"}
+
+
+def test_a_returned_model_cannot_be_resumed(tmp_path):
+    """The checkpoint goes when `fit` returns: a resume would replay from the last checkpoint
+    and leave the steps after it (already in the returned model) out of epsilon."""
+    from dplm.synthesizer import checkpoints_for
+
+    config = tiny_config(True, tmp_path)
+    config.train.checkpoint_every, config.train.max_steps = 2, 3
+    checkpoints = checkpoints_for(config)
+    synth = dplm.fit("census", config, checkpoints=checkpoints, progress=False)
+    assert synth.privacy_record["steps"] == 3 and not checkpoints.folder.exists()
+    with pytest.raises(dplm.DplmError, match="no checkpoint"):
+        dplm.fit("census", config, checkpoints=checkpoints_for(config, resume=True), progress=False)
+
+
+def test_plan_is_the_total_the_run_reports(tmp_path):
+    """`plan` (no training) gives the steps and the epsilon privacy.json will show: schema
+    metadata estimated under DP, its delta share, the canaries in the sampling rate and the cap."""
+    table = people_table().drop(columns=["person"])
+    config = tiny_config(True, tmp_path)
+    config.data.schema, config.data.max_rows = None, None
+    config.audit.canaries, config.audit.canary_repeats = 3, 2
+    config.privacy.metadata_epsilon = 1.2
+    schema = dplm.Schema.from_dict(KINDS_ONLY)
+    config.train.max_steps = 12
+    cap = dplm.plan(config, table, schema)["epsilon"] * 1.00001  # the cap stops the run after 12 steps
+    config.train.max_steps, config.privacy.max_epsilon = 40, cap
+    planned = dplm.plan(config, table, schema)
+    assert planned["steps"] == 12 and planned["epsilon"] <= cap
+    synth = dplm.fit(table, config, schema=schema, progress=False)
+    record = synth.privacy_record
+    assert planned["stop_reason"] == synth.training.stop_reason == "max_epsilon"
+    for key in ("steps", "epsilon", "delta", "training_delta", "metadata_epsilon", "metadata_delta", "sample_rate"):
+        assert planned[key] == record[key], key
+    assert planned["units"] == len(synth.split["train"]) + 6 and planned["metadata_estimated"] == {
+        "city": ["categories"], "age": ["min", "max"]}

@@ -101,6 +101,62 @@ def test_non_dp_micro_batches_match_one_batch(tokenizer, sequences):
     assert torch.allclose(results[0], results[1], atol=1e-5)
 
 
+def test_dp_micro_batches_match_one_batch_at_noise_zero(tokenizer, sequences):
+    """Micro-batches only bound memory: at noise 0 a logical batch's update is the same in
+    one pass or in several, and equals the sum of each unit's gradient clipped to
+    max_grad_norm, divided by the expected batch size (computed here unit by unit)."""
+    from dplm.privacy import make_private
+    from dplm.train import _logical_step
+
+    groups = [[0], [1, 2], [3], [4, 5], [6], [7], [8, 9], [10]]  # units of one or two rows
+    clip, expected_batch = 0.05, 8
+
+    def flat(params):
+        return torch.cat([p.detach().flatten() for p in params])
+
+    model = tiny_lora(tokenizer)
+    params = [p for p in model.parameters() if p.requires_grad]
+    by_hand = torch.zeros_like(flat(params))
+    for group in groups:
+        ids, mask = pad_batch([sequences[r] for r in group], tokenizer.pad_token_id, torch.device("cpu"))
+        model.zero_grad()
+        row_losses(model, ids, mask, models.target_index(model)).sum().backward()
+        grad = torch.cat([p.grad.flatten() for p in params])
+        by_hand += grad * min(1.0, clip / (grad.norm().item() + 1e-6))
+    by_hand = -by_hand / expected_batch
+    updates = []
+    for micro in (16, 3):
+        model = tiny_lora(tokenizer)
+        params = [p for p in model.parameters() if p.requires_grad]
+        before = flat(params)
+        dp_model, optimizer = make_private(model, torch.optim.SGD(params, lr=1.0), 0.0, clip, expected_batch)
+        _logical_step(dp_model, optimizer, groups, 11, sequences, tokenizer.pad_token_id, micro,
+                      torch.device("cpu"), True, params, models.target_index(model), 1)
+        dp_model._close()
+        updates.append(flat(params) - before)
+    assert by_hand.abs().max() > 1e-4
+    assert torch.allclose(updates[0], by_hand, atol=1e-6) and torch.allclose(updates[1], by_hand, atol=1e-6)
+
+
+def test_dp_step_count_is_fixed_by_the_settings_not_the_data(tokenizer, sequences, census, census_schema):
+    """Under DP the number of steps follows from public settings (epochs, steps, the cap):
+    other rows of the same count, long or short, take the same steps; a time limit is refused."""
+    from dplm.config import RunConfig
+
+    other = RowCodec(census_schema, tokenizer).encode_table(coerce_table(census.tail(64), census_schema))
+    short = [s[:8] for s in sequences]
+    steps = []
+    for rows in (sequences, other, short):
+        result = train(tiny_lora(tokenizer), rows, tokenizer.pad_token_id, TrainConfig(batch_size=16, max_epochs=1.5),
+                       PrivacyConfig(enabled=True), torch.device("cpu"), progress=False)
+        steps.append((result.steps, result.stop_reason, result.privacy["epsilon"]))
+    assert steps[0] == steps[1] == steps[2] and steps[0][:2] == (6, "max_epochs")  # ceil(1.5 * 64 / 16)
+    config = RunConfig()
+    config.privacy.enabled, config.train.max_training_time = True, 60
+    with pytest.raises(DplmError, match="train.max_training_time cannot be used with DP"):
+        config.validate()
+
+
 def test_time_limit_stops_training(tokenizer, sequences):
     result = train(tiny_lora(tokenizer), sequences, tokenizer.pad_token_id,
                    TrainConfig(batch_size=8, max_epochs=50, max_training_time=1.0), PrivacyConfig(),

@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""Fidelity benchmark: train a recipe, sample rows, score them; one row of docs/benchmarks.md.
+
+    .venv/bin/python scripts/bench_fidelity.py RECIPE [section.key=value ...] --out DIR [--rows N]
+
+Trains RECIPE (with the overrides) on its data's training split, samples N rows (default
+9,768, the census benchmark holdout's size) into DIR/synthetic.csv, scores them against the
+training and holdout rows into DIR/report.json and DIR/report.html (`dplm report`), and
+prints the scores, the epsilon and the compute. The run directory is DIR/run; DIR/bench.json
+holds the printed figures. Run one at a time: two CPU-heavy jobs on 2 cores skew both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipe")
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    parser.add_argument("--out", required=True, help="folder for the run, the rows and the report")
+    parser.add_argument("--rows", type=int, default=9768, help="synthetic rows to sample and score")
+    parser.add_argument("--target", default="income", help="column for the TSTR score (skipped if absent)")
+    args = parser.parse_args()
+
+    import torch
+
+    from dplm.config import load_recipe
+    from dplm.report import report_run
+    from dplm.synthesizer import Synthesizer
+
+    out = Path(args.out)
+    config = load_recipe(args.recipe, [*args.overrides, f"output_dir={out / 'run'}", "output_csv=null"])
+    synth = Synthesizer.fit(config=config, progress=False)
+    start = time.perf_counter()
+    rows = synth.sample(args.rows, progress=False)
+    sample_seconds = time.perf_counter() - start
+    run_dir = synth.save(out / "run", synthetic=rows)
+    rows.to_csv(out / "synthetic.csv", index=False)
+    target = args.target if args.target in synth.schema.names else None
+    _, json_path = report_run(run_dir, synthetic=out / "synthetic.csv", target=target, out_dir=out, progress=False)
+    scores = json.loads(json_path.read_text())
+    t, p, stats = synth.training, synth.privacy_record, synth.last_sample_stats
+    acc = scores["accuracy"]["synthetic"]
+    result = {
+        "recipe": args.recipe, "overrides": args.overrides, "rows": len(rows),
+        "accuracy": {k: acc[k] for k in ("overall", "univariate", "bivariate", "trivariate")},
+        "holdout_accuracy": scores["accuracy"]["holdout"]["overall"],
+        "discriminator_auc": scores["embedding"]["discriminator_auc"]["synthetic"],
+        "dcr_share": scores["privacy"]["synthetic"]["dcr_share"],
+        "tstr_accuracy": scores.get("utility", {}).get("tstr", {}).get("accuracy"),
+        "trtr_accuracy": scores.get("utility", {}).get("trtr", {}).get("accuracy"),
+        "epsilon": p.get("epsilon"), "delta": p.get("delta"), "accountant": p.get("accountant"),
+        "steps": t.steps, "epochs": t.epochs, "train_seconds": t.seconds, "train_rows_per_s": t.rows_per_second,
+        "sample_seconds": sample_seconds, "sample_rows_per_s": len(rows) / sample_seconds,
+        "valid_rate": stats.valid_rate,
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+                   f"torch {torch.__version__}",
+    }
+    (out / "bench.json").write_text(json.dumps(result, indent=2))
+    a = result["accuracy"]
+    eps = "no DP" if result["epsilon"] is None else f"epsilon {result['epsilon']:.3f} ({result['accountant']})"
+    tstr = "" if result["tstr_accuracy"] is None else \
+        f", TSTR {result['tstr_accuracy']:.3f} (real {result['trtr_accuracy']:.3f})"
+    print(f"{args.recipe} {' '.join(args.overrides)}\n"
+          f"accuracy {a['overall']:.4f} (uni {a['univariate']:.4f}, bi {a['bivariate']:.4f}, tri {a['trivariate']:.4f}; "
+          f"holdout {result['holdout_accuracy']:.4f}), discriminator AUC {result['discriminator_auc']:.3f}, "
+          f"DCR share {result['dcr_share']:.3f}{tstr}; {eps}\n"
+          f"training {t.steps} steps, {t.epochs:.2f} epochs, {t.seconds:.0f} s ({t.rows_per_second:.1f} rows/s); "
+          f"sampling {len(rows)} rows in {sample_seconds:.0f} s ({result['sample_rows_per_s']:.1f} rows/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
