@@ -22,17 +22,26 @@ class DataConfig:
     max_rows: int | None = None  # train on a seeded random subset (after the holdout split)
 
 
+# LoRA on every linear layer of a Llama block, and on the (schema-restricted) output layer,
+# whose rows for new value tokens start from their text's embeddings and must learn the rest.
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+
+
 @dataclass
 class ModelConfig:
+    """Defaults are the table recipe that measured best per CPU-minute (docs/benchmarks.md):
+    SmolLM2's first 2 layers, value tokens, LoRA on all linear layers. For free text or on a
+    GPU set `layers: null` (all 30 layers)."""
+
     base: str = "smollm2-135m"  # "smollm2-135m", "tiny-random", a local HF folder or hub id
-    layers: int | None = None  # keep only the base model's first N transformer layers (None: all)
+    layers: int | None = 2  # keep only the base model's first N transformer layers (None: all)
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
     precision: str = "auto"  # auto | bf16 | fp32: dtype of the frozen base weights (LoRA stays fp32)
     prune_vocab: bool = True  # output layer scores only the tokens the schema can produce
-    value_tokens: bool = False  # one new token per category / small-range integer (see serialize)
+    value_tokens: bool = True  # one new token per category / small-range integer (see serialize)
 
 
 @dataclass
@@ -46,6 +55,7 @@ class TrainConfig:
     max_training_time: float | None = None  # seconds; without DP only (under DP the steps are fixed in advance)
     seed: int = 0
     threads: int | None = None  # torch CPU threads; None keeps torch's default
+    grammar_loss: bool = True  # each token's loss over the tokens the schema allows there, as the sampler draws
     checkpoint_every: int | None = 50  # `dplm train` saves a resumable checkpoint every N steps (None: never)
 
 

@@ -108,13 +108,16 @@ def load_base_model(name: str, vocab_size: int, dtype: torch.dtype = torch.float
 
 
 def init_value_embeddings(model, texts: dict[int, list[int]]) -> None:
-    """Start each new value token (`serialize` value tokens: id -> its text's token ids) at the
-    mean embedding of its text, in the input embeddings and, when untied, the output layer."""
+    """Start each new value token (`serialize` value tokens: id -> its text's token ids) at a
+    weighted mean of its text's embeddings, weights halving from the first token on, in the
+    input embeddings and, when untied, the output layer. (A plain mean gives "37" and "73"
+    the same vector: a frozen output layer could then never tell them apart.)"""
     matrices = {id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings())}
     with torch.no_grad():
         for weight in matrices.values():
             for token, ids in texts.items():
-                weight[token] = weight[ids].float().mean(0).to(weight.dtype)
+                weights = 0.5 ** torch.arange(len(ids), dtype=torch.float32, device=weight.device)
+                weight[token] = (weights[:, None] * weight[ids].float()).sum(0).div(weights.sum()).to(weight.dtype)
 
 
 class RestrictedHead(torch.nn.Linear):
@@ -148,6 +151,7 @@ def restrict_output_vocab(model, token_ids: list[int]) -> None:
 def output_head(model) -> RestrictedHead | None:
     """The model's restricted output layer, or None when it scores the whole vocabulary."""
     head = model.get_output_embeddings()
+    head = getattr(head, "base_layer", head)  # under a LoRA adapter of its own ("lm_head" in target_modules)
     return head if isinstance(head, RestrictedHead) else None
 
 

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from dplm.model import output_head
 from dplm.schema import format_number
 from dplm.serialize import ParseError, RowCodec
+from dplm.train import GrammarMasks
 
 
 @dataclass
@@ -161,6 +162,7 @@ class CompiledGrammar:
         self.codec, self.token_ids, self.device = lazy.codec, lazy.token_ids, lazy.device
         self.allowed, self.next, self.start, self.done = allowed, next_state, start, done
         self.max_row_tokens = lazy.max_row_tokens
+        self.position = lazy.position  # token id -> logit index
 
     @classmethod
     def build(cls, codec: RowCodec, token_ids: list[int], device,
@@ -210,6 +212,23 @@ class CompiledGrammar:
 
     def select(self, states: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         return states[rows]
+
+
+def grammar_masks(codec: RowCodec, token_ids: list[int], sequences: list[list[int]], device) -> GrammarMasks | None:
+    """The grammar states of every position of `sequences` (BOS ... EOS), for a loss over the
+    allowed tokens (`train.GrammarMasks`); None when the automaton does not compile."""
+    compiled = CompiledGrammar.build(codec, token_ids, device)
+    if compiled is None:
+        return None
+    table = compiled.next.tolist()
+    states = []
+    for ids in sequences:
+        state, row = compiled.start, [compiled.start]
+        for token in ids[1:-1]:
+            state = table[state][compiled.position[token]]
+            row.append(state)
+        states.append(row + [compiled.done])  # EOS: the row's last state, never a prediction's
+    return GrammarMasks(compiled.allowed, states, compiled.done)
 
 
 def row_grammar(codec: RowCodec, token_ids: list[int], device) -> CompiledGrammar | RowGrammar:

@@ -42,7 +42,7 @@ from dplm.config import RunConfig, from_dict
 from dplm.data import load_table
 from dplm.errors import DplmError
 from dplm.privacy import secret_rng
-from dplm.sample import SampleStats, sample_rows
+from dplm.sample import SampleStats, grammar_masks, output_token_ids, sample_rows
 from dplm.schema import Schema, coerce_table, dp_metadata_spend, estimate_schema_dp, infer_schema, require_kinds
 from dplm.serialize import RowCodec
 from dplm.train import Checkpoints, TrainResult, process_rank, train
@@ -188,9 +188,10 @@ class Synthesizer:
         if checkpoints:
             checkpoints.run_state = {"schema": schema.to_dict(), "metadata": metadata,
                                      "canaries": None if canaries is None else canaries.to_dict("list")}
+        masks = grammar_masks(codec, output_token_ids(model), sequences, device) if config.train.grammar_loss else None
         synth.training = train(model, sequences, tokenizer.pad_token_id, config.train, config.privacy, device,
                                progress=progress, subjects=subjects, checkpoints=checkpoints,
-                               metadata_epsilon=metadata["epsilon"], metadata_delta=metadata["delta"])
+                               metadata_epsilon=metadata["epsilon"], metadata_delta=metadata["delta"], masks=masks)
         if checkpoints and process_rank()[0] == 0:
             # The model is out: a checkpoint of it would resume without the steps taken since.
             shutil.rmtree(checkpoints.folder, ignore_errors=True)
@@ -247,7 +248,8 @@ class Synthesizer:
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=run_dir.parent, prefix=f".{run_dir.name}-"))
         try:
-            self.model.save_pretrained(tmp / "adapter")
+            # The base (its value-token rows included) is rebuilt from the schema at load: save LoRA only.
+            self.model.save_pretrained(tmp / "adapter", save_embedding_layers=False)
             self.tokenizer.save_pretrained(tmp / "tokenizer")
             self.schema.to_yaml(tmp / "schema.yaml")
             (tmp / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))

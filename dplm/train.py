@@ -66,13 +66,36 @@ def pad_batch(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Te
     return ids.to(device), mask.to(device)
 
 
+@dataclass
+class GrammarMasks:
+    """The sampler's grammar, for the loss: `allowed[s]` marks the logits the sampler may draw
+    in grammar state s, `states[r][i]` is row r's state before its token i + 1, and `done`
+    the state after a row's end (padding). With them the loss is normalised over the tokens
+    the sampler chooses from, as the sampler is, and forced tokens (separators) cost nothing.
+    Built by `sample.grammar_masks`."""
+
+    allowed: torch.Tensor
+    states: list[list[int]]
+    done: int
+
+    def of(self, rows: list[int], width: int, device) -> torch.Tensor:
+        """The allowed-logit masks of these rows' first `width` - 1 positions, padded."""
+        states = torch.full((len(rows), width), self.done, dtype=torch.long)
+        for i, r in enumerate(rows):
+            states[i, : len(self.states[r])] = torch.tensor(self.states[r])
+        return self.allowed[states[:, :-1].to(self.allowed.device)].to(device)
+
+
 def row_losses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               target_index: torch.Tensor | None = None) -> torch.Tensor:
+               target_index: torch.Tensor | None = None, allowed: torch.Tensor | None = None) -> torch.Tensor:
     """Mean next-token loss of each row over its real tokens (padding excluded).
 
     `target_index` maps token ids to logit positions when the model's output layer scores
-    only some tokens (see `model.RestrictedHead`)."""
+    only some tokens (see `model.RestrictedHead`). `allowed` (see `GrammarMasks.of`) limits
+    each position's softmax to the tokens the grammar allows there."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
     targets = input_ids[:, 1:] if target_index is None else target_index[input_ids[:, 1:]]
     mask = attention_mask[:, 1:].to(torch.float32)
     token_loss = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
@@ -156,7 +179,7 @@ class Checkpoints:
 def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, privacy: PrivacyConfig,
           device: torch.device, progress: bool = True, subjects: list[list[int]] | None = None,
           checkpoints: Checkpoints | None = None, metadata_epsilon: float = 0.0,
-          metadata_delta: float = 0.0) -> TrainResult:
+          metadata_delta: float = 0.0, masks: GrammarMasks | None = None) -> TrainResult:
     """Train the trainable (LoRA) parameters of `model` in place; returns what was done.
 
     `subjects` lists the row indexes of each privacy unit (default: every row is its own).
@@ -167,6 +190,7 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
     keeps training and sampling on single rows.) `metadata_epsilon`/`metadata_delta` were
     spent on the schema: the epsilon counts against `privacy.max_epsilon`, and training
     accounts at `privacy.delta - metadata_delta`, so the total stays at `privacy.delta`.
+    With `masks` each token's loss is over the tokens the grammar allows there.
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -251,7 +275,7 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
                 break
             batch_rows = sum(len(g) for g in groups)
             loss = _logical_step(forward_model, optimizer, groups[rank::world], batch_rows, sequences, pad_id,
-                                 cfg.micro_batch_size, device, privacy.enabled, params, target_index, world)
+                                 cfg.micro_batch_size, device, privacy.enabled, params, target_index, world, masks)
             scheduler.step()
             if budget:
                 budget.step()
@@ -334,7 +358,7 @@ def _pack(groups: list[list[int]], size: int) -> list[list[list[int]]]:
 
 
 def _logical_step(model, optimizer, groups, batch_rows, sequences, pad_id, micro_batch_size, device, dp: bool,
-                  params, target_index, world: int) -> float | None:
+                  params, target_index, world: int, masks: GrammarMasks | None = None) -> float | None:
     """One optimizer step. This process computes the rows of `groups` (its share of a
     logical batch of `batch_rows` rows; one group per privacy unit) in micro-batches.
     Returns the mean row loss over the whole logical batch."""
@@ -346,9 +370,11 @@ def _logical_step(model, optimizer, groups, batch_rows, sequences, pad_id, micro
     groups = sorted(groups, key=lambda g: max(len(sequences[r]) for r in g))
     chunks = _pack(groups, micro_batch_size)
     for i, chunk in enumerate(chunks):
-        ids, mask = pad_batch([sequences[r] for group in chunk for r in group], pad_id, device)
+        rows = [r for group in chunk for r in group]
+        ids, mask = pad_batch([sequences[r] for r in rows], pad_id, device)
+        allowed = masks.of(rows, ids.shape[1], device) if masks else None
         with models.training_attention(device):
-            losses = row_losses(model, ids, mask, target_index)
+            losses = row_losses(model, ids, mask, target_index, allowed)
         total += float(losses.detach().sum())
         if dp:
             # Opacus wants the micro-batch mean; it rescales per-row gradients by the batch size.

@@ -31,7 +31,7 @@ def main() -> int:
     parser.add_argument("--out", required=True, help="folder for the run, the rows and the report")
     parser.add_argument("--rows", type=int, default=9768, help="synthetic rows to sample and score")
     parser.add_argument("--target", default="income", help="column for the TSTR score (skipped if absent)")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
 
     import torch
 

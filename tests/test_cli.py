@@ -125,7 +125,7 @@ def test_killed_run_resumes_to_the_same_epsilon_and_the_cap(tmp_path):
     cap = 30 + training_epsilon * 1.0001  # metadata 30 + training: the cap stops the run after 120 steps
     cmd = [sys.executable, "-m", "dplm.cli", "train", str(root / "recipes/census_dp.yaml"), "model.base=tiny-random",
            "data.max_rows=500", "train.batch_size=8", "train.micro_batch_size=8", "train.max_epochs=100", "train.max_steps=null",
-           "train.checkpoint_every=1", f"privacy.max_epsilon={cap}",
+           "train.checkpoint_every=1", f"privacy.max_epsilon={cap}", "privacy.accountant=rdp", "privacy.noise_multiplier=1.5",
            f"data.schema={census_kinds_file(tmp_path)}", "privacy.metadata_epsilon=30", "audit.canaries=2",
            "sample.num_rows=5", f"output_dir={out}", "output_csv=null", "-q"]
     checkpoint = tmp_path / "run.checkpoint" / "checkpoint.pt"

@@ -79,6 +79,7 @@ def test_torchrun_launch_of_the_cli(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "dplm.cli", "train",
            str(ROOT / "recipes/census_dp.yaml"), "model.base=tiny-random", "train.max_steps=2",
+           "train.batch_size=32", "train.micro_batch_size=32", "privacy.accountant=rdp", "privacy.noise_multiplier=1.5",
            "data.max_rows=1000", "sample.num_rows=5", f"output_dir={out}",
            "output_csv=null", f"data.schema={census_kinds_file(tmp_path)}", "privacy.metadata_epsilon=30", "privacy.max_epsilon=null",
            "audit.canaries=2", "-q"]

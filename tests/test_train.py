@@ -48,6 +48,37 @@ def test_restricted_head_scores_the_kept_tokens_like_the_full_head(tokenizer, se
         assert (restricted < row_losses(full, ids, mask)).all()
 
 
+def test_grammar_loss_is_the_samplers_renormalised_likelihood(census, census_schema):
+    """With grammar masks each token's loss is -log of its probability renormalised over the
+    tokens the (lazy, Python) grammar allows at that point, as the sampler draws it; a forced
+    token (the EOS after the last one-token value) costs nothing."""
+    from dplm.model import load_tokenizer
+    from dplm.sample import RowGrammar, grammar_masks
+
+    tokenizer = load_tokenizer("smollm2-135m")
+    codec = RowCodec(census_schema, tokenizer, value_tokens=True)
+    model = models.load_base_model("tiny-random", len(tokenizer))
+    models.restrict_output_vocab(model, codec.output_token_ids())
+    token_ids = codec.output_token_ids()
+    rows = codec.encode_table(coerce_table(census.head(3), census_schema))
+    masks = grammar_masks(codec, token_ids, rows, torch.device("cpu"))
+    ids, mask = pad_batch(rows, tokenizer.pad_token_id, "cpu")
+    with torch.no_grad():
+        losses = row_losses(model, ids, mask, models.target_index(model), masks.of([0, 1, 2], ids.shape[1], "cpu"))
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    lazy = RowGrammar(codec, token_ids, torch.device("cpu"))
+    position = {t: j for j, t in enumerate(token_ids)}
+    for r, seq in enumerate(rows):
+        state, token_losses = lazy.initial(1)[0], []
+        for i, token in enumerate(seq[1:]):
+            allowed = [position[t] for t in lazy.allowed(state)]
+            log_probs = torch.log_softmax(logits[r, i, allowed].double(), dim=0)
+            token_losses.append(-log_probs[allowed.index(position[token])].item())
+            state = lazy.next_state(state, token)
+        assert token_losses[-1] == 0.0  # EOS is forced after income's value token
+        assert losses[r].item() == pytest.approx(sum(token_losses) / len(token_losses), rel=1e-5)
+
+
 def test_dp_epsilon_matches_independent_computation_and_weights_change(tokenizer, sequences):
     model = tiny_lora(tokenizer)
     lora_b = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
