@@ -77,7 +77,7 @@ class RowGrammar:
         ids, can_end = self.fields[column].next_tokens(inner)
         if not can_end:
             return list(ids)
-        # A one-token field moves on by itself (see next_state): it ends only the row, with EOS.
+        # A self-delimiting field moves on by itself (see next_state): it ends only the row, with EOS.
         return list(ids) + [self.codec.sep_id if column < len(self.fields) - 1 else self.codec.eos_id]
 
     def mask_index(self, state) -> int:
@@ -100,10 +100,10 @@ class RowGrammar:
             return None
         column, inner = state
         field = self.fields[column]
-        if token == self.codec.sep_id and not field.single:  # never part of a value (see serialize)
+        if token == self.codec.sep_id and not field.self_delimiting:  # never part of a value (see serialize)
             return (column + 1, self.fields[column + 1].start())
         inner = field.advance(inner, token)
-        if field.single and column < len(self.fields) - 1:  # no separator after a one-token value
+        if field.self_delimiting and field.complete(inner) and column < len(self.fields) - 1:  # no separator
             return (column + 1, self.fields[column + 1].start())
         return (column, inner)
 
@@ -133,8 +133,8 @@ class RowGrammar:
         total = len(self.fields)
         for f in self.fields:
             col = f.col
-            if f.single:
-                total += 1
+            if f.self_delimiting:
+                total += f.width or 1
             elif col.kind == "categorical":
                 total += max(len(ids) for ids in f.category_ids.values())
             elif col.kind == "text":

@@ -13,9 +13,12 @@ split on the separator id:
 
 With value tokens (`model.value_tokens`), a column whose values are few (the categories,
 or the integers of a range of at most `MAX_VALUE_TOKENS`) gets one new token per value,
-`<|column=value|>` (and `<|column|>` for a missing value). Such a field is always one token,
-so no separator follows it: a census row shrinks from 57 tokens to 25. The new tokens come
-from the schema alone; `model.init_value_embeddings` starts each from its text's embedding.
+`<|column=value|>` (and `<|column|>` for a missing value), and a wider non-negative integer
+column is written in fixed-width digits (`0132485` for fnlwgt <= 2,000,000): the digit's
+position then says its place value and where the number ends. Such fields end by themselves,
+so no separator follows them: a census row is 31 tokens, none of them separators (57 without
+value tokens). The new tokens come from the schema alone; `model.init_value_embeddings`
+starts each from its text's embedding.
 
 The same token sequences are used for training and as the grammar's language, so a
 constrained sampler can produce exactly the sequences the model was trained on.
@@ -34,6 +37,13 @@ from dplm.schema import DATE_FORMAT, Column, Schema, format_number
 SEPARATOR = "|"
 NUMBER_CHARS = "0123456789.-"
 MAX_VALUE_TOKENS = 256  # integer columns with at most this many values get a token per value
+
+
+def fixed_width(col: Column) -> int | None:
+    """Digits of a wide non-negative integer column written at fixed width (value tokens)."""
+    if col.kind == "integer" and float(col.min) >= 0 and token_values(col) is None:
+        return len(str(int(float(col.max))))
+    return None
 
 
 def token_values(col: Column) -> list[str] | None:
@@ -94,8 +104,7 @@ class RowCodec:
         if value_tokens:
             from tokenizers import AddedToken
 
-            names = [name for col in schema.columns if token_values(col) is not None
-                     for name in value_token_names(col).values()]
+            names = [name for col in schema.columns for name in value_token_names(col).values()]
             tokenizer.add_tokens([AddedToken(n, special=True, normalized=False) for n in names], special_tokens=True)
         self.fields = [FieldGrammar(col, self) for col in schema.columns]
         if any(col.kind == "text" for col in schema.columns):
@@ -111,7 +120,7 @@ class RowCodec:
         missing-value token): where its embedding starts."""
         out = {}
         for field in self.fields:
-            if field.single:
+            if field.value_ids:
                 for value, token in field.value_ids.items():
                     name = self.tokenize(escape(field.col.name))
                     out[token] = name if value is None else self.tokenize(escape(value)) or name
@@ -123,6 +132,9 @@ class RowCodec:
         for field in self.fields:
             if field.single:
                 ids.update(field.value_ids.values())
+            elif field.width:
+                ids.update(field.value_ids.values())
+                ids.update(self.char_ids[d] for d in "0123456789")
             elif field.kind == "categorical":
                 ids.update(t for tokens in field.category_ids.values() for t in tokens)
             elif field.kind == "text":
@@ -150,7 +162,7 @@ class RowCodec:
         ids = [self.bos_id]
         for i, (field, value) in enumerate(zip(self.fields, values)):
             ids.extend(field.encode(value))
-            if i < len(self.fields) - 1 and not field.single:
+            if i < len(self.fields) - 1 and not field.self_delimiting:
                 ids.append(self.sep_id)
         ids.append(self.eos_id)
         return ids
@@ -174,8 +186,9 @@ class RowCodec:
         ids = ids[: ids.index(self.eos_id)]
         row, i, last = {}, 0, len(self.fields) - 1
         for k, field in enumerate(self.fields):
-            if field.single:  # exactly one token, no separator
-                end, following = i + 1, i + 1
+            if field.self_delimiting:  # a known number of tokens, no separator
+                end = following = i + (1 if field.single or ids[i: i + 1] == [field.value_ids.get(None)]
+                                       else field.width)
             else:
                 end = ids.index(self.sep_id, i) if self.sep_id in ids[i:] else len(ids)
                 if (k < last) != (end < len(ids)):
@@ -203,12 +216,19 @@ class FieldGrammar:
         self.codec = codec
         self.kind = col.kind
         self._digit_bounds = None
-        # One token per value (value tokens): value text (None: missing) -> token id.
+        # Value tokens: one token per value (`single`), or fixed-width digits (`width`); both
+        # end by themselves (`self_delimiting`). value_ids: value text (None: missing) -> token.
         self.single = codec.value_tokens and token_values(col) is not None
+        self.width = fixed_width(col) if codec.value_tokens else None
+        self.self_delimiting = self.single or bool(self.width)
+        names = value_token_names(col) if codec.value_tokens else {}
+        self.value_ids = {v: codec.tokenizer.convert_tokens_to_ids(n) for v, n in names.items()}
+        self._value_of = {t: v for v, t in self.value_ids.items()}
         if self.single:
-            names = value_token_names(col)
-            self.value_ids = {v: codec.tokenizer.convert_tokens_to_ids(n) for v, n in names.items()}
-            self._value_of = {t: v for v, t in self.value_ids.items()}
+            return  # its value tokens say everything
+        if self.width:
+            self.lo, self.hi = int(float(col.min)), int(float(col.max))
+            self._padded = (str(self.lo).zfill(self.width), str(self.hi).zfill(self.width))
         elif col.kind == "categorical":
             self.category_ids = {c: codec.tokenize(escape(c)) for c in col.categories}
             self._category_of = {tuple(ids): c for c, ids in self.category_ids.items()}
@@ -227,14 +247,16 @@ class FieldGrammar:
             self.dates = [(lo + dt.timedelta(days=d)).strftime(DATE_FORMAT) for d in range((hi - lo).days + 1)]
 
     def token_ids(self) -> list[int]:
-        """The field's own value tokens (empty unless `single`)."""
-        return list(self.value_ids.values()) if self.single else []
+        """The field's own new tokens (value tokens; empty without them)."""
+        return list(self.value_ids.values())
 
     def encode(self, value) -> list[int]:
+        if self.self_delimiting and _is_missing(value):
+            return [self.value_ids[None]]
         if self.single:
-            if _is_missing(value):
-                return [self.value_ids[None]]
             return [self.value_ids[format_number(value, 0) if self.kind == "integer" else str(value)]]
+        if self.width:
+            return [self.codec.char_ids[c] for c in format_number(value, 0).zfill(self.width)]
         if _is_missing(value):
             return []
         col, codec = self.col, self.codec
@@ -255,6 +277,11 @@ class FieldGrammar:
         """(token ids allowed next inside the value, whether the value may end here)."""
         if self.single:  # state 0: before the value token, 1: after it
             return (list(self.value_ids.values()), False) if state == 0 else ([], True)
+        if self.width:  # state: the digits so far, or None after the missing-value token
+            if self.complete(state):
+                return [], True
+            digits = [self.codec.char_ids[d] for d in "0123456789" if self._fixed_ok(state + d)]
+            return digits + ([self.value_ids[None]] if state == "" and None in self.value_ids else []), False
         if self.kind == "categorical":
             node = self.trie[state]
             return list(node["next"]), node["end"] or (state == 0 and self.col.nullable)
@@ -270,6 +297,8 @@ class FieldGrammar:
         sampler keeps a few dozen masks per number column, not one per digit prefix seen."""
         if self.single or self.kind == "categorical":
             return state
+        if self.width:
+            return self.state_key(state)
         if self.kind == "text":
             return (state < self.col.max_tokens, state > 0)
         if self._digit_bounds:
@@ -281,7 +310,23 @@ class FieldGrammar:
         """A key that determines the allowed tokens and every later transition: states with
         equal keys are one state of the field's finite automaton (a trie node, a token count,
         the digit-DP summary of a non-negative integer, else the prefix itself)."""
+        if self.width:  # digit DP over the zero-padded bounds
+            if state is None:
+                return "missing"
+            k, (lo, hi) = len(state), self._padded
+            return (k, _compare(state, lo[:k]), _compare(state, hi[:k]))
         return self._digit_key(state) if self._digit_bounds else state
+
+    def complete(self, state) -> bool:
+        """Has a self-delimiting field's value ended (no separator follows it)?"""
+        if self.single:
+            return state == 1
+        return state is None or len(state) == self.width
+
+    def _fixed_ok(self, prefix: str) -> bool:
+        """Can these fixed-width digits be completed to a value in [lo, hi]?"""
+        rest = self.width - len(prefix)
+        return int(prefix + "9" * rest) >= self.lo and int(prefix + "0" * rest) <= self.hi
 
     def _digit_key(self, prefix: str):
         """For a non-negative integer the allowed next digits depend only on the prefix's
@@ -295,6 +340,8 @@ class FieldGrammar:
     def advance(self, state, token: int):
         if self.single:
             return 1
+        if self.width and token == self.value_ids.get(None):
+            return None
         if self.kind == "categorical":
             return self.trie[state]["next"][token]
         if self.kind == "text":
@@ -341,6 +388,13 @@ class FieldGrammar:
                 raise ParseError(f"column '{col.name}': not one of its value tokens")
             value = self._value_of[ids[0]]
             return int(value) if value is not None and self.kind == "integer" else value
+        if self.width:
+            if ids == [self.value_ids.get(None)]:
+                return None
+            digits = "".join(self.codec.id_chars.get(t, "x") for t in ids)
+            if len(digits) != self.width or not digits.isdigit() or not self.lo <= int(digits) <= self.hi:
+                raise ParseError(f"column '{col.name}': {digits!r} is not a {self.width}-digit value in range")
+            return int(digits)
         if not ids:
             if col.nullable:
                 return None
@@ -368,10 +422,11 @@ class FieldGrammar:
 
 
 def value_token_names(col: Column) -> dict:
-    """A one-token column's token strings: value text -> `<|column=value|>`, and None ->
-    `<|column|>` when the column is nullable."""
-    names = {v: f"<|{col.name}={v}|>" for v in token_values(col)}
-    if col.nullable:
+    """A column's new token strings under value tokens: value text -> `<|column=value|>` for
+    a one-token column, and None -> `<|column|>` for a missing value of a nullable one-token
+    or fixed-width column; empty for the others."""
+    names = {v: f"<|{col.name}={v}|>" for v in token_values(col) or []}
+    if col.nullable and (names or fixed_width(col)):
         names[None] = f"<|{col.name}|>"
     return names
 
