@@ -120,20 +120,19 @@ class RowCodec:
         missing-value token): where its embedding starts."""
         out = {}
         for field in self.fields:
-            if field.value_ids:
-                for value, token in field.value_ids.items():
-                    name = self.tokenize(escape(field.col.name))
-                    out[token] = name if value is None else self.tokenize(escape(value)) or name
+            name = self.tokenize(escape(field.col.name))
+            for value, token in field.value_ids.items():
+                out[token] = name if value is None else self.tokenize(escape(value)) or name
         return out
 
     def output_token_ids(self) -> list[int]:
         """Every token id a row can contain after BOS (what a model must be able to score)."""
         ids = {self.sep_id, self.eos_id}
         for field in self.fields:
+            ids.update(field.value_ids.values())
             if field.single:
-                ids.update(field.value_ids.values())
-            elif field.width:
-                ids.update(field.value_ids.values())
+                continue
+            if field.width:
                 ids.update(self.char_ids[d] for d in "0123456789")
             elif field.kind == "categorical":
                 ids.update(t for tokens in field.category_ids.values() for t in tokens)
@@ -228,7 +227,7 @@ class FieldGrammar:
             return  # its value tokens say everything
         if self.width:
             self.lo, self.hi = int(float(col.min)), int(float(col.max))
-            self._padded = (str(self.lo).zfill(self.width), str(self.hi).zfill(self.width))
+            self._digit_bounds = (str(self.lo).zfill(self.width), str(self.hi).zfill(self.width))  # digit DP
         elif col.kind == "categorical":
             self.category_ids = {c: codec.tokenize(escape(c)) for c in col.categories}
             self._category_of = {tuple(ids): c for c, ids in self.category_ids.items()}
@@ -310,11 +309,8 @@ class FieldGrammar:
         """A key that determines the allowed tokens and every later transition: states with
         equal keys are one state of the field's finite automaton (a trie node, a token count,
         the digit-DP summary of a non-negative integer, else the prefix itself)."""
-        if self.width:  # digit DP over the zero-padded bounds
-            if state is None:
-                return "missing"
-            k, (lo, hi) = len(state), self._padded
-            return (k, _compare(state, lo[:k]), _compare(state, hi[:k]))
+        if self.width and state is None:  # after the missing-value token
+            return "missing"
         return self._digit_key(state) if self._digit_bounds else state
 
     def complete(self, state) -> bool:
