@@ -9,7 +9,9 @@ Two attacks, both on the model's per-record loss (mean next-token loss of a seri
   uniformly from the schema's domain were added to the training rows (see
   `Synthesizer.fit`); each canary's loss is ranked among `num_references` fresh records from
   the same distribution. Exposure = log2(references + 1) - log2(rank): about 1 bit for
-  records the model never saw, up to log2(references + 1) for memorized ones.
+  records the model never saw, up to log2(references + 1) for memorized ones. A text
+  column's canaries are random word strings; their exposure is also measured on the text's
+  tokens alone (given the rest of the record), where memorized words would show first.
 
 DP bounds what any such attack can achieve; these numbers are a sanity check of the
 implementation, not a proof. `dplm audit RUN_DIR` writes `audit.json` into the run, and
@@ -53,15 +55,24 @@ def random_records(schema: Schema, num: int, rng: np.random.Generator) -> pd.Dat
 
 
 @torch.no_grad()
-def record_losses(synth, df: pd.DataFrame, batch_size: int = 64) -> np.ndarray:
-    """The model's mean next-token loss of each record (lower: more familiar)."""
-    sequences = synth.codec.encode_table(coerce_table(df, synth.schema))
+def record_losses(synth, df: pd.DataFrame, batch_size: int = 64, column: str | None = None) -> np.ndarray:
+    """The model's mean next-token loss of each record (lower: more familiar), or of the tokens
+    of one `column`'s value, given the record's other columns before it."""
+    codec = synth.codec
+    encoded = [codec.encode_with_spans(row) for row in coerce_table(df, synth.schema).itertuples(index=False, name=None)]
     target_index = models.target_index(synth.model)
     synth.model.eval()
     losses = []
-    for i in range(0, len(sequences), batch_size):
-        ids, mask = pad_batch(sequences[i: i + batch_size], synth.tokenizer.pad_token_id, synth.device)
-        losses.append(row_losses(synth.model, ids, mask, target_index).float().cpu())
+    for i in range(0, len(encoded), batch_size):
+        batch = encoded[i: i + batch_size]
+        ids, mask = pad_batch([e[0] for e in batch], synth.tokenizer.pad_token_id, synth.device)
+        scored = None
+        if column is not None:
+            j = synth.schema.names.index(column)
+            scored = torch.zeros_like(mask)
+            for row, (_, spans) in enumerate(batch):
+                scored[row, spans[j][0]: spans[j][1]] = 1
+        losses.append(row_losses(synth.model, ids, mask, target_index, scored=scored).float().cpu())
     return torch.cat(losses).numpy()
 
 
@@ -108,5 +119,11 @@ def audit_run(run_dir: str | Path, num_records: int = 1000, num_references: int 
                               "repeats": synth.config.audit.canary_repeats,
                               "mean_exposure": float(bits.mean()), "max_exposure": float(bits.max()),
                               "max_possible": float(math.log2(num_references + 1))}
+        for col in synth.schema.columns:  # the canaries' random word strings alone, given their rows
+            if col.kind == "text":
+                bits = exposure(record_losses(synth, canaries[names], column=col.name),
+                                record_losses(synth, references, column=col.name))
+                result["canaries"].setdefault("text", {})[col.name] = {"mean_exposure": float(bits.mean()),
+                                                                       "max_exposure": float(bits.max())}
     (run_dir / "audit.json").write_text(json.dumps(result, indent=2))
     return result

@@ -1,4 +1,4 @@
-"""Command line: `dplm train RECIPE [key=value ...]`, `dplm generate RUN_DIR -n N -o FILE`,
+"""Command line: `dplm train RECIPE [key=value ...]`, `dplm generate RUN_DIR (-n N | --given FILE) -o FILE`,
 `dplm report RUN_DIR`, `dplm audit RUN_DIR`, `dplm plan RECIPE`, `dplm export RUN_DIR OUT_DIR`."""
 
 from __future__ import annotations
@@ -7,25 +7,10 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
 from dplm.errors import DplmError
-
-
-def write_csv(df, path: str | Path) -> None:
-    """Write atomically: a failed write leaves no partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    os.close(fd)
-    try:
-        df.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def summary(synth, df=None) -> str:
@@ -52,7 +37,8 @@ def summary(synth, df=None) -> str:
                      f"{t.seconds:.0f} s, {t.rows_per_second:.1f} rows/s, stopped by {t.stop_reason}, "
                      f"last loss {t.final_loss if t.final_loss is None else round(t.final_loss, 4)}"
                      + (f", resumed at step {t.resumed_from_step}" if t.resumed_from_step else "")
-                     + (f", {t.processes} processes" if t.processes > 1 else ""))
+                     + (f", {t.processes} processes" if t.processes > 1 else "")
+                     + "".join(f", {n} '{c}' texts cut at max_tokens" for c, n in synth.values_cut.items()))
     s = synth.last_sample_stats
     if s:
         lines.append(f"sampling: {s.rows_returned} valid rows from {s.rows_generated} generated "
@@ -63,6 +49,7 @@ def summary(synth, df=None) -> str:
 
 def cmd_train(args) -> None:
     from dplm.config import load_recipe
+    from dplm.data import write_table
     from dplm.synthesizer import Synthesizer, checkpoints_for
     from dplm.train import process_rank
 
@@ -75,19 +62,25 @@ def cmd_train(args) -> None:
     run_dir = synth.save(config.output_dir, synthetic=df)
     print(f"run directory: {run_dir} (synthetic rows: {run_dir / 'synthetic.csv'})")
     if config.output_csv:
-        write_csv(df, config.output_csv)
+        write_table(df, config.output_csv)
         print(f"synthetic rows: {config.output_csv} ({len(df)} rows, {len(df.columns)} columns)")
     print(summary(synth))
 
 
 def cmd_generate(args) -> None:
+    from dplm.data import check_output_file, load_table, write_table
     from dplm.synthesizer import Synthesizer
 
-    if args.num_rows < 1:
+    if (args.num_rows is None) == (args.given is None):
+        raise DplmError("give either -n N (rows to generate) or --given FILE (one row per given row), not both")
+    if args.num_rows is not None and args.num_rows < 1:
         raise DplmError("-n must be at least 1")
+    check_output_file(args.output)
+    given = load_table(args.given) if args.given else None
     synth = Synthesizer.load(args.run_dir)
-    df = synth.sample(args.num_rows, seed=args.seed, temperature=args.temperature, progress=not args.quiet)
-    write_csv(df, args.output)
+    df = synth.sample(args.num_rows, seed=args.seed, temperature=args.temperature, progress=not args.quiet,
+                      given=given)
+    write_table(df, args.output)
     print(f"synthetic rows: {args.output} ({len(df)} rows, {len(df.columns)} columns)")
     print(summary(synth))
 
@@ -118,6 +111,9 @@ def cmd_audit(args) -> None:
         print(f"canaries: {c['count']} x {c['repeats']} inserted, exposure mean {c['mean_exposure']:.2f} / max "
               f"{c['max_exposure']:.2f} bits (unseen ~1, memorized up to {c['max_possible']:.1f}; "
               f"{c['references']} references)")
+        for column, t in c.get("text", {}).items():
+            print(f"text canaries in '{column}' (random words, their tokens alone): exposure mean "
+                  f"{t['mean_exposure']:.2f} / max {t['max_exposure']:.2f} bits")
     print(f"written: {Path(args.run_dir) / 'audit.json'}")
 
 
@@ -173,8 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
     gen = sub.add_parser("generate", help="sample synthetic rows from a run directory")
     gen.add_argument("run_dir")
-    gen.add_argument("-n", "--num-rows", type=int, required=True)
-    gen.add_argument("-o", "--output", required=True, help="CSV file to write")
+    gen.add_argument("-n", "--num-rows", type=int, help="rows to generate")
+    gen.add_argument("--given", help="CSV/Parquet/JSONL of some columns' values: one row is generated per given "
+                                     "row, keeping them and drawing the other columns conditionally")
+    gen.add_argument("-o", "--output", required=True, help="file to write: .csv, .parquet or .jsonl")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--temperature", type=float, default=None)
     gen.add_argument("-q", "--quiet", action="store_true")

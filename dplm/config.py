@@ -17,6 +17,7 @@ from dplm.errors import DplmError
 class DataConfig:
     source: str | None = "census"  # a file path, "census" (bundled), or None: a table given in memory
     schema: str | None = None  # YAML schema file; missing metadata is learned (refused under DP)
+    columns: list[str] | None = None  # model only these columns of the table (default: all)
     holdout_fraction: float = 0.2
     subject: str | None = None  # column naming the person a row belongs to: the holdout split keeps subjects whole
     max_rows: int | None = None  # train on a seeded random subset (after the holdout split)
@@ -80,6 +81,7 @@ class SampleConfig:
     batch_size: int = 512  # rows decoded together (SmolLM2, 2 cores: 21 rows/s at 256, 25-29 at 512)
     temperature: float = 1.0
     seed: int = 0
+    given_candidates: int = 16  # particles per row when given columns follow free ones (sample.GivenValues)
 
 
 @dataclass
@@ -97,7 +99,7 @@ class RunConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
-    output_csv: str | None = None  # write num_rows synthetic rows here after training
+    output_csv: str | None = None  # write num_rows synthetic rows here after training (.csv, .parquet or .jsonl)
 
     def validate(self) -> None:
         """Check settings before anything runs; each error names the setting and the fix."""
@@ -124,9 +126,14 @@ class RunConfig:
             (self.model.layers is None or self.model.layers >= 1, "model.layers must be >= 1 (or unset for all)"),
             (self.sample.num_rows >= 1 and self.sample.batch_size >= 1, "sample.num_rows and sample.batch_size must be >= 1"),
             (self.sample.temperature > 0, "sample.temperature must be > 0"),
+            (self.sample.given_candidates >= 1, "sample.given_candidates must be >= 1"),
             (self.audit.canaries >= 0 and self.audit.canary_repeats >= 1,
              "audit.canaries must be >= 0 and audit.canary_repeats >= 1"),
         ]
+        if self.output_csv:
+            from dplm.data import check_output_file
+
+            check_output_file(self.output_csv)
         for ok, message in checks:
             if not ok:
                 raise DplmError(message)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -37,6 +39,37 @@ def load_table(source) -> pd.DataFrame:
         raise DplmError(f"table '{_name(source)}' is empty; give a table with at least one row and column")
     df.columns = [str(c) for c in df.columns]
     return df.reset_index(drop=True)
+
+
+WRITERS = {
+    ".csv": lambda df, path: df.to_csv(path, index=False),
+    ".parquet": lambda df, path: df.to_parquet(path, index=False),
+    ".jsonl": lambda df, path: df.to_json(path, orient="records", lines=True, date_format="iso", force_ascii=False),
+}
+
+
+def write_table(df, path: str | Path) -> None:
+    """Write CSV, Parquet or JSONL by the file's extension, atomically: a failed write leaves
+    no partial file."""
+    path = check_output_file(path)
+    writer = WRITERS[path.suffix.lower()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    os.close(fd)
+    try:
+        writer(df, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def check_output_file(path: str | Path) -> Path:
+    """The path, if its extension names a format `write_table` writes; else a one-line error."""
+    path = Path(path)
+    if path.suffix.lower() not in WRITERS:
+        raise DplmError(f"output file '{path}': unknown format '{path.suffix}'; use .csv, .parquet or .jsonl")
+    return path
 
 
 def _read_file(path: Path) -> pd.DataFrame:

@@ -3,7 +3,8 @@
 * accuracy: 1 - total-variation distance of binned uni-, bi- and trivariate distributions;
 * embedding similarity and a discriminator AUC on sentence embeddings of whole records;
 * privacy: distance to the closest training record (DCR) and exact copies;
-* utility: train-synthetic-test-real (TSTR) next to train-real-test-real (TRTR).
+* utility: train-synthetic-test-real (TSTR) next to train-real-test-real (TRTR);
+* text columns: discriminator, lengths, text-to-context utility and memorization of the texts.
 
 Each score is also computed for the holdout scored as if it were synthetic: the value a
 perfect synthesizer (as good as fresh real data) would get.
@@ -25,6 +26,7 @@ TOP_CATEGORIES = 10
 MAX_TRIPLES = 100
 EMBED_SAMPLE = 4000  # records per set for embeddings: bounds the report's runtime on a CPU
 MAX_GBM_CATEGORIES = 255  # gradient boosting's limit on a categorical feature
+NEAREST_SAMPLE = 20000  # training texts a synthetic text's nearest neighbour is searched among
 
 
 def check_inputs(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataFrame,
@@ -340,11 +342,89 @@ def utility(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataFrame,
     return result
 
 
+# ---- text columns ---------------------------------------------------------------------
+
+def text_context_column(df: pd.DataFrame, text_column: str, categorical: list[str], target: str | None) -> str | None:
+    """The categorical column a text column's utility predicts: the report's target when it is
+    categorical, else the categorical column with the fewest values (at least two)."""
+    if target in categorical and target != text_column:
+        return target
+    counts = {c: df[c].nunique() for c in categorical if c != text_column}
+    counts = {c: n for c, n in counts.items() if n >= 2}
+    return min(counts, key=counts.get) if counts else None
+
+
+def text_scores(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataFrame, column: str,
+                context: str | None, embed_sample: int = EMBED_SAMPLE, seed: int = 0) -> dict:
+    """Scores of one text column, each for the synthetic texts and for the training texts scored
+    the same way (a reference: what real texts get; missing texts are left out):
+    * discriminator AUC and centroid similarity of the text embeddings against the holdout's;
+    * length accuracy: 1 - TV distance of binned character lengths against the training texts;
+    * utility: accuracy on the holdout of a classifier from the text's embedding to `context`
+      (a categorical column), trained on those rows (next to the majority class's accuracy);
+    * memorization: share of texts found verbatim among the training texts (for the reference:
+      the holdout's texts), and the median cosine distance to the nearest training text."""
+    rng = np.random.default_rng(seed)
+    sets = {"synthetic": synthetic, "training": train, "holdout": holdout}
+    sets = {k: df[df[column].notna()] for k, df in sets.items()}
+    n = min(embed_sample, *(len(df) for df in sets.values()))
+    if n < 2:
+        return {"note": f"fewer than 2 texts in a set: column '{column}' not scored"}
+    # Training texts serve as the reference "synthetic" set, and (up to NEAREST_SAMPLE of them)
+    # as the training side of the nearest-neighbour distances.
+    order = rng.permutation(len(sets["training"]))
+    picks = {"synthetic": sets["synthetic"].iloc[rng.permutation(len(sets["synthetic"]))[:n]],
+             "reference": sets["training"].iloc[order[:n]],
+             "training": sets["training"].iloc[order[:NEAREST_SAMPLE]],
+             "holdout": sets["holdout"].iloc[rng.permutation(len(sets["holdout"]))[:n]]}
+    emb = {k: embed(df[column].astype(str).tolist()) for k, df in picks.items()}
+    lengths = {k: df[column].astype(str).str.len().to_numpy() for k, df in sets.items()}
+    edges = np.unique(np.quantile(lengths["training"], np.linspace(0, 1, NUM_BINS + 1)[1:-1]))
+
+    def length_accuracy(x):
+        size = len(edges) + 1
+        return _tv_accuracy(np.searchsorted(edges, lengths["training"], side="right"),
+                            np.searchsorted(edges, x, side="right"), size)
+
+    training_texts = set(sets["training"][column].astype(str))
+    result = {"texts_scored": n, "context": context}
+    for name, key, own in (("synthetic", "synthetic", "synthetic"), ("holdout", "reference", "holdout")):
+        texts = sets[own][column].astype(str)
+        result[name] = {
+            "discriminator_auc": discriminator_auc(emb["holdout"], emb[key], seed),
+            "centroid_similarity": centroid_similarity(emb["holdout"], emb[key]),
+            "length_accuracy": length_accuracy(lengths[own]),
+            "verbatim_training_share": float(texts.isin(training_texts).mean()),
+            "nearest_training_distance_median": float(np.median(1 - (emb[key if own == "synthetic" else "holdout"]
+                                                                     @ emb["training"].T).max(1))),
+        }
+        if context:
+            result[name]["context_accuracy"] = _context_accuracy(emb[key], picks[key][context], emb["holdout"],
+                                                                 picks["holdout"][context], seed)
+    if context:
+        majority = picks["holdout"][context].astype(str).value_counts(normalize=True)
+        result["context_majority_share"] = float(majority.iloc[0])
+    return result
+
+
+def _context_accuracy(x: np.ndarray, y: pd.Series, test_x: np.ndarray, test_y: pd.Series, seed: int) -> float | None:
+    """Accuracy on (test_x, test_y) of a logistic regression from text embeddings to a category."""
+    from sklearn.linear_model import LogisticRegression
+
+    y, test_y = y.astype(str).to_numpy(), test_y.astype(str).to_numpy()
+    if len(set(y)) < 2:
+        return float(np.mean(test_y == y[0]))
+    classifier = LogisticRegression(max_iter=1000, random_state=seed).fit(x, y)
+    return float(np.mean(classifier.predict(test_x) == test_y))
+
+
 # ---- everything -----------------------------------------------------------------------
 
 def evaluate(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataFrame, target: str | None = None,
-             embed_sample: int = EMBED_SAMPLE, seed: int = 0) -> dict:
-    """All scores. Arrays kept for plotting sit under keys starting with '_'."""
+             embed_sample: int = EMBED_SAMPLE, seed: int = 0, text_columns: list[str] | None = None,
+             categorical: list[str] | None = None) -> dict:
+    """All scores; `text_columns` get a section each (`text_scores`), whose utility predicts one
+    of the `categorical` columns. Arrays kept for plotting sit under keys starting with '_'."""
     check_inputs(train, holdout, synthetic, target)
     binner = Binner(train)
     rng = np.random.default_rng(seed)
@@ -374,4 +454,8 @@ def evaluate(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataFrame
     }
     if target:
         results["utility"] = utility(train, holdout, synthetic, target, seed)
+    if text_columns:
+        results["text"] = {c: text_scores(train, holdout, synthetic, c,
+                                          text_context_column(train, c, categorical or [], target), embed_sample, seed)
+                           for c in text_columns}
     return results

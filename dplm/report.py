@@ -203,6 +203,19 @@ def summary_rows(metrics: dict) -> list[tuple]:
     return rows
 
 
+def text_rows(t: dict) -> list[tuple]:
+    """The rows of a text column's table in the report."""
+    rows = [("discriminator AUC vs holdout texts (0.5 = indistinguishable)", "discriminator_auc"),
+            ("centroid cosine similarity to holdout texts", "centroid_similarity"),
+            ("length distribution accuracy (characters)", "length_accuracy")]
+    if t.get("context"):
+        rows.append((f"'{t['context']}' predicted from the text, on the holdout (majority class "
+                     f"{t['context_majority_share']:.3f})", "context_accuracy"))
+    rows += [("share of texts found verbatim among the training texts", "verbatim_training_share"),
+             ("median cosine distance to the nearest training text", "nearest_training_distance_median")]
+    return [(label, t["synthetic"][key], t["holdout"][key]) for label, key in rows]
+
+
 def render_html(metrics: dict, charts: dict, run_info: dict | None) -> str:
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>dplm model report</title><style>",
              "body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}",
@@ -239,8 +252,20 @@ def render_html(metrics: dict, charts: dict, run_info: dict | None) -> str:
                 c = audit["canaries"]
                 rows += [(f"canary exposure, mean of {c['count']} (bits; unseen ~1, max {c['max_possible']:.1f})",
                           c["mean_exposure"]), ("canary exposure, max (bits)", c["max_exposure"])]
+                rows += [(f"text canaries in '{column}' (random words, their tokens alone): exposure mean / max "
+                          "(bits)", f"{t['mean_exposure']:.2f} / {t['max_exposure']:.2f}")
+                         for column, t in c.get("text", {}).items()]
             parts.append("<h2>Empirical privacy audit (dplm audit)</h2><p>Measured on the private training rows: "
                          "for the data owner, not covered by epsilon.</p>" + _table(rows, ("attack", "value")))
+    for column, t in metrics.get("text", {}).items():
+        parts.append(f"<h2>Text column '{html.escape(column)}'</h2>")
+        if "note" in t:
+            parts.append(f"<p>{html.escape(t['note'])}</p>")
+            continue
+        parts.append(f"<p>{t['texts_scored']:,} texts per set (missing texts left out). The reference column scores "
+                     "real training texts the same way: against the holdout's texts, and for memorization the "
+                     "holdout's own texts against the training texts.</p>")
+        parts.append(_table(text_rows(t), ("metric", "synthetic", "real (reference)")))
     parts.append("<h2>Accuracy matrix</h2>" + _img(charts["accuracy_matrix"], "accuracy matrix"))
     parts.append("<h2>Univariate distributions, real vs synthetic</h2>" + _img(charts["univariate"], "univariate"))
     parts.append("<h2>Bivariate distributions: the three least accurate pairs</h2>" +
@@ -252,10 +277,13 @@ def render_html(metrics: dict, charts: dict, run_info: dict | None) -> str:
 
 
 def write_report(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataFrame, out_dir: str | Path,
-                 target: str | None = None, run_info: dict | None = None, seed: int = 0) -> tuple[Path, Path]:
-    """Score and write `report.html` and `report.json` into `out_dir`; returns their paths."""
+                 target: str | None = None, run_info: dict | None = None, seed: int = 0,
+                 text_columns: list[str] | None = None, categorical: list[str] | None = None) -> tuple[Path, Path]:
+    """Score and write `report.html` and `report.json` into `out_dir`; returns their paths.
+    `text_columns` get a text section each, whose utility predicts one of `categorical`."""
     start = time.perf_counter()
-    metrics = evaluate(train, holdout, synthetic, target=target, seed=seed)
+    metrics = evaluate(train, holdout, synthetic, target=target, seed=seed, text_columns=text_columns,
+                       categorical=categorical)
     binner = metrics["_binner"]
     acc = metrics["accuracy"]["synthetic"]
     worst = sorted(acc["per_pair"], key=acc["per_pair"].get)[:3]
@@ -329,7 +357,8 @@ def report_run(run_dir: str | Path, synthetic: str | Path | None = None, num_row
         raise DplmError("the run kept no holdout rows (data.holdout_fraction: 0); the report needs a holdout")
     synthetic = Path(synthetic) if synthetic else run_dir / "synthetic.csv"
     if num_rows is None and synthetic.exists():
-        fake = pd.read_csv(synthetic)
+        as_text = {c.name: str for c in synth.schema.columns if c.kind in ("categorical", "text")}  # "007" stays
+        fake = pd.read_csv(synthetic, dtype=as_text)
         missing = [c for c in synth.schema.names if c not in fake.columns]
         if missing:
             raise DplmError(f"synthetic file '{synthetic}' lacks column(s) {missing}; give a file with the run's columns")
@@ -338,5 +367,8 @@ def report_run(run_dir: str | Path, synthetic: str | Path | None = None, num_row
         raise DplmError(f"synthetic file '{synthetic}' not found; check the path")
     else:
         fake = synth.sample(num_rows or len(holdout), progress=progress)
+    kinds = {c.name: c.kind for c in synth.schema.columns}
     return write_report(train, holdout, align_types(fake, synth.schema), Path(out_dir or run_dir), target=target,
-                        run_info=run_info(run_dir), seed=synth.config.train.seed)
+                        run_info=run_info(run_dir), seed=synth.config.train.seed,
+                        text_columns=[c for c, k in kinds.items() if k == "text"],
+                        categorical=[c for c, k in kinds.items() if k == "categorical"])

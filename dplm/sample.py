@@ -12,6 +12,7 @@ Python (`RowGrammar`). Every field's grammar is finite, so a row ends within
 
 from __future__ import annotations
 
+import copy
 import inspect
 import time
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dplm.model import output_head
-from dplm.schema import format_number
+from dplm.schema import check_given, format_number
 from dplm.serialize import ParseError, RowCodec
 from dplm.train import GrammarMasks
 
@@ -125,6 +126,10 @@ class RowGrammar:
     def ended(self, states: list) -> torch.Tensor:
         return torch.tensor([s is None for s in states], device=self.device)
 
+    def columns(self, states: list) -> torch.Tensor:
+        """Each row's column (the number of columns once it has ended)."""
+        return torch.tensor([len(self.fields) if s is None else s[0] for s in states], device=self.device)
+
     def select(self, states: list, rows: torch.Tensor) -> list:
         return [states[i] for i in rows.tolist()]
 
@@ -138,7 +143,7 @@ class RowGrammar:
             elif col.kind == "categorical":
                 total += max(len(ids) for ids in f.category_ids.values())
             elif col.kind == "text":
-                total += col.max_tokens
+                total += f.max_tokens
             elif col.kind == "datetime":
                 total += 10
             else:
@@ -158,9 +163,10 @@ class CompiledGrammar:
     large vocabulary); the lazy RowGrammar serves those schemas.
     """
 
-    def __init__(self, lazy: RowGrammar, allowed: torch.Tensor, next_state: torch.Tensor, start: int, done: int):
+    def __init__(self, lazy: RowGrammar, allowed: torch.Tensor, next_state: torch.Tensor, column: torch.Tensor,
+                 start: int, done: int):
         self.codec, self.token_ids, self.device = lazy.codec, lazy.token_ids, lazy.device
-        self.allowed, self.next, self.start, self.done = allowed, next_state, start, done
+        self.allowed, self.next, self.column, self.start, self.done = allowed, next_state, column, start, done
         self.max_row_tokens = lazy.max_row_tokens
         self.position = lazy.position  # token id -> logit index
 
@@ -196,7 +202,8 @@ class CompiledGrammar:
             positions = [lazy.position[t] for t in row]
             allowed[s, positions] = True
             next_state[s, positions] = torch.tensor(list(row.values()))
-        return cls(lazy, allowed.to(device), next_state.to(device), start, 0)
+        column = torch.tensor([len(lazy.fields) if e is None else e[0] for e in examples])
+        return cls(lazy, allowed.to(device), next_state.to(device), column.to(device), start, 0)
 
     def initial(self, num: int) -> torch.Tensor:
         return torch.full((num,), self.start, dtype=torch.long, device=self.device)
@@ -209,6 +216,9 @@ class CompiledGrammar:
 
     def ended(self, states: torch.Tensor) -> torch.Tensor:
         return states == self.done
+
+    def columns(self, states: torch.Tensor) -> torch.Tensor:
+        return self.column[states]
 
     def select(self, states: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         return states[rows]
@@ -236,41 +246,121 @@ def row_grammar(codec: RowCodec, token_ids: list[int], device) -> CompiledGramma
     return CompiledGrammar.build(codec, token_ids, device) or RowGrammar(codec, token_ids, device)
 
 
+class GivenValues:
+    """Values to keep in the rows being generated (conditional generation), as the tokens that
+    write them, and how to draw the other columns from the model's own conditional.
+
+    Where a given column comes after a free one in the schema order, forcing its value alone
+    would leave the columns before it drawn without knowing it (a female 'Husband'). So each
+    given row is drawn as `candidates` particles: every particle writes the given values where
+    its row reaches them, weighted by the model's probability of those tokens, and once every
+    particle has passed the last given column one particle per row is kept, drawn by weight
+    (importance resampling: the kept prefix follows the model's p(free columns | given values)
+    as candidates grow; exact with one candidate when no free column precedes a given one).
+    The kept particle's remaining columns are then written as usual."""
+
+    def __init__(self, codec: RowCodec, grammar, given: pd.DataFrame, candidates: int):
+        fields, n = codec.fields, len(codec.fields)
+        index = [codec.schema.names.index(c) for c in given.columns]
+        written = {}
+        for j in index:  # each value's tokens, then the token that ends its field
+            end = [codec.eos_id] if j == n - 1 else [] if fields[j].self_delimiting else [codec.sep_id]
+            written[j] = [fields[j].encode(v) + end for v in given[fields[j].col.name]]
+        width = max(len(ids) for column in written.values() for ids in column)
+        self.positions = torch.zeros((len(given), n + 1, width), dtype=torch.long)  # logit index of each token
+        for j, column in written.items():
+            for g, ids in enumerate(column):
+                self.positions[g, j, : len(ids)] = torch.tensor([grammar.position[t] for t in ids])
+        self.positions = self.positions.to(grammar.device)
+        self.given = torch.zeros(n + 1, dtype=torch.bool, device=grammar.device)  # per column (+ ended)
+        self.given[index] = True
+        self.last = max(index)
+        self.resample = any(j < self.last for j in range(n) if j not in index)
+        self.candidates = candidates if self.resample else 1
+
+    def select(self, rows: torch.Tensor) -> GivenValues:
+        """The same, for these given rows (a batch)."""
+        part = copy.copy(self)
+        part.positions = self.positions[rows]
+        return part
+
+    def force(self, logits: torch.Tensor, particles: torch.Tensor, column: torch.Tensor, offset: torch.Tensor):
+        """Where a particle is inside a given column, only its given token may be drawn: the
+        logits with that forced, and each particle's log-probability of the forced token (0
+        elsewhere), the importance weight's factor."""
+        forced = self.given[column]
+        target = self.positions[particles // self.candidates, column, offset.clamp(max=self.positions.shape[2] - 1)]
+        log_prob = torch.where(forced, torch.log_softmax(logits, -1).gather(1, target[:, None])[:, 0], 0.0)
+        only_target = torch.full_like(logits, float("-inf")).scatter_(1, target[:, None], 0.0)
+        return torch.where(forced[:, None], only_target, logits), log_prob
+
+    def choose(self, log_weight: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """One particle per given row, drawn in proportion to its weight."""
+        weights = torch.softmax(log_weight.view(-1, self.candidates), dim=-1)
+        picks = torch.multinomial(weights, 1, generator=generator).flatten()
+        return picks + torch.arange(len(picks), device=picks.device) * self.candidates
+
+
 @torch.no_grad()
 def generate_sequences(model, grammar: CompiledGrammar | RowGrammar, num: int, temperature: float,
-                       generator: torch.Generator, device) -> list[list[int]]:
+                       generator: torch.Generator, device, given: GivenValues | None = None) -> list[list[int]]:
     """`num` token sequences (BOS ... EOS) sampled under the grammar, one batch, KV-cached.
     `generator` lives on `device`. Rows that have ended leave the batch (with their cache
-    rows), so the model computes only rows still being written."""
+    rows), so the model computes only rows still being written. With `given` (for `num` given
+    rows) the given values are kept and the rest drawn conditionally (see `GivenValues`)."""
     codec = grammar.codec
     max_tokens = grammar.max_row_tokens()
-    out = torch.full((num, max_tokens + 1), codec.eos_id, dtype=torch.long, device=device)
+    particles = num * (given.candidates if given else 1)
+    out = torch.full((particles, max_tokens + 1), codec.eos_id, dtype=torch.long, device=device)
     out[:, 0] = codec.bos_id
-    rows = torch.arange(num, device=device)  # the batch's rows, as indices into `out`
+    rows = torch.arange(particles, device=device)  # the batch's rows, as indices into `out`
     tokens = out[:, :1]
-    states = grammar.initial(num)
+    states = grammar.initial(particles)
     cache = preallocated_cache(min(max_tokens + 1, 128))  # long text rows grow it as they need
     cache_name = _cache_argument(model)
     forbidden = torch.zeros((), dtype=torch.long, device=device)  # draws outside the mask: must stay 0
+    kept = None if given and given.resample else torch.arange(num, device=device)  # one particle per row
+    if given:
+        log_weight = torch.zeros(particles, device=device)
+        column, offset = grammar.columns(states), torch.zeros(particles, dtype=torch.long, device=device)
     for step in range(max_tokens):
         result = model(input_ids=tokens, use_cache=True, logits_to_keep=1, **{cache_name: cache})
         allowed = grammar.masks(states)
         logits = (result.logits[:, -1].float() / temperature).masked_fill(~allowed, float("-inf"))
+        if given:
+            logits, log_prob = given.force(logits, rows, column, offset)
+            log_weight[rows] += log_prob
         positions = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).flatten()
         forbidden += (~allowed.gather(1, positions[:, None])).sum()
         tokens = grammar.token_ids[positions][:, None]
         out[rows, step + 1] = tokens[:, 0]
         states = grammar.advance(states, positions)
+        if given:  # tokens written so far in each row's current column
+            column, previous = grammar.columns(states), column
+            offset = torch.where(column == previous, offset + 1, 0)
         if step % 4 == 3:  # checking costs a device sync: not every step
-            live = (~grammar.ended(states)).nonzero().flatten()
-            if len(live) == 0:
-                break
-            if len(live) <= 0.9 * len(rows):  # dropping rows copies the cache: only when it pays
-                rows, tokens, states = rows[live], tokens[live], grammar.select(states, live)
-                cache.keep_rows(live)
+            keep = None
+            if kept is None and bool((column > given.last).all()):  # every particle is past the given values
+                kept = given.choose(log_weight, generator)
+                keep = torch.isin(rows, kept) & ~grammar.ended(states)
+            else:
+                live = ~grammar.ended(states)
+                if not live.any():
+                    break
+                keep = live if live.sum() <= 0.9 * len(rows) else None  # dropping rows copies the cache: when it pays
+            if keep is not None:
+                keep = keep.nonzero().flatten()
+                if len(keep) == 0:
+                    break
+                rows, tokens, states = rows[keep], tokens[keep], grammar.select(states, keep)
+                if given:
+                    column, offset = column[keep], offset[keep]
+                cache.keep_rows(keep)
     if forbidden.item():  # a broken draw would otherwise surface only as invalid rows
         raise RuntimeError(f"the sampler drew {forbidden.item()} tokens the schema's grammar forbids on {device}")
-    return [row[: row.index(codec.eos_id) + 1] for row in out.tolist()]
+    if kept is None:  # the last given column ends the row: choose among finished particles
+        kept = given.choose(log_weight, generator)
+    return [row[: row.index(codec.eos_id) + 1] for row in out[kept].tolist()]
 
 
 def preallocated_cache(tokens: int):
@@ -330,33 +420,47 @@ def _cache_argument(model) -> str:
 
 
 def sample_rows(model, codec: RowCodec, num_rows: int, batch_size: int = 64, temperature: float = 1.0,
-                seed: int = 0, device=None, progress: bool = True) -> tuple[pd.DataFrame, SampleStats]:
-    """`num_rows` valid rows as a typed DataFrame, plus how many rows were generated for them."""
+                seed: int = 0, device=None, progress: bool = True, given: pd.DataFrame | None = None,
+                candidates: int = 16) -> tuple[pd.DataFrame, SampleStats]:
+    """`num_rows` valid rows as a typed DataFrame, plus how many rows were generated for them.
+
+    With `given` (a DataFrame of some of the schema's columns) one row per given row: its
+    given values kept, the other columns drawn from the model conditionally on them, with
+    `candidates` particles per row where needed (`GivenValues`); `num_rows` is ignored."""
     device = device or next(model.parameters()).device
     grammar = row_grammar(codec, output_token_ids(model), device)
     generator = torch.Generator(device=device).manual_seed(seed)
     model.eval()
-    rows, generated = [], 0
+    if given is not None:
+        given = check_given(given, codec.schema)
+        values = GivenValues(codec, grammar, given, candidates)
+        num_rows, batch_size = len(given), max(1, batch_size // values.candidates)
+    rows: list = [None] * num_rows
+    pending = list(range(num_rows))  # rows not yet filled (a row that fails to parse is drawn again)
+    generated = 0
     max_generated = 10 * num_rows + 10 * batch_size  # bound: sampling never loops forever
     start = time.perf_counter()
     bar = tqdm(total=num_rows, disable=not progress, unit="row", desc="sampling", dynamic_ncols=True)
-    while len(rows) < num_rows:
+    while pending:
         if generated >= max_generated:
             raise RuntimeError(
-                f"only {len(rows)} of {num_rows} rows were valid after generating {generated}; "
+                f"only {num_rows - len(pending)} of {num_rows} rows were valid after generating {generated}; "
                 "the model or schema produces mostly invalid rows"
             )
-        want = min(batch_size, num_rows - len(rows))
-        for ids in generate_sequences(model, grammar, want, temperature, generator, device):
+        batch, pending = pending[:batch_size], pending[batch_size:]
+        part = values.select(torch.tensor(batch, device=device)) if given is not None else None
+        for i, ids in zip(batch, generate_sequences(model, grammar, len(batch), temperature, generator, device, part)):
             generated += 1
             try:
-                row = codec.decode(ids)
+                rows[i] = codec.decode(ids)
             except ParseError:
+                pending.append(i)
                 continue
-            rows.append(row)
+            if given is not None:  # exactly as given (a text longer than its cap was written cut)
+                rows[i].update(given.iloc[i].to_dict())
             bar.update(1)
     bar.close()
-    stats = SampleStats(rows_generated=generated, rows_returned=len(rows), seconds=time.perf_counter() - start)
+    stats = SampleStats(rows_generated=generated, rows_returned=num_rows, seconds=time.perf_counter() - start)
     return to_frame(rows, codec.schema), stats
 
 

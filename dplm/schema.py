@@ -457,6 +457,59 @@ def _coerce_column(col: Column, s: pd.Series, isna: pd.Series) -> pd.Series:
     return result.where(~isna, None)
 
 
+def check_given(df: pd.DataFrame, schema: Schema) -> pd.DataFrame:
+    """Values given for conditional sampling, typed as the schema's (floats at its precision,
+    dates at midnight); a column or value the schema does not allow is a one-line error naming
+    the column and the row (its position in `df`, from 0). Unlike `coerce_table` nothing is
+    clipped: a given value is kept exactly or refused. Missing values stay missing (nullable
+    columns only)."""
+    unknown = [str(c) for c in df.columns if c not in schema.names]
+    if unknown:
+        raise DplmError(f"given column '{unknown[0]}' is not in the run's schema; give only columns of {schema.names}")
+    if len(df) == 0:
+        raise DplmError("the given table has no rows; give one row per row to generate")
+    out = {}
+    for name in df.columns:
+        col, values = schema[name], []
+        for row, value in enumerate(df[name].tolist()):
+            try:
+                typed = _typed_value(col, value)
+                ok = value_fits(col, typed)
+            except (TypeError, ValueError):
+                typed, ok = value, False
+            if not ok:
+                why = "is missing and the column is not nullable" if typed is None else _not_allowed(col)
+                raise DplmError(f"given column '{name}', row {row}: {value!r} {why}; fix the given table or the schema")
+            values.append(typed)
+        out[name] = pd.Series(values, dtype=object)
+    return pd.DataFrame(out)
+
+
+def _typed_value(col: Column, value):
+    if value is None or value is pd.NaT or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if col.kind in ("categorical", "text"):
+        return str(value)
+    if col.kind == "datetime":
+        date = pd.Timestamp(value)
+        if date != date.normalize():
+            raise ValueError("not a whole day")
+        return date
+    number = float(value)
+    if col.kind == "integer":
+        if not number.is_integer():
+            raise ValueError("not a whole number")
+        return int(number)
+    return round(number, col.precision)
+
+
+def _not_allowed(col: Column) -> str:
+    if col.kind == "categorical":
+        return "is not one of its categories"
+    what = {"integer": "a whole number", "float": "a number", "datetime": "a date (YYYY-MM-DD)"}[col.kind]
+    return f"is not {what} in [{col.min}, {col.max}]"
+
+
 def value_fits(col: Column, value) -> bool:
     """Does one (parsed) value satisfy its column's metadata?"""
     if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NaT:

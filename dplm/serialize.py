@@ -8,8 +8,11 @@ split on the separator id:
 * numbers and dates are written one character per token (digits, '-', '.'), so the
   grammar can restrict them digit by digit to the column's range and precision;
 * categories and text are escaped (`\\` -> `\\\\`, `|` -> `\\s`, newline -> `\\n`) so
-  the separator character never occurs inside a value, then tokenized normally;
-* a missing value is an empty field.
+  the separator character never occurs inside a value, then tokenized normally; a text
+  longer than its column's `max_tokens` is cut there (between escapes) and counted
+  (`RowCodec.values_cut`);
+* a missing value is an empty field, except in a nullable text column, where the empty
+  field is the empty text and a missing one is written `\\0` (an escape no text produces).
 
 With value tokens (`model.value_tokens`), a column whose values are few (the categories,
 or the integers of a range of at most `MAX_VALUE_TOKENS`) gets one new token per value,
@@ -35,6 +38,7 @@ import pandas as pd
 from dplm.schema import DATE_FORMAT, Column, Schema, format_number
 
 SEPARATOR = "|"
+MISSING_TEXT = "\\0"  # a missing value of a nullable text column (escape() never writes it)
 NUMBER_CHARS = "0123456789.-"
 MAX_VALUE_TOKENS = 256  # integer columns with at most this many values get a token per value
 
@@ -157,17 +161,30 @@ class RowCodec:
 
     def encode(self, row) -> list[int]:
         """One row (a mapping or sequence in schema order) -> token ids."""
+        return self.encode_with_spans(row)[0]
+
+    def encode_with_spans(self, row) -> tuple[list[int], list[tuple[int, int]]]:
+        """The row's token ids and, per column, the [start, end) positions of its value's tokens."""
         values = [row[c.name] for c in self.schema.columns] if hasattr(row, "keys") else list(row)
-        ids = [self.bos_id]
+        ids, spans = [self.bos_id], []
         for i, (field, value) in enumerate(zip(self.fields, values)):
+            start = len(ids)
             ids.extend(field.encode(value))
+            spans.append((start, len(ids)))
             if i < len(self.fields) - 1 and not field.self_delimiting:
                 ids.append(self.sep_id)
         ids.append(self.eos_id)
-        return ids
+        return ids, spans
 
     def encode_table(self, df: pd.DataFrame) -> list[list[int]]:
+        """Every row's token ids; `values_cut` then counts the texts this table had cut."""
+        for field in self.fields:
+            field.values_cut = 0
         return [self.encode(row) for row in df[self.schema.names].itertuples(index=False, name=None)]
+
+    def values_cut(self) -> dict[str, int]:
+        """Text values cut at their column's `max_tokens` by the last `encode_table`, per column."""
+        return {f.col.name: f.values_cut for f in self.fields if f.values_cut}
 
     # ---- decoding ---------------------------------------------------------------------
 
@@ -223,6 +240,10 @@ class FieldGrammar:
         names = value_token_names(col) if codec.value_tokens else {}
         self.value_ids = {v: codec.tokenizer.convert_tokens_to_ids(n) for v, n in names.items()}
         self._value_of = {t: v for v, t in self.value_ids.items()}
+        self.values_cut = 0  # texts cut at max_tokens (see RowCodec.encode_table)
+        if col.kind == "text":
+            self.missing_ids = codec.tokenize(MISSING_TEXT) if col.nullable else None
+            self.max_tokens = max(col.max_tokens, len(self.missing_ids or []))  # room for the missing marker
         if self.single:
             return  # its value tokens say everything
         if self.width:
@@ -256,6 +277,8 @@ class FieldGrammar:
             return [self.value_ids[format_number(value, 0) if self.kind == "integer" else str(value)]]
         if self.width:
             return [self.codec.char_ids[c] for c in format_number(value, 0).zfill(self.width)]
+        if self.kind == "text":
+            return self._encode_text(value)
         if _is_missing(value):
             return []
         col, codec = self.col, self.codec
@@ -265,7 +288,23 @@ class FieldGrammar:
             return [codec.char_ids[c] for c in format_number(value, col.precision)]
         if col.kind == "datetime":
             return [codec.char_ids[c] for c in pd.Timestamp(value).strftime(DATE_FORMAT)]
-        return codec.tokenize(escape(str(value)))[: col.max_tokens]
+        raise AssertionError(col.kind)
+
+    def _encode_text(self, value) -> list[int]:
+        if _is_missing(value):
+            return list(self.missing_ids) if self.missing_ids else []
+        ids = self.codec.tokenize(escape(str(value)))
+        if len(ids) <= self.col.max_tokens:
+            return ids
+        self.values_cut += 1
+        ids = ids[: self.col.max_tokens]
+        while ids:  # never end inside an escape
+            try:
+                unescape(self.codec.tokenizer.decode(ids))
+                return ids
+            except ParseError:
+                ids = ids[:-1]
+        return ids
 
     # ---- the grammar ------------------------------------------------------------------
 
@@ -284,9 +323,8 @@ class FieldGrammar:
         if self.kind == "categorical":
             node = self.trie[state]
             return list(node["next"]), node["end"] or (state == 0 and self.col.nullable)
-        if self.kind == "text":
-            allowed = self.codec.text_token_ids if state < self.col.max_tokens else []
-            return allowed, state > 0 or self.col.nullable
+        if self.kind == "text":  # any text, the empty one included, up to its cap
+            return (self.codec.text_token_ids if state < self.max_tokens else []), True
         chars = [c for c in NUMBER_CHARS if self._prefix_ok(state + c)]
         can_end = self._complete(state) or (state == "" and self.col.nullable)
         return [self.codec.char_ids[c] for c in chars], can_end
@@ -299,7 +337,7 @@ class FieldGrammar:
         if self.width:
             return self.state_key(state)
         if self.kind == "text":
-            return (state < self.col.max_tokens, state > 0)
+            return state < self.max_tokens
         if self._digit_bounds:
             return self._digit_key(state)
         ids, can_end = self.next_tokens(state)
@@ -391,11 +429,12 @@ class FieldGrammar:
             if len(digits) != self.width or not digits.isdigit() or not self.lo <= int(digits) <= self.hi:
                 raise ParseError(f"column '{col.name}': {digits!r} is not a {self.width}-digit value in range")
             return int(digits)
+        if col.kind == "text":
+            text = self.codec.tokenizer.decode(ids, skip_special_tokens=False)
+            return None if col.nullable and text == MISSING_TEXT else unescape(text)
         if not ids:
             if col.nullable:
                 return None
-            if col.kind == "text":
-                return ""
             if col.kind != "categorical" or "" not in col.categories:
                 raise ParseError(f"column '{col.name}': empty value")
         if col.kind == "categorical" and tuple(ids) in self._category_of:  # a category's own tokens

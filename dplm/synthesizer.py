@@ -77,7 +77,7 @@ RELEASE = {
 # What stays in the run directory: for the data owner, not covered by epsilon.
 PRIVATE_DIAGNOSTICS = {
     "train_log.jsonl": "each step's exact loss, realised batch size and timings, from the private batches",
-    "training.json": "rows and tokens seen, last loss and timings of the private batches",
+    "training.json": "rows and tokens seen, last loss and timings of the private batches, texts cut at their cap",
     "split.json": "which input rows trained and which were held out",
     "report.html": "scores comparing the synthetic rows with the private training and holdout rows",
     "report.json": "scores comparing the synthetic rows with the private training and holdout rows",
@@ -119,6 +119,7 @@ class Synthesizer:
         self.canaries: pd.DataFrame | None = None
         self.split: dict | None = None
         self.last_sample_stats: SampleStats | None = None
+        self.values_cut: dict[str, int] = {}  # training texts cut at max_tokens, per column (private)
 
     # ---- fit --------------------------------------------------------------------------
 
@@ -132,7 +133,7 @@ class Synthesizer:
         device = models.default_device()  # first: under a multi-process launcher this joins the group
         if data is not None:  # the run records where its rows came from, for `dplm report`
             config.data.source = str(data) if isinstance(data, (str, Path)) else None
-        table = load_table(data if data is not None else config.data.source)
+        table = _input_table(data, config)
         if isinstance(schema, str) or (schema is None and config.data.schema):
             schema = Schema.from_yaml(schema or config.data.schema)
         train_idx, holdout_idx = split_rows(table, config)
@@ -185,6 +186,7 @@ class Synthesizer:
         model = models.add_lora(model, m.lora_r, m.lora_alpha, m.lora_dropout, m.target_modules)
         synth = cls(config, codec, model, device)
         sequences = codec.encode_table(rows)
+        synth.values_cut = codec.values_cut()
         if checkpoints:
             checkpoints.run_state = {"schema": schema.to_dict(), "metadata": metadata,
                                      "canaries": None if canaries is None else canaries.to_dict("list")}
@@ -230,12 +232,14 @@ class Synthesizer:
     # ---- sample -----------------------------------------------------------------------
 
     def sample(self, num_rows: int | None = None, seed: int | None = None, temperature: float | None = None,
-               progress: bool = True) -> pd.DataFrame:
-        """`num_rows` synthetic rows, every one valid under the schema."""
+               progress: bool = True, given: pd.DataFrame | None = None) -> pd.DataFrame:
+        """`num_rows` synthetic rows, every one valid under the schema. With `given` (a
+        DataFrame of any of the schema's columns), one row per given row that keeps its given
+        values and draws the others conditionally on them (`sample.GivenValues`)."""
         s = self.config.sample
         df, self.last_sample_stats = sample_rows(
             self.model, self.codec, num_rows or s.num_rows, s.batch_size, temperature or s.temperature,
-            s.seed if seed is None else seed, self.device, progress)
+            s.seed if seed is None else seed, self.device, progress, given, s.given_candidates)
         return df
 
     # ---- save / load ------------------------------------------------------------------
@@ -263,6 +267,7 @@ class Synthesizer:
             if self.training:
                 info = {k: v for k, v in vars(self.training).items() if k not in ("privacy", "log")}
                 info["rows_per_second"] = self.training.rows_per_second
+                info["text_values_cut"] = self.values_cut
                 (tmp / "training.json").write_text(json.dumps(info, indent=2))
                 (tmp / "train_log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in self.training.log))
             if run_dir.exists():
@@ -373,7 +378,7 @@ def plan(config: RunConfig, data=None, schema: Schema | str | None = None) -> di
 
     config.validate()
     p, t, subject = config.privacy, config.train, config.data.subject
-    table = load_table(data if data is not None else config.data.source)
+    table = _input_table(data, config)
     train_rows = table.iloc[split_rows(table, config)[0]]
     if subject:
         units = train_rows[subject].nunique() + config.audit.canaries
@@ -400,6 +405,21 @@ def plan(config: RunConfig, data=None, schema: Schema | str | None = None) -> di
     return {"units": units, "unit": "subjects" if subject else "rows", "sample_rate": sample_rate,
             "steps_per_epoch": steps_per_epoch, "planned_steps": total_steps, "stop_reason": stop_reason,
             "epochs": epochs, "metadata_estimated": metadata["estimated"], **budget.record()}
+
+
+def _input_table(data, config: RunConfig) -> pd.DataFrame:
+    """The table to model: `data` (default `config.data.source`), cut to `config.data.columns`
+    (and the subject column) when the recipe names them."""
+    table = load_table(data if data is not None else config.data.source)
+    columns = config.data.columns
+    if not columns:
+        return table
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise DplmError(f"data.columns names '{missing[0]}', which is not a column of the table; choose from "
+                        f"{list(table.columns)}")
+    subject = [config.data.subject] if config.data.subject and config.data.subject not in columns else []
+    return table[list(columns) + subject]
 
 
 def split_rows(table: pd.DataFrame, config: RunConfig) -> tuple[np.ndarray, np.ndarray]:

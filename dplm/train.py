@@ -87,8 +87,10 @@ class GrammarMasks:
 
 
 def row_losses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               target_index: torch.Tensor | None = None, allowed: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean next-token loss of each row over its real tokens (padding excluded).
+               target_index: torch.Tensor | None = None, allowed: torch.Tensor | None = None,
+               scored: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token loss of each row over its real tokens (padding excluded), or over the
+    tokens `scored` marks (a 0/1 mask like `input_ids`).
 
     `target_index` maps token ids to logit positions when the model's output layer scores
     only some tokens (see `model.RestrictedHead`). `allowed` (see `GrammarMasks.of`) limits
@@ -97,7 +99,7 @@ def row_losses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
     targets = input_ids[:, 1:] if target_index is None else target_index[input_ids[:, 1:]]
-    mask = attention_mask[:, 1:].to(torch.float32)
+    mask = (attention_mask if scored is None else scored)[:, 1:].to(torch.float32)
     token_loss = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
     return (token_loss * mask).sum(1) / mask.sum(1).clamp(min=1)
 

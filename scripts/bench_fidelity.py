@@ -30,7 +30,8 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     parser.add_argument("--out", required=True, help="folder for the run, the rows and the report")
     parser.add_argument("--rows", type=int, default=9768, help="synthetic rows to sample and score")
-    parser.add_argument("--target", default="income", help="column for the TSTR score (skipped if absent)")
+    parser.add_argument("--target", default="income", help="column for the TSTR score (skipped if absent); a "
+                                                           "categorical one is also what text columns predict")
     args = parser.parse_intermixed_args()
 
     import torch
@@ -64,6 +65,7 @@ def main() -> int:
         "steps": t.steps, "epochs": t.epochs, "train_seconds": t.seconds, "train_rows_per_s": t.rows_per_second,
         "sample_seconds": sample_seconds, "sample_rows_per_s": len(rows) / sample_seconds,
         "valid_rate": stats.valid_rate,
+        "text": scores.get("text", {}),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                    f"torch {torch.__version__}",
     }
@@ -78,6 +80,16 @@ def main() -> int:
           f"DCR share {result['dcr_share']:.3f}{tstr}; {eps}\n"
           f"training {t.steps} steps, {t.epochs:.2f} epochs, {t.seconds:.0f} s ({t.rows_per_second:.1f} rows/s); "
           f"sampling {len(rows)} rows in {sample_seconds:.0f} s ({result['sample_rows_per_s']:.1f} rows/s)")
+    for column, text in result["text"].items():
+        if "note" in text:
+            print(f"text '{column}': {text['note']}")
+            continue
+        syn, ref = text["synthetic"], text["holdout"]
+        context = f", '{text['context']}' from the text {syn['context_accuracy']:.3f} (real {ref['context_accuracy']:.3f}, " \
+                  f"majority {text['context_majority_share']:.3f})" if text.get("context") else ""
+        print(f"text '{column}': discriminator AUC {syn['discriminator_auc']:.3f} (real {ref['discriminator_auc']:.3f})"
+              f"{context}, verbatim training texts {syn['verbatim_training_share']:.3f} (holdout "
+              f"{ref['verbatim_training_share']:.3f}), length accuracy {syn['length_accuracy']:.3f}")
     return 0
 
 

@@ -83,6 +83,29 @@ def test_train_then_generate(workspace, capsys):
     assert main(["generate", str(workspace / "run"), "-n", "5", "-o", str(workspace / "g.csv"), "-q"]) == 0
     generated = pd.read_csv(workspace / "g.csv")
     assert generated.shape == (5, 2) and generated["x"].between(0, 9).all() and set(generated["y"]) <= {"a", "b"}
+    # Conditional generation: y comes after x in the schema; the output format follows the extension.
+    pd.DataFrame({"y": ["b", "a", "b"]}).to_csv(workspace / "given.csv", index=False)
+    for name, read in (("c.parquet", pd.read_parquet), ("c.jsonl", lambda p: pd.read_json(p, lines=True))):
+        assert main(["generate", str(workspace / "run"), "--given", str(workspace / "given.csv"),
+                     "-o", str(workspace / name), "-q"]) == 0
+        completed = read(workspace / name)
+        assert completed["y"].tolist() == ["b", "a", "b"] and completed["x"].between(0, 9).all()
+
+
+@pytest.mark.parametrize("given, args, message", [
+    ({"y": ["a", "c"]}, ["-o", "bad.csv"], "given column 'y', row 1: 'c' is not one of its categories"),
+    ({"z": [1]}, ["-o", "bad.csv"], "given column 'z' is not in the run's schema"),
+    ({"y": ["a"]}, ["-o", "bad.xlsx"], "bad.xlsx': unknown format '.xlsx'; use .csv, .parquet or .jsonl"),
+    ({"y": ["a"]}, ["-n", "3", "-o", "bad.csv"], "give either -n N (rows to generate) or --given FILE"),
+])
+def test_generate_given_bad_input(workspace, capsys, given, args, message):
+    assert main(["train", str(workspace / "recipe.yaml"), "-q"]) == 0
+    pd.DataFrame(given).to_csv(workspace / "given.csv", index=False)
+    args = [a if not a.startswith("bad") else str(workspace / a) for a in args]
+    code, err = run_cli(["generate", str(workspace / "run"), "--given", str(workspace / "given.csv"), *args, "-q"],
+                        capsys)
+    assert code == 2 and len(err) == 1 and message in err[0]
+    assert not list(workspace.glob("bad*")) and not list(workspace.glob(".bad*"))
 
 
 def test_exit_code_of_the_installed_command(workspace):

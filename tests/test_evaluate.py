@@ -91,3 +91,29 @@ def test_text_and_date_tables(name, target):
     assert metrics["embedding"]["records_per_set"] == 300
     assert 0 <= metrics["privacy"]["synthetic"]["dcr_share"] <= 1
     assert set(metrics["utility"]) >= {"tstr", "trtr"}
+
+
+def test_text_section_scores_real_titles_as_real_and_shuffled_titles_as_uninformative():
+    """Real unseen titles score like the reference (AUC near 0.5, room_type predictable from the
+    title, few verbatim copies); titles shuffled across rows keep their look but lose their
+    link to room_type."""
+    table = pd.read_csv(shared_file("london.csv.gz")).sample(4000, random_state=0)[
+        ["room_type", "neighbourhood", "price", "title"]]
+    train, holdout, fresh = table.iloc[:2500], table.iloc[2500:3250], table.iloc[3250:]
+    shuffled = fresh.assign(title=fresh["title"].sample(frac=1, random_state=1).to_numpy())
+    scores = {}
+    for name, synthetic in (("fresh", fresh), ("shuffled", shuffled)):
+        metrics = evaluate(train, holdout, synthetic, embed_sample=600, text_columns=["title"],
+                           categorical=["room_type", "neighbourhood"])
+        scores[name] = metrics["text"]["title"]
+    fresh_t, shuffled_t = scores["fresh"], scores["shuffled"]
+    assert fresh_t["context"] == "room_type" and fresh_t["texts_scored"] == 600
+    assert fresh_t["synthetic"]["discriminator_auc"] < 0.6 and fresh_t["holdout"]["discriminator_auc"] < 0.6
+    assert fresh_t["synthetic"]["context_accuracy"] > fresh_t["context_majority_share"] + 0.15
+    assert shuffled_t["synthetic"]["context_accuracy"] < fresh_t["synthetic"]["context_accuracy"] - 0.15
+    assert fresh_t["synthetic"]["length_accuracy"] > 0.9
+    assert fresh_t["synthetic"]["verbatim_training_share"] < 0.1
+    copies = evaluate(train, holdout, train.iloc[:750], embed_sample=300, text_columns=["title"],
+                      categorical=["room_type"])["text"]["title"]
+    assert copies["synthetic"]["verbatim_training_share"] == 1.0
+    assert copies["synthetic"]["nearest_training_distance_median"] < copies["holdout"]["nearest_training_distance_median"]

@@ -136,3 +136,16 @@ def test_integer_mask_key_determines_the_allowed_tokens(tokenizer, lo, hi):
         allowed = field.next_tokens(prefix)
         assert seen.setdefault(field.mask_key(prefix), allowed) == allowed, prefix
     assert len(seen) < 60
+
+
+def test_empty_and_missing_text_differ_and_long_text_is_cut_between_escapes(tokenizer):
+    schema = Schema.from_dict({"columns": {"t": {"kind": "text", "max_tokens": 5, "nullable": True},
+                                           "u": {"kind": "text", "max_tokens": 40}}})
+    codec = RowCodec(schema, tokenizer)
+    for row in ({"t": "", "u": ""}, {"t": None, "u": "a|b\n\\0 c"}, {"t": "\\0", "u": "x"}):
+        assert codec.decode(codec.encode(row)) == row
+    long = "\n" * 12  # escapes: "\\n" twelve times, more than 5 tokens
+    sequences = codec.encode_table(pd.DataFrame({"t": [long, "short", long], "u": ["x", "y", "z"]}))
+    assert codec.values_cut() == {"t": 2}
+    cut = codec.decode(sequences[0])["t"]
+    assert cut and set(cut) == {"\n"} and len(codec.fields[0].encode(long)) <= 5
