@@ -26,6 +26,7 @@ TOP_CATEGORIES = 10
 MAX_TRIPLES = 100
 EMBED_SAMPLE = 4000  # records per set for embeddings: bounds the report's runtime on a CPU
 MAX_GBM_CATEGORIES = 255  # gradient boosting's limit on a categorical feature
+MAX_DCR_CATEGORIES = 1000  # one-hot slots per categorical column in distances
 NEAREST_SAMPLE = 20000  # training texts a synthetic text's nearest neighbour is searched among
 
 
@@ -206,17 +207,20 @@ def discriminator_auc(real: np.ndarray, other: np.ndarray, seed: int = 0) -> flo
 
 class MixedEncoder:
     """Rows as vectors for distances: numbers as their quantile rank in the training rows
-    (0..1), categories one-hot scaled so that a mismatch adds 1 to the squared distance."""
+    (0..1), categories one-hot scaled so that a mismatch adds 1 to the squared distance (the
+    `MAX_DCR_CATEGORIES` most frequent; the rest share one "other" slot). `skip`: columns left
+    out (free text, whose memorization the text section measures on embeddings)."""
 
-    def __init__(self, train: pd.DataFrame):
-        self.columns = list(train.columns)
+    def __init__(self, train: pd.DataFrame, skip: tuple[str, ...] = ()):
+        self.columns = [c for c in train.columns if c not in skip]
         self.sorted, self.categories = {}, {}
         for c in self.columns:
             if is_numeric(train[c]):
                 v = _as_float(train[c])
                 self.sorted[c] = np.sort(v[~np.isnan(v)])
             else:
-                self.categories[c] = {v: i for i, v in enumerate(train[c].astype(str).unique())}
+                top = train[c].astype(str).value_counts().index[:MAX_DCR_CATEGORIES]
+                self.categories[c] = {v: i for i, v in enumerate(top)}
 
     def encode(self, df: pd.DataFrame) -> np.ndarray:
         parts = []
@@ -253,13 +257,14 @@ def _row_keys(df: pd.DataFrame) -> pd.Series:
     return pd.util.hash_pandas_object(df.astype(str), index=False)
 
 
-def privacy_scores(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataFrame, seed: int = 0) -> dict:
+def privacy_scores(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataFrame, seed: int = 0,
+                   skip: tuple[str, ...] = ()) -> dict:
     """DCR of synthetic and holdout rows, DCR share, identical matches and exact copies.
 
     The DCR share compares each row's distance to a training sample and to the holdout,
     both of holdout size, so that ~0.5 means "no closer to training than fresh data is".
     """
-    encoder = MixedEncoder(train)
+    encoder = MixedEncoder(train, skip)
     rng = np.random.default_rng(seed)
     train_x, holdout_x = encoder.encode(train), encoder.encode(holdout)
     train_keys = set(_row_keys(train))
@@ -435,7 +440,7 @@ def evaluate(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataFrame
     n = min(embed_sample, len(holdout), len(synthetic), len(train))
     emb = {name: embed(record_texts(sample(df, n))) for name, df in
            (("training", train), ("holdout", holdout), ("synthetic", synthetic))}
-    privacy = privacy_scores(train, holdout, synthetic, seed)
+    privacy = privacy_scores(train, holdout, synthetic, seed, tuple(text_columns or ()))
     results = {
         "rows": {"training": len(train), "holdout": len(holdout), "synthetic": len(synthetic)},
         "accuracy": {"synthetic": accuracy(train, synthetic, binner, seed),

@@ -227,10 +227,17 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
         forward_model, optimizer = make_private(model, optimizer, privacy.noise_multiplier,
                                                 privacy.max_grad_norm, cfg.batch_size, privacy.secure_mode)
     base_optimizer = optimizer.original_optimizer if privacy.enabled else optimizer
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        base_optimizer,
-        lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)) * max(0.1, 1 - s / max(1, total_steps)),
-    )
+    clock = {"start": time.perf_counter()}  # set again below on resume
+
+    def lr_factor(s: int) -> float:
+        # Linear warm-up, then linear decay to 10 % over the planned steps, or over the time
+        # budget where that ends first (without DP only): a timed run ends at a low rate.
+        done = s / max(1, total_steps)
+        if cfg.max_training_time:
+            done = max(done, (time.perf_counter() - clock["start"]) / cfg.max_training_time)
+        return min(1.0, (s + 1) / max(1, cfg.warmup_steps)) * max(0.1, 1 - done)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(base_optimizer, lr_factor)
     rows_seen = tokens_seen = step = 0
     seconds_before = 0.0
     log = []
@@ -250,7 +257,7 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
     resumed_from = step
     model.train()
     bar = tqdm(total=total_steps, initial=step, disable=not progress or rank != 0, unit="step", dynamic_ncols=True)
-    start = time.perf_counter() - seconds_before
+    start = clock["start"] = time.perf_counter() - seconds_before
     loss = None
     try:
         while True:
