@@ -76,8 +76,9 @@ def cmd_generate(args) -> None:
     if args.num_rows is not None and args.num_rows < 1:
         raise DplmError("-n must be at least 1")
     check_output_file(args.output)
-    given = load_table(args.given) if args.given else None
     synth = Synthesizer.load(args.run_dir)
+    as_text = [c.name for c in synth.schema.columns if c.kind in ("categorical", "text")]
+    given = load_table(args.given, as_text) if args.given else None
     df = synth.sample(args.num_rows, seed=args.seed, temperature=args.temperature, progress=not args.quiet,
                       given=given)
     write_table(df, args.output)

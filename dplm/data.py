@@ -19,11 +19,11 @@ READERS = {
 }
 
 
-def load_table(source) -> pd.DataFrame:
+def load_table(source, as_text: list[str] | tuple[str, ...] = ()) -> pd.DataFrame:
     """A pandas DataFrame from any supported source; `"census"` is the bundled census table.
 
     `source` may be a DataFrame, a `datasets.Dataset`, or a path (optionally compressed,
-    e.g. `.csv.gz`).
+    e.g. `.csv.gz`). A CSV's `as_text` columns are read as written ("007" stays "007").
     """
     if isinstance(source, pd.DataFrame):
         df = source.copy()
@@ -34,7 +34,7 @@ def load_table(source) -> pd.DataFrame:
 
         df = load_census()
     else:
-        df = _read_file(Path(source))
+        df = _read_file(Path(source), as_text)
     if len(df) == 0 or len(df.columns) == 0:
         raise DplmError(f"table '{_name(source)}' is empty; give a table with at least one row and column")
     df.columns = [str(c) for c in df.columns]
@@ -72,7 +72,7 @@ def check_output_file(path: str | Path) -> Path:
     return path
 
 
-def _read_file(path: Path) -> pd.DataFrame:
+def _read_file(path: Path, as_text=()) -> pd.DataFrame:
     if not path.exists():
         raise DplmError(f"data file '{path}' not found; check the path")
     suffixes = [s for s in path.suffixes if s not in (".gz", ".bz2", ".zip", ".xz", ".zst")]
@@ -80,6 +80,8 @@ def _read_file(path: Path) -> pd.DataFrame:
     if reader is None:
         raise DplmError(f"data file '{path}': unknown format; use .csv, .parquet, .jsonl or .json (optionally .gz)")
     try:
+        if reader is pd.read_csv:
+            return pd.read_csv(path, dtype={c: str for c in as_text})
         return reader(path)
     except pd.errors.EmptyDataError:
         raise DplmError(f"table '{path}' is empty; give a table with at least one row and column") from None

@@ -265,6 +265,9 @@ def privacy_scores(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.Dat
     both of holdout size, so that ~0.5 means "no closer to training than fresh data is".
     """
     encoder = MixedEncoder(train, skip)
+    if not encoder.columns:
+        raise DplmError("the report's distance-to-closest-record scores need a column that is not free text; "
+                        "keep a categorical or numeric column beside the text (score text alone with text_scores)")
     rng = np.random.default_rng(seed)
     train_x, holdout_x = encoder.encode(train), encoder.encode(holdout)
     train_keys = set(_row_keys(train))

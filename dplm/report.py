@@ -357,8 +357,7 @@ def report_run(run_dir: str | Path, synthetic: str | Path | None = None, num_row
         raise DplmError("the run kept no holdout rows (data.holdout_fraction: 0); the report needs a holdout")
     synthetic = Path(synthetic) if synthetic else run_dir / "synthetic.csv"
     if num_rows is None and synthetic.exists():
-        as_text = {c.name: str for c in synth.schema.columns if c.kind in ("categorical", "text")}  # "007" stays
-        fake = pd.read_csv(synthetic, dtype=as_text)
+        fake = load_table(synthetic, [c.name for c in synth.schema.columns if c.kind in ("categorical", "text")])
         missing = [c for c in synth.schema.names if c not in fake.columns]
         if missing:
             raise DplmError(f"synthetic file '{synthetic}' lacks column(s) {missing}; give a file with the run's columns")

@@ -264,8 +264,7 @@ class GivenValues:
         index = [codec.schema.names.index(c) for c in given.columns]
         written = {}
         for j in index:  # each value's tokens, then the token that ends its field
-            end = [codec.eos_id] if j == n - 1 else [] if fields[j].self_delimiting else [codec.sep_id]
-            written[j] = [fields[j].encode(v) + end for v in given[fields[j].col.name]]
+            written[j] = [fields[j].encode(v) + codec.ending(j) for v in given[fields[j].col.name]]
         width = max(len(ids) for column in written.values() for ids in column)
         self.positions = torch.zeros((len(given), n + 1, width), dtype=torch.long)  # logit index of each token
         for j, column in written.items():
@@ -290,7 +289,8 @@ class GivenValues:
         elsewhere), the importance weight's factor."""
         forced = self.given[column]
         target = self.positions[particles // self.candidates, column, offset.clamp(max=self.positions.shape[2] - 1)]
-        log_prob = torch.where(forced, torch.log_softmax(logits, -1).gather(1, target[:, None])[:, 0], 0.0)
+        log_prob = torch.where(forced, torch.log_softmax(logits, -1).gather(1, target[:, None])[:, 0], 0.0) \
+            if self.resample else torch.zeros(len(logits), device=logits.device)  # weights only matter then
         only_target = torch.full_like(logits, float("-inf")).scatter_(1, target[:, None], 0.0)
         return torch.where(forced[:, None], only_target, logits), log_prob
 

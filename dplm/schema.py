@@ -466,8 +466,9 @@ def check_given(df: pd.DataFrame, schema: Schema) -> pd.DataFrame:
     unknown = [str(c) for c in df.columns if c not in schema.names]
     if unknown:
         raise DplmError(f"given column '{unknown[0]}' is not in the run's schema; give only columns of {schema.names}")
-    if len(df) == 0:
-        raise DplmError("the given table has no rows; give one row per row to generate")
+    if len(df) == 0 or len(df.columns) == 0:
+        raise DplmError("the given table has no rows or no columns; give one row per row to generate, with the "
+                        "columns to keep")
     out = {}
     for name in df.columns:
         col, values = schema[name], []

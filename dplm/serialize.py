@@ -112,8 +112,9 @@ class RowCodec:
             tokenizer.add_tokens([AddedToken(n, special=True, normalized=False) for n in names], special_tokens=True)
         self.fields = [FieldGrammar(col, self) for col in schema.columns]
         if any(col.kind == "text" for col in schema.columns):
-            # Text may use any ordinary token that cannot contain the separator.
-            special = set(tokenizer.all_special_ids) | {t for f in self.fields for t in f.token_ids()}
+            # Text may use any ordinary token that cannot contain the separator: no special or
+            # added token (SmolLM2's <issue_comment> and the like, the value tokens).
+            special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
             self.text_token_ids = [
                 i for i, tok in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
                 if i not in special and SEPARATOR not in tokenizer.convert_tokens_to_string([tok])
@@ -171,10 +172,15 @@ class RowCodec:
             start = len(ids)
             ids.extend(field.encode(value))
             spans.append((start, len(ids)))
-            if i < len(self.fields) - 1 and not field.self_delimiting:
-                ids.append(self.sep_id)
-        ids.append(self.eos_id)
+            ids.extend(self.ending(i))
         return ids, spans
+
+    def ending(self, column: int) -> list[int]:
+        """The token after a column's value: EOS after the last column, else the separator,
+        except after a self-delimiting field (none)."""
+        if column == len(self.fields) - 1:
+            return [self.eos_id]
+        return [] if self.fields[column].self_delimiting else [self.sep_id]
 
     def encode_table(self, df: pd.DataFrame) -> list[list[int]]:
         """Every row's token ids; `values_cut` then counts the texts this table had cut."""
@@ -183,7 +189,7 @@ class RowCodec:
         return [self.encode(row) for row in df[self.schema.names].itertuples(index=False, name=None)]
 
     def values_cut(self) -> dict[str, int]:
-        """Text values cut at their column's `max_tokens` by the last `encode_table`, per column."""
+        """Text values cut at their column's `max_tokens` since the last `encode_table`, per column."""
         return {f.col.name: f.values_cut for f in self.fields if f.values_cut}
 
     # ---- decoding ---------------------------------------------------------------------
@@ -298,12 +304,13 @@ class FieldGrammar:
             return ids
         self.values_cut += 1
         ids = ids[: self.col.max_tokens]
-        while ids:  # never end inside an escape
+        while ids:  # never end inside an escape or a character's bytes
             try:
-                unescape(self.codec.tokenizer.decode(ids))
-                return ids
+                if not unescape(self.codec.tokenizer.decode(ids)).endswith("\ufffd"):
+                    return ids
             except ParseError:
-                ids = ids[:-1]
+                pass
+            ids = ids[:-1]
         return ids
 
     # ---- the grammar ------------------------------------------------------------------

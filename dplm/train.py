@@ -227,14 +227,14 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
         forward_model, optimizer = make_private(model, optimizer, privacy.noise_multiplier,
                                                 privacy.max_grad_norm, cfg.batch_size, privacy.secure_mode)
     base_optimizer = optimizer.original_optimizer if privacy.enabled else optimizer
-    clock = {"start": time.perf_counter()}  # set again below on resume
+    clock = {"elapsed": 0.0}  # rank 0's training seconds at the last step, shared with every rank
 
     def lr_factor(s: int) -> float:
         # Linear warm-up, then linear decay to 10 % over the planned steps, or over the time
         # budget where that ends first (without DP only): a timed run ends at a low rate.
         done = s / max(1, total_steps)
         if cfg.max_training_time:
-            done = max(done, (time.perf_counter() - clock["start"]) / cfg.max_training_time)
+            done = max(done, clock["elapsed"] / cfg.max_training_time)
         return min(1.0, (s + 1) / max(1, cfg.warmup_steps)) * max(0.1, 1 - done)
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(base_optimizer, lr_factor)
@@ -257,16 +257,17 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
     resumed_from = step
     model.train()
     bar = tqdm(total=total_steps, initial=step, disable=not progress or rank != 0, unit="step", dynamic_ncols=True)
-    start = clock["start"] = time.perf_counter() - seconds_before
+    start = time.perf_counter() - seconds_before
     loss = None
     try:
         while True:
             # Rank 0 decides whether to go on and which units form the batch; all ranks follow.
             groups, stop = None, None
             if rank == 0:
+                clock["elapsed"] = time.perf_counter() - start
                 if step >= total_steps:
                     stop = stop_reason
-                elif cfg.max_training_time and time.perf_counter() - start >= cfg.max_training_time:
+                elif cfg.max_training_time and clock["elapsed"] >= cfg.max_training_time:
                     stop = "max_training_time"
                 elif budget and not budget.allows_next_step():
                     stop = "max_epsilon"
@@ -276,9 +277,9 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
                 else:
                     groups = [[i] for i in _shuffled_batch(step, num_rows, cfg.batch_size, cfg.seed)]
             if world > 1:
-                message = [groups, stop]
+                message = [groups, stop, clock["elapsed"]]
                 torch.distributed.broadcast_object_list(message, src=0)
-                groups, stop = message
+                groups, stop, clock["elapsed"] = message
             if stop:
                 stop_reason = stop
                 break

@@ -88,4 +88,4 @@ def test_cli_report_bad_synthetic_files(run_dir, tmp_path, capsys):
     assert "lacks column(s)" in capsys.readouterr().err
     pd.read_csv(run_dir / "synthetic.csv").iloc[:0].to_csv(tmp_path / "empty.csv", index=False)
     assert main(["report", str(run_dir), "-q", "--synthetic", str(tmp_path / "empty.csv")]) == 2
-    assert "synthetic rows are empty" in capsys.readouterr().err
+    assert "empty.csv' is empty" in capsys.readouterr().err
