@@ -77,8 +77,7 @@ def cmd_generate(args) -> None:
         raise DplmError("-n must be at least 1")
     check_output_file(args.output)
     synth = Synthesizer.load(args.run_dir)
-    as_text = [c.name for c in synth.schema.columns if c.kind in ("categorical", "text")]
-    given = load_table(args.given, as_text) if args.given else None
+    given = load_table(args.given, synth.schema.names_of("categorical", "text")) if args.given else None
     df = synth.sample(args.num_rows, seed=args.seed, temperature=args.temperature, progress=not args.quiet,
                       given=given)
     write_table(df, args.output)

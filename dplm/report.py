@@ -357,7 +357,7 @@ def report_run(run_dir: str | Path, synthetic: str | Path | None = None, num_row
         raise DplmError("the run kept no holdout rows (data.holdout_fraction: 0); the report needs a holdout")
     synthetic = Path(synthetic) if synthetic else run_dir / "synthetic.csv"
     if num_rows is None and synthetic.exists():
-        fake = load_table(synthetic, [c.name for c in synth.schema.columns if c.kind in ("categorical", "text")])
+        fake = load_table(synthetic, synth.schema.names_of("categorical", "text"))
         missing = [c for c in synth.schema.names if c not in fake.columns]
         if missing:
             raise DplmError(f"synthetic file '{synthetic}' lacks column(s) {missing}; give a file with the run's columns")
@@ -366,8 +366,6 @@ def report_run(run_dir: str | Path, synthetic: str | Path | None = None, num_row
         raise DplmError(f"synthetic file '{synthetic}' not found; check the path")
     else:
         fake = synth.sample(num_rows or len(holdout), progress=progress)
-    kinds = {c.name: c.kind for c in synth.schema.columns}
     return write_report(train, holdout, align_types(fake, synth.schema), Path(out_dir or run_dir), target=target,
                         run_info=run_info(run_dir), seed=synth.config.train.seed,
-                        text_columns=[c for c, k in kinds.items() if k == "text"],
-                        categorical=[c for c, k in kinds.items() if k == "categorical"])
+                        text_columns=synth.schema.names_of("text"), categorical=synth.schema.names_of("categorical"))

@@ -89,6 +89,10 @@ class Schema:
     def names(self) -> list[str]:
         return [c.name for c in self.columns]
 
+    def names_of(self, *kinds: str) -> list[str]:
+        """The names of the columns of these kinds, in schema order."""
+        return [c.name for c in self.columns if c.kind in kinds]
+
     def __getitem__(self, name: str) -> Column:
         for c in self.columns:
             if c.name == name:
