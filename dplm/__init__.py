@@ -7,6 +7,7 @@ synthesize tabular data.
     synth.save("runs/census"); synth = dplm.load("runs/census")
     synth.export("shareable/")               # only what may be shared, with a MANIFEST.md
     dplm.plan(config)                         # the epsilon a run will report, without training
+    dplm.sweep(config, "runs/sweep")          # noise x clip grid: epsilon vs scores and attacks
 """
 
 from dplm.config import RunConfig, load_recipe
@@ -14,7 +15,8 @@ from dplm.data import load_table
 from dplm.datasets import load_census
 from dplm.errors import DplmError
 from dplm.schema import Column, Schema
+from dplm.experiment import sweep
 from dplm.synthesizer import Synthesizer, export_run, fit, load, plan
 
 __all__ = ["Column", "DplmError", "RunConfig", "Schema", "Synthesizer", "export_run", "fit", "load",
-           "load_census", "load_recipe", "load_table", "plan"]
+           "load_census", "load_recipe", "load_table", "plan", "sweep"]

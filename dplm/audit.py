@@ -1,6 +1,7 @@
 """Empirical privacy audit of a trained run: does the model remember its training records?
 
-Two attacks, both on the model's per-record loss (mean next-token loss of a serialized row):
+Two attacks on the model's per-record loss (mean next-token loss of a serialized row), and
+one on the synthetic rows:
 
 * membership inference: score = -loss; training rows should not score higher than holdout
   rows. Reported as the ROC AUC (0.5 = chance) and the true-positive rate at a 1 %
@@ -12,6 +13,12 @@ Two attacks, both on the model's per-record loss (mean next-token loss of a seri
   records the model never saw, up to log2(references + 1) for memorized ones. A text
   column's canaries are random word strings; their exposure is also measured on the text's
   tokens alone (given the rest of the record), where memorized words would show first.
+* attribute inference: an attacker who knows a record's other columns guesses its
+  sensitive column (`audit.sensitive_column`, default the report's target) from the
+  synthetic rows alone: the value of the nearest synthetic row, and a classifier trained on
+  the synthetic rows. Its accuracy on training rows minus its accuracy on holdout rows is the
+  advantage the synthetic rows give about the people they were trained on (0: none beyond
+  what they tell about anyone).
 
 DP bounds what any such attack can achieve; these numbers are a sanity check of the
 implementation, not a proof. `dplm audit RUN_DIR` writes `audit.json` into the run, and
@@ -93,8 +100,53 @@ def exposure(canary_losses: np.ndarray, reference_losses: np.ndarray) -> np.ndar
     return np.log2(len(reference_losses) + 1) - np.log2(ranks)
 
 
-def audit_run(run_dir: str | Path, num_records: int = 1000, num_references: int = 1000, seed: int = 0) -> dict:
-    """Run both attacks on a run directory and write `audit.json` there; returns the results."""
+def attribute_inference(members: pd.DataFrame, non_members: pd.DataFrame, synthetic: pd.DataFrame, sensitive: str,
+                        skip: tuple[str, ...] = (), seed: int = 0) -> dict:
+    """Accuracy of guessing `sensitive` from a record's other columns (less `skip`, e.g. free
+    text) with the synthetic rows only, on training records (`members`) vs holdout records:
+    the nearest synthetic row's value, a classifier fitted on the synthetic rows, and the
+    synthetic rows' most common value (the guess that needs no other column)."""
+    from dplm.evaluate import FeatureMatrix, MixedEncoder, nearest
+
+    features = [c for c in synthetic.columns if c not in (sensitive, *skip)]
+    labels = synthetic[sensitive].astype(str).to_numpy()
+    encoder, matrix = MixedEncoder(synthetic[features]), FeatureMatrix(synthetic, features)
+    synthetic_x = encoder.encode(synthetic[features])
+    classifier = matrix.classifier(seed).fit(matrix(synthetic), labels) if len(set(labels)) > 1 else None
+    guesses = {
+        "nearest_neighbour": lambda df: labels[nearest(encoder.encode(df[features]), synthetic_x)[1]],
+        "classifier": lambda df: classifier.predict(matrix(df)) if classifier else np.full(len(df), labels[0]),
+        "majority": lambda df: np.full(len(df), pd.Series(labels).mode()[0]),
+    }
+    result = {"column": sensitive, "members": len(members), "non_members": len(non_members)}
+    for attack, guess in guesses.items():
+        members_acc, others_acc = (float(np.mean(guess(df) == df[sensitive].astype(str).to_numpy()))
+                                   for df in (members, non_members))
+        result[attack] = {"accuracy_members": members_acc, "accuracy_non_members": others_acc,
+                          "advantage": members_acc - others_acc}
+    result["advantage"] = max(result[a]["advantage"] for a in ("nearest_neighbour", "classifier"))
+    return result
+
+
+def sensitive_column(synth, run_dir: Path, requested: str | None = None) -> str | None:
+    """The column attribute inference guesses: as asked, else `audit.sensitive_column`, else the
+    target of the run's report if categorical, else the schema's last categorical column."""
+    categorical = synth.schema.names_of("categorical")
+    requested = requested or synth.config.audit.sensitive_column
+    if requested:
+        if requested not in categorical:
+            raise DplmError(f"attribute inference guesses a categorical column; '{requested}' is not one of the "
+                            f"run's categorical columns ({', '.join(categorical) or 'none'}): set audit.sensitive_column")
+        return requested
+    report = run_dir / "report.json"
+    target = json.loads(report.read_text()).get("utility", {}).get("target") if report.exists() else None
+    return target if target in categorical else (categorical[-1] if categorical else None)
+
+
+def audit_run(run_dir: str | Path, num_records: int = 1000, num_references: int = 1000, seed: int = 0,
+              sensitive: str | None = None) -> dict:
+    """Run the attacks on a run directory and write `audit.json` there; returns the results.
+    Attribute inference needs the run's `synthetic.csv` (written by `dplm train`)."""
     from dplm.data import load_table
     from dplm.synthesizer import Synthesizer
 
@@ -102,6 +154,13 @@ def audit_run(run_dir: str | Path, num_records: int = 1000, num_references: int 
     synth = Synthesizer.load(run_dir)
     if not synth.split or synth.config.data.source is None:
         raise DplmError(f"run '{run_dir}' records no data source and split; the audit needs its training rows")
+    synthetic_csv = run_dir / "synthetic.csv"
+    if (sensitive or synth.config.audit.sensitive_column) and not synthetic_csv.exists():
+        raise DplmError(f"attribute inference needs the run's synthetic rows and '{run_dir}' has no synthetic.csv; "
+                        f"write them with `dplm generate {run_dir} -n 2000 -o {synthetic_csv}`")
+    attribute = sensitive_column(synth, run_dir, sensitive) if synthetic_csv.exists() else None
+    known = [c for c in synth.schema.names_of("categorical", "integer", "float", "datetime") if c != attribute]
+    attribute = attribute if known else None  # nothing to guess from but free text
     table = load_table(synth.config.data.source)
     rng = np.random.default_rng(seed)
     picks = {name: rng.permutation(np.array(synth.split[name]))[:num_records] for name in ("train", "holdout")}
@@ -125,5 +184,13 @@ def audit_run(run_dir: str | Path, num_records: int = 1000, num_references: int 
                                 record_losses(synth, references, column=col.name))
                 result["canaries"].setdefault("text", {})[col.name] = {"mean_exposure": float(bits.mean()),
                                                                        "max_exposure": float(bits.max())}
+    if attribute:
+        from dplm.report import align_types
+
+        synthetic = load_table(synthetic_csv, synth.schema.names_of("categorical", "text"))
+        rows = {name: align_types(table.iloc[idx][names], synth.schema) for name, idx in picks.items()}
+        result["attribute_inference"] = attribute_inference(
+            rows["train"], rows["holdout"], align_types(synthetic[names], synth.schema), attribute,
+            tuple(synth.schema.names_of("text")), seed)
     (run_dir / "audit.json").write_text(json.dumps(result, indent=2))
     return result

@@ -1,5 +1,6 @@
 """Command line: `dplm train RECIPE [key=value ...]`, `dplm generate RUN_DIR (-n N | --given FILE) -o FILE`,
-`dplm report RUN_DIR`, `dplm audit RUN_DIR`, `dplm plan RECIPE`, `dplm export RUN_DIR OUT_DIR`."""
+`dplm report RUN_DIR`, `dplm audit RUN_DIR`, `dplm plan RECIPE`, `dplm export RUN_DIR OUT_DIR`,
+`dplm sweep RECIPE [key=value ...] [--noise ..] [--clip ..] [-o DIR]`."""
 
 from __future__ import annotations
 
@@ -101,7 +102,8 @@ def cmd_report(args) -> None:
 def cmd_audit(args) -> None:
     from dplm.audit import audit_run
 
-    result = audit_run(args.run_dir, num_records=args.num_records, num_references=args.references)
+    result = audit_run(args.run_dir, num_records=args.num_records, num_references=args.references,
+                       sensitive=args.sensitive)
     mia = result["membership_inference"]
     dp = f"DP, epsilon {result['epsilon']:.4g}" if result["dp"] else "no DP"
     print(f"audit ({dp}): membership inference AUC {mia['auc']:.3f} (chance 0.5), TPR at 1% FPR "
@@ -114,6 +116,13 @@ def cmd_audit(args) -> None:
         for column, t in c.get("text", {}).items():
             print(f"text canaries in '{column}' (random words, their tokens alone): exposure mean "
                   f"{t['mean_exposure']:.2f} / max {t['max_exposure']:.2f} bits")
+    if "attribute_inference" in result:
+        a = result["attribute_inference"]
+        print(f"attribute inference of '{a['column']}' from the synthetic rows: accuracy on training rows vs holdout "
+              f"rows: nearest row {a['nearest_neighbour']['accuracy_members']:.3f} vs "
+              f"{a['nearest_neighbour']['accuracy_non_members']:.3f}, classifier {a['classifier']['accuracy_members']:.3f} "
+              f"vs {a['classifier']['accuracy_non_members']:.3f} (majority {a['majority']['accuracy_members']:.3f}); "
+              f"advantage {a['advantage']:+.3f} (0: no more about members than about anyone)")
     print(f"written: {Path(args.run_dir) / 'audit.json'}")
 
 
@@ -148,6 +157,23 @@ def cmd_plan(args) -> None:
         print(f"  epoch {epoch}: {steps} steps, epsilon {eps:.4f}")
     print(f"the run: {result['steps']} steps (stopped by {result['stop_reason']}), epsilon {result['epsilon']:.4f} "
           f"at delta {result['delta']:g}")
+
+
+def cmd_sweep(args) -> None:
+    from dplm.experiment import default_summary, load_sweep_config, sweep
+
+    config, out_dir = load_sweep_config(args.recipe, args.overrides, args.noise, args.clip, args.baseline_epochs,
+                                        args.output)
+    table = sweep(config, out_dir, workers=args.workers, ray_address=args.ray, progress=not args.quiet)
+    failed = int(table["error"].notna().sum()) if "error" in table else 0
+    print(f"sweep: {len(table) - failed} of {len(table)} points done"
+          + (f", {failed} failed (their errors: {out_dir / 'sweep.csv'})" if failed else "")
+          + f"; {out_dir / 'sweep.html'}, {out_dir / 'sweep.csv'}, {out_dir / 'sweep.json'}")
+    if failed == len(table):
+        raise DplmError(f"every point of the sweep failed; the first: {table['error'].iloc[0]}")
+    reading = default_summary(table, (config.privacy.noise_multiplier, config.privacy.max_grad_norm))
+    if reading:
+        print(reading)
 
 
 def cmd_export(args) -> None:
@@ -186,12 +212,31 @@ def build_parser() -> argparse.ArgumentParser:
     aud.add_argument("run_dir")
     aud.add_argument("-n", "--num-records", type=int, default=1000, help="training and holdout rows to attack")
     aud.add_argument("--references", type=int, default=1000, help="random records to rank each canary among")
+    aud.add_argument("--sensitive", help="categorical column attribute inference guesses (default: "
+                                         "audit.sensitive_column, else the report's target, else the last one)")
     aud.set_defaults(func=cmd_audit)
     exp = sub.add_parser("export", help="copy what a run may share (model, schema, privacy record, synthetic "
                                         "rows) into a new folder, without its private diagnostics")
     exp.add_argument("run_dir")
     exp.add_argument("out_dir", help="a new folder")
     exp.set_defaults(func=cmd_export)
+    swp = sub.add_parser("sweep", help="train, score and audit a recipe at every noise x clip of a grid, plus "
+                                       "non-DP baselines; charts of epsilon vs accuracy, AUC and attacks")
+    swp.add_argument("recipe")
+    swp.add_argument("overrides", nargs="*", help="section.key=value, e.g. sweep.target=income")
+    swp.add_argument("--noise", help="noise multipliers, e.g. 0.5,1,2 (default: sweep.noise_multipliers, the "
+                                     "seed's 0.25 ... 32)")
+    swp.add_argument("--clip", help="max_grad_norm values, e.g. 0.5,1,2 (default: sweep.max_grad_norms)")
+    swp.add_argument("--baseline-epochs", help="epochs of the non-DP baselines, e.g. 1,2,4 (default: "
+                                               "sweep.baseline_epochs; empty for none)")
+    swp.add_argument("-o", "--output", help="sweep folder (default: the recipe's output_dir); rerun to resume "
+                                            "(with the same grid unless --noise/--clip/--baseline-epochs are given)")
+    swp.add_argument("--workers", type=int, default=1, help="points run side by side on this machine "
+                                                            "(CPU threads split between them, or a GPU each)")
+    swp.add_argument("--ray", metavar="ADDRESS", help="run each point as a task on this Ray cluster "
+                                                      "('auto', 'ray://host:10001'; 'local' starts one here)")
+    swp.add_argument("-q", "--quiet", action="store_true")
+    swp.set_defaults(func=cmd_sweep)
     rep = sub.add_parser("report", help="score a run: HTML report and JSON metrics")
     rep.add_argument("run_dir")
     rep.add_argument("--synthetic", help="CSV of synthetic rows (default: the run's synthetic.csv)")

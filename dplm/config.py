@@ -23,6 +23,8 @@ class DataConfig:
     max_rows: int | None = None  # train on a seeded random subset (after the holdout split)
 
 
+TRACKERS = ("tensorboard", "mlflow")
+
 # LoRA on every linear layer of a Llama block, and on the (schema-restricted) output layer,
 # whose rows for new value tokens start from their text's embeddings and must learn the rest.
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
@@ -58,6 +60,10 @@ class TrainConfig:
     threads: int | None = None  # torch CPU threads; None keeps torch's default
     grammar_loss: bool = True  # each token's loss over the tokens the schema allows there, as the sampler draws
     checkpoint_every: int | None = 50  # `dplm train` saves a resumable checkpoint every N steps (None: never)
+    # accelerate's experiment trackers ("tensorboard", "mlflow"; extras dplm[tensorboard], dplm[mlflow]):
+    # loss, epsilon, rows/s per step and the report's scores, under tracking_dir (default: beside the run)
+    report_to: list[str] = field(default_factory=list)
+    tracking_dir: str | None = None
 
 
 @dataclass
@@ -88,6 +94,25 @@ class SampleConfig:
 class AuditConfig:
     canaries: int = 0  # random records added to the training rows, for `dplm audit`'s exposure test
     canary_repeats: int = 1  # copies of each canary (rows; one subject with data.subject)
+    # categorical column the attribute-inference attack guesses (default: the report's target, else the last one)
+    sensitive_column: str | None = None
+
+
+SEED_NOISE_MULTIPLIERS = [0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0, 8.0, 16.0, 32.0]
+SEED_MAX_GRAD_NORMS = [0.5, 1.0, 2.0]
+
+
+@dataclass
+class SweepConfig:
+    """`dplm sweep`: a DP run per noise_multiplier x max_grad_norm, plus non-DP baselines."""
+
+    noise_multipliers: list[float] = field(default_factory=lambda: list(SEED_NOISE_MULTIPLIERS))
+    max_grad_norms: list[float] = field(default_factory=lambda: list(SEED_MAX_GRAD_NORMS))
+    baseline_epochs: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])  # non-DP runs
+    baseline_overrides: list[str] = field(default_factory=list)  # section.key=value for the non-DP runs only
+    num_rows: int = 2000  # synthetic rows each point samples and scores
+    target: str | None = None  # TSTR column of the report (and the audit's sensitive column by default)
+    audit_records: int = 1000  # training and holdout rows each attack of the audit uses
 
 
 @dataclass
@@ -99,6 +124,7 @@ class RunConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     output_csv: str | None = None  # write num_rows synthetic rows here after training (.csv, .parquet or .jsonl)
 
     def validate(self) -> None:
@@ -129,6 +155,12 @@ class RunConfig:
             (self.sample.given_candidates >= 1, "sample.given_candidates must be >= 1"),
             (self.audit.canaries >= 0 and self.audit.canary_repeats >= 1,
              "audit.canaries must be >= 0 and audit.canary_repeats >= 1"),
+            (all(r in TRACKERS for r in t.report_to),
+             f"train.report_to: {t.report_to} names an unknown tracker; use {' and/or '.join(TRACKERS)}"),
+            (all(v > 0 for v in [*self.sweep.noise_multipliers, *self.sweep.max_grad_norms, *self.sweep.baseline_epochs]),
+             "sweep.noise_multipliers, sweep.max_grad_norms and sweep.baseline_epochs must hold numbers > 0"),
+            (self.sweep.num_rows >= 1 and self.sweep.audit_records >= 1,
+             "sweep.num_rows and sweep.audit_records must be >= 1"),
         ]
         if self.output_csv:
             from dplm.data import check_output_file
@@ -178,7 +210,7 @@ def _convert(value, hint, path: str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             raise DplmError(f"config '{path}' must be a list")
-        return [str(v) for v in value]
+        return [_convert(v, typing.get_args(hint)[0], f"{path}[{i}]") for i, v in enumerate(value)]
     try:
         if hint is bool:
             if isinstance(value, str):
@@ -209,6 +241,13 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RunConf
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise DplmError(f"recipe '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    config = from_dict(RunConfig, apply_overrides(values, overrides))
+    config.validate()
+    return config
+
+
+def apply_overrides(values: dict, overrides: list[str] | None) -> dict:
+    """`values` (nested settings) with each `section.key=value` (YAML value) set, in place."""
     for item in overrides or []:
         if "=" not in item:
             raise DplmError(f"override '{item}' must look like section.key=value (e.g. train.max_steps=10)")
@@ -219,7 +258,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RunConf
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise DplmError(f"override '{item}': '{part}' is not a section")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
-    config = from_dict(RunConfig, values)
-    config.validate()
-    return config
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            raise DplmError(f"override '{item}': '{raw}' is not a valid YAML value") from None
+    return values

@@ -239,18 +239,20 @@ class MixedEncoder:
         return np.hstack(parts)
 
 
-def nearest_distances(queries: np.ndarray, reference: np.ndarray, chunk: int = 2048) -> np.ndarray:
-    """Euclidean distance from each query row to its nearest reference row."""
+def nearest(queries: np.ndarray, reference: np.ndarray, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """Euclidean distance from each query row to its nearest reference row, and that row's index."""
     import torch
 
     ref = torch.from_numpy(reference).double()  # float64: identical rows get distance 0
     ref_sq = (ref * ref).sum(1)
-    out = []
+    distances, indexes = [], []
     for i in range(0, len(queries), chunk):
         q = torch.from_numpy(queries[i: i + chunk]).double()
         d2 = (q * q).sum(1, keepdim=True) - 2 * q @ ref.T + ref_sq
-        out.append(d2.min(1).values.clamp(min=0).sqrt())
-    return torch.cat(out).numpy()
+        best = d2.min(1)
+        distances.append(best.values.clamp(min=0).sqrt())
+        indexes.append(best.indices)
+    return torch.cat(distances).numpy(), torch.cat(indexes).numpy()
 
 
 def _row_keys(df: pd.DataFrame) -> pd.Series:
@@ -274,7 +276,7 @@ def privacy_scores(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.Dat
     result = {}
     for name, df in (("synthetic", synthetic), ("holdout", holdout)):
         x = encoder.encode(df)
-        dcr = nearest_distances(x, train_x)
+        dcr = nearest(x, train_x)[0]
         copies = int(_row_keys(df).isin(train_keys).sum())
         result[name] = {"dcr_median": float(np.median(dcr)), "dcr_5th_percentile": float(np.percentile(dcr, 5)),
                         "identical_match_share": float(np.mean(dcr < 1e-6)),
@@ -291,33 +293,46 @@ def privacy_scores(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.Dat
 
 
 def _dcr_share(x: np.ndarray, train_ref: np.ndarray, holdout_ref: np.ndarray) -> float:
-    to_train, to_holdout = nearest_distances(x, train_ref), nearest_distances(x, holdout_ref)
+    to_train, to_holdout = nearest(x, train_ref)[0], nearest(x, holdout_ref)[0]
     return float(np.mean(to_train < to_holdout) + 0.5 * np.mean(to_train == to_holdout))
 
 
 # ---- utility: train on synthetic, test on real --------------------------------------------
 
-def utility(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataFrame, target: str, seed: int = 0) -> dict:
-    """TSTR vs TRTR with gradient boosting; classification metrics or R² by the target's kind."""
-    from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
-    from sklearn.metrics import accuracy_score, r2_score, roc_auc_score
+class FeatureMatrix:
+    """Columns as a float matrix for gradient boosting: numbers as they are, categories as codes
+    of the reference table's most frequent levels (at most 255; the rest and missing: NaN)."""
 
-    features = [c for c in train.columns if c != target]
-    categorical = [c for c in features if not is_numeric(train[c])]
-    # Gradient boosting takes at most 255 categories: the most frequent real ones, the rest missing.
-    levels = {c: train[c].dropna().astype(str).value_counts().index[:MAX_GBM_CATEGORIES].tolist() for c in categorical}
+    def __init__(self, reference: pd.DataFrame, features: list[str]):
+        self.features = features
+        self.levels = {c: reference[c].dropna().astype(str).value_counts().index[:MAX_GBM_CATEGORIES].tolist()
+                       for c in features if not is_numeric(reference[c])}
+        self.categorical = [c in self.levels for c in features]
 
-    def matrix(df):
+    def __call__(self, df: pd.DataFrame) -> np.ndarray:
         x = pd.DataFrame(index=df.index)
-        for c in features:
-            if c in levels:
-                x[c] = pd.Categorical(df[c].astype(str).where(df[c].notna()), categories=levels[c]).codes
+        for c in self.features:
+            if c in self.levels:
+                x[c] = pd.Categorical(df[c].astype(str).where(df[c].notna()), categories=self.levels[c]).codes
                 x[c] = x[c].where(x[c] >= 0, np.nan)
             else:
                 x[c] = _as_float(df[c])
         return x.to_numpy(dtype=float)
 
-    mask = [c in levels for c in features]
+    def classifier(self, seed: int = 0):
+        from sklearn.ensemble import HistGradientBoostingClassifier
+
+        return HistGradientBoostingClassifier(categorical_features=self.categorical if any(self.categorical) else None,
+                                              random_state=seed)
+
+
+def utility(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataFrame, target: str, seed: int = 0) -> dict:
+    """TSTR vs TRTR with gradient boosting; classification metrics or R² by the target's kind."""
+    from sklearn.ensemble import HistGradientBoostingRegressor
+    from sklearn.metrics import accuracy_score, r2_score, roc_auc_score
+
+    matrix = FeatureMatrix(train, [c for c in train.columns if c != target])
+    mask = matrix.categorical
     regression = is_numeric(train[target])
     test_x, test_y = matrix(holdout), holdout[target]
     result = {"target": target, "task": "regression" if regression else "classification"}
@@ -335,7 +350,7 @@ def utility(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataFrame,
             result[name] = {"accuracy": float(np.mean(test_y.astype(str) == y[keep].iloc[0])) if keep.any() else None,
                             "roc_auc": None, "note": "training rows hold a single class"}
             continue
-        model = HistGradientBoostingClassifier(categorical_features=mask if any(mask) else None, random_state=seed)
+        model = matrix.classifier(seed)
         model.fit(matrix(source)[keep], y[keep])
         truth = test_y.astype(str)
         proba = model.predict_proba(test_x)

@@ -255,6 +255,14 @@ def render_html(metrics: dict, charts: dict, run_info: dict | None) -> str:
                 rows += [(f"text canaries in '{column}' (random words, their tokens alone): exposure mean / max "
                           "(bits)", f"{t['mean_exposure']:.2f} / {t['max_exposure']:.2f}")
                          for column, t in c.get("text", {}).items()]
+            if "attribute_inference" in audit:
+                a = audit["attribute_inference"]
+                rows += [(f"attribute inference of '{a['column']}' from the synthetic rows, {attack}: accuracy on "
+                          "training / holdout rows", f"{a[key]['accuracy_members']:.3f} / {a[key]['accuracy_non_members']:.3f}")
+                         for attack, key in (("nearest row", "nearest_neighbour"), ("classifier", "classifier"),
+                                             ("most common value", "majority"))]
+                rows.append(("attribute inference advantage (0: no more about members than about anyone)",
+                             a["advantage"]))
             parts.append("<h2>Empirical privacy audit (dplm audit)</h2><p>Measured on the private training rows: "
                          "for the data owner, not covered by epsilon.</p>" + _table(rows, ("attack", "value")))
     for column, t in metrics.get("text", {}).items():
@@ -305,18 +313,34 @@ def write_report(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataF
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     html_path, json_path = out_dir / "report.html", out_dir / "report.json"
-    _write_atomic(json_path, json.dumps(scores, indent=2, default=float))
-    _write_atomic(html_path, render_html(scores, charts, run_info))
+    write_atomic(json_path, json.dumps(scores, indent=2, default=float))
+    write_atomic(html_path, render_html(scores, charts, run_info))
     return html_path, json_path
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, content: str | bytes) -> None:
+    """Write a file whole or not at all (a temporary file renamed into place)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    tmp.write_bytes(content if isinstance(content, bytes) else content.encode())
     tmp.replace(path)
 
 
 # ---- from a run directory ---------------------------------------------------------------
+
+def headline_scores(metrics: dict) -> dict:
+    """The report's main figures as one flat mapping (for trackers and sweeps)."""
+    acc = metrics["accuracy"]["synthetic"]
+    out = {"accuracy": acc["overall"], **{f"accuracy_{k}": acc[k] for k in ("univariate", "bivariate", "trivariate")},
+           "holdout_accuracy": metrics["accuracy"]["holdout"]["overall"],
+           "discriminator_auc": metrics["embedding"]["discriminator_auc"]["synthetic"],
+           "centroid_similarity": metrics["embedding"]["centroid_similarity"]["synthetic"],
+           "dcr_share": metrics["privacy"]["synthetic"]["dcr_share"]}
+    for name in ("tstr", "trtr"):
+        for k, v in metrics.get("utility", {}).get(name, {}).items():
+            if k in ("accuracy", "roc_auc", "r2"):
+                out[f"{name}_{k}"] = v
+    return out
+
 
 def run_info(run_dir: Path) -> dict:
     """Compute and privacy figures of a run, for the report."""
@@ -366,6 +390,16 @@ def report_run(run_dir: str | Path, synthetic: str | Path | None = None, num_row
         raise DplmError(f"synthetic file '{synthetic}' not found; check the path")
     else:
         fake = synth.sample(num_rows or len(holdout), progress=progress)
-    return write_report(train, holdout, align_types(fake, synth.schema), Path(out_dir or run_dir), target=target,
-                        run_info=run_info(run_dir), seed=synth.config.train.seed,
-                        text_columns=synth.schema.names_of("text"), categorical=synth.schema.names_of("categorical"))
+    info = run_info(run_dir)
+    paths = write_report(train, holdout, align_types(fake, synth.schema), Path(out_dir or run_dir), target=target,
+                         run_info=info, seed=synth.config.train.seed,
+                         text_columns=synth.schema.names_of("text"), categorical=synth.schema.names_of("categorical"))
+    if synth.config.train.report_to and (run_dir / "tracking.json").exists():
+        from dplm.tracking import Trackers
+
+        trackers = Trackers(synth.config, json.loads((run_dir / "tracking.json").read_text()))
+        try:
+            trackers.log({"report": headline_scores(json.loads(paths[1].read_text()))}, info["summary"]["steps"] or 0)
+        finally:
+            trackers.finish()
+    return paths

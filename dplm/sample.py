@@ -202,8 +202,7 @@ class CompiledGrammar:
             positions = [lazy.position[t] for t in row]
             allowed[s, positions] = True
             next_state[s, positions] = torch.tensor(list(row.values()))
-        column = torch.tensor([len(lazy.fields) if e is None else e[0] for e in examples])
-        return cls(lazy, allowed.to(device), next_state.to(device), column.to(device), start, 0)
+        return cls(lazy, allowed.to(device), next_state.to(device), lazy.columns(examples).to(device), start, 0)
 
     def initial(self, num: int) -> torch.Tensor:
         return torch.full((num,), self.start, dtype=torch.long, device=self.device)
@@ -289,8 +288,9 @@ class GivenValues:
         elsewhere), the importance weight's factor."""
         forced = self.given[column]
         target = self.positions[particles // self.candidates, column, offset.clamp(max=self.positions.shape[2] - 1)]
-        log_prob = torch.where(forced, torch.log_softmax(logits, -1).gather(1, target[:, None])[:, 0], 0.0) \
-            if self.resample else torch.zeros(len(logits), device=logits.device)  # weights only matter then
+        log_prob = torch.zeros(len(logits), device=logits.device)
+        if self.resample and forced.any():  # weights only matter then, and only where a value is forced
+            log_prob = torch.where(forced, torch.log_softmax(logits, -1).gather(1, target[:, None])[:, 0], 0.0)
         only_target = torch.full_like(logits, float("-inf")).scatter_(1, target[:, None], 0.0)
         return torch.where(forced[:, None], only_target, logits), log_prob
 

@@ -12,7 +12,8 @@ A run directory holds everything needed to sample later:
     training.json     steps, epochs, rows, tokens, seconds, stop reason
     synthetic.csv     rows sampled after training (when saved with them), for `dplm report`
     canaries.csv      random records added to the training rows (audit.canaries), for `dplm audit`
-    audit.json        written by `dplm audit`: membership inference and canary exposure
+    audit.json        written by `dplm audit`: membership inference, canary exposure, attribute inference
+    tracking.json     the experiment trackers' run ids (train.report_to), for the report's scores
 
 It is written to a temporary folder and renamed into place only when complete, so a
 failed run leaves no partial directory behind.
@@ -45,6 +46,7 @@ from dplm.privacy import secret_rng
 from dplm.sample import SampleStats, grammar_masks, output_token_ids, sample_rows
 from dplm.schema import Schema, coerce_table, dp_metadata_spend, estimate_schema_dp, infer_schema, require_kinds
 from dplm.serialize import RowCodec
+from dplm.tracking import Trackers
 from dplm.train import Checkpoints, TrainResult, process_rank, train
 
 METADATA_DELTA_SHARE = 0.1  # of privacy.delta, for DP category sets (only when some are estimated)
@@ -83,6 +85,8 @@ PRIVATE_DIAGNOSTICS = {
     "report.json": "scores comparing the synthetic rows with the private training and holdout rows",
     "audit.json": "membership and canary attacks measured on the private training rows",
     "canaries.csv": "the audit's secret canary records",
+    "tracking.json": "ids of the experiment tracker runs that log the training diagnostics and scores",
+    "point.json": "a sweep point's scores, audit and timings",
 }
 PRIVATE_NOTE = "for the data owner; not covered by epsilon: never share them (`dplm export` leaves them out)"
 
@@ -120,6 +124,7 @@ class Synthesizer:
         self.split: dict | None = None
         self.last_sample_stats: SampleStats | None = None
         self.values_cut: dict[str, int] = {}  # training texts cut at max_tokens, per column (private)
+        self.tracking_ids: dict = {}  # experiment tracker runs (train.report_to)
 
     # ---- fit --------------------------------------------------------------------------
 
@@ -191,9 +196,16 @@ class Synthesizer:
             checkpoints.run_state = {"schema": schema.to_dict(), "metadata": metadata,
                                      "canaries": None if canaries is None else canaries.to_dict("list")}
         masks = grammar_masks(codec, output_token_ids(model), sequences, device) if config.train.grammar_loss else None
-        synth.training = train(model, sequences, tokenizer.pad_token_id, config.train, config.privacy, device,
-                               progress=progress, subjects=subjects, checkpoints=checkpoints,
-                               metadata_epsilon=metadata["epsilon"], metadata_delta=metadata["delta"], masks=masks)
+        trackers = Trackers(config) if config.train.report_to and process_rank()[0] == 0 else None
+        try:
+            synth.training = train(model, sequences, tokenizer.pad_token_id, config.train, config.privacy, device,
+                                   progress=progress, subjects=subjects, checkpoints=checkpoints,
+                                   metadata_epsilon=metadata["epsilon"], metadata_delta=metadata["delta"], masks=masks,
+                                   log_step=None if trackers is None else lambda entry: trackers.log(entry, entry["step"]))
+        finally:
+            if trackers:
+                synth.tracking_ids = trackers.run_ids
+                trackers.finish()
         if checkpoints and process_rank()[0] == 0:
             # The model is out: a checkpoint of it would resume without the steps taken since.
             shutil.rmtree(checkpoints.folder, ignore_errors=True)
@@ -270,6 +282,8 @@ class Synthesizer:
                 info["text_values_cut"] = self.values_cut
                 (tmp / "training.json").write_text(json.dumps(info, indent=2))
                 (tmp / "train_log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in self.training.log))
+            if self.tracking_ids:  # reopens the run's tracker runs for the report's scores
+                (tmp / "tracking.json").write_text(json.dumps(self.tracking_ids))
             if run_dir.exists():
                 shutil.rmtree(run_dir)
             tmp.rename(run_dir)

@@ -19,6 +19,7 @@ import functools
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -181,7 +182,8 @@ class Checkpoints:
 def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, privacy: PrivacyConfig,
           device: torch.device, progress: bool = True, subjects: list[list[int]] | None = None,
           checkpoints: Checkpoints | None = None, metadata_epsilon: float = 0.0,
-          metadata_delta: float = 0.0, masks: GrammarMasks | None = None) -> TrainResult:
+          metadata_delta: float = 0.0, masks: GrammarMasks | None = None,
+          log_step: Callable[[dict], None] | None = None) -> TrainResult:
     """Train the trainable (LoRA) parameters of `model` in place; returns what was done.
 
     `subjects` lists the row indexes of each privacy unit (default: every row is its own).
@@ -192,7 +194,8 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
     keeps training and sampling on single rows.) `metadata_epsilon`/`metadata_delta` were
     spent on the schema: the epsilon counts against `privacy.max_epsilon`, and training
     accounts at `privacy.delta - metadata_delta`, so the total stays at `privacy.delta`.
-    With `masks` each token's loss is over the tokens the grammar allows there.
+    With `masks` each token's loss is over the tokens the grammar allows there. `log_step`
+    receives each step's log entry (experiment trackers).
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -298,6 +301,8 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
             if budget:
                 entry["epsilon"] = budget.epsilon()
             log.append(entry)
+            if log_step:
+                log_step(entry)
             bar.set_postfix({k: f"{entry[k]:.3g}" for k in ("loss", "epsilon", "rows_per_s") if entry.get(k) is not None})
             bar.update(1)
             if checkpoints and rank == 0 and step % checkpoints.every == 0:

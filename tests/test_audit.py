@@ -51,6 +51,9 @@ def test_audit_cli_prints_both_attacks(runs, capsys):
     assert main(["audit", str(runs["dp"]), "-n", "32", "--references", "50"]) == 0
     out = capsys.readouterr().out
     assert "membership inference AUC" in out and "canaries: 5 x 4 inserted" in out
+    assert "attribute inference" not in out  # the run saved no synthetic rows
+    assert main(["audit", str(runs["dp"]), "--sensitive", "income"]) == 2
+    assert "has no synthetic.csv" in capsys.readouterr().err
 
 
 def test_canaries_are_saved_and_fit_the_schema(runs, census_schema):
@@ -128,3 +131,36 @@ def test_text_canaries_get_their_own_exposure(tmp_path):
     assert 0 <= text["mean_exposure"] <= text["max_exposure"] <= np.log2(21)
     canaries = pd.read_csv(run / "canaries.csv")
     assert list(canaries.columns) == ["room_type", "title"] and canaries["title"].str.count(" ").eq(3).all()
+
+
+def test_attribute_inference_by_hand():
+    import pandas as pd
+
+    from dplm.audit import attribute_inference
+
+    # The synthetic rows copy the members: the nearest synthetic row gives a member's value
+    # exactly, and the holdout rows (same known columns, other values) never.
+    members = pd.DataFrame({"x": [0, 10, 20, 30], "c": ["p", "q", "p", "q"], "s": ["a", "b", "a", "b"]})
+    others = members.assign(s=["b", "a", "b", "a"])
+    result = attribute_inference(members, others, members.copy(), "s")
+    assert result["nearest_neighbour"] == {"accuracy_members": 1.0, "accuracy_non_members": 0.0, "advantage": 1.0}
+    # Four rows are too few for a tree to split: the classifier guesses one class for all.
+    assert result["classifier"]["accuracy_members"] == 0.5 and result["classifier"]["advantage"] == 0.0
+    assert result["majority"]["accuracy_members"] == 0.5 and result["advantage"] == 1.0
+    assert result["column"] == "s" and result["members"] == 4
+
+
+def test_attribute_inference_column_must_be_categorical(runs, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["dp"], run)
+    synth = dplm.load(run)
+    synth.sample(20, progress=False).to_csv(run / "synthetic.csv", index=False)
+    with pytest.raises(dplm.DplmError, match="'age' is not one of the run's categorical columns"):
+        audit_run(run, num_records=16, num_references=20, sensitive="age")
+    result = audit_run(run, num_records=16, num_references=20)
+    assert result["attribute_inference"]["column"] == "income"  # no report yet: the last categorical column
+    assert result["attribute_inference"]["members"] == 16
+    assert main(["audit", str(run), "-n", "16", "--references", "20", "--sensitive", "sex"]) == 0
+    assert json.loads((run / "audit.json").read_text())["attribute_inference"]["column"] == "sex"
