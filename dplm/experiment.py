@@ -93,12 +93,15 @@ def grid(config: RunConfig) -> list[Point]:
 
 
 def shared_settings(config: RunConfig) -> dict:
-    """What every point shares: the recipe without its output paths and grid lists."""
+    """What every point shares: the recipe without its output paths, grid lists and trackers
+    (which log results and do not shape them)."""
     values = config.to_dict()
     for key in ("output_dir", "output_csv"):
         values.pop(key)
     for key in GRID_KEYS:
         values["sweep"].pop(key)
+    for key in ("report_to", "tracking_dir"):
+        values["train"].pop(key)
     return values
 
 

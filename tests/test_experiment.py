@@ -40,7 +40,7 @@ def rdp_epsilon(noise, sample_rate, steps, delta):
 def finished(tmp_path_factory, data):
     out = tmp_path_factory.mktemp("sweep") / "grid"
     config = recipe(data, "sweep.noise_multipliers=[1.0, 4.0]", "sweep.max_grad_norms=[1.0]",
-                    "sweep.baseline_epochs=[0.1]")
+                    "sweep.baseline_epochs=[0.1]", "train.report_to=[mlflow]")
     return config, out, sweep(config, out, progress=False)
 
 
@@ -67,6 +67,19 @@ def test_sweep_writes_one_scored_row_per_point_with_the_accountants_epsilon(fini
         assert {"report.json", "audit.json", "point.json", "config.yaml"} <= {p.name for p in (out / "points" / name).iterdir()}
     for png in ("accuracy", "auc", "privacy", "compute"):
         assert (out / f"{png}.png").stat().st_size > 5000
+
+
+def test_a_sweep_logs_one_tracker_run_per_point(finished):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    _, out, table = finished
+    client = MlflowClient(f"sqlite:///{out / 'tracking' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("dplm").experiment_id])
+    by_name = {r.info.run_name: r.data.metrics for r in runs}
+    assert set(by_name) == set(table["name"])
+    for r in table.to_dict("records"):
+        assert by_name[r["name"]]["report.accuracy"] == pytest.approx(r["accuracy"])
 
 
 def test_sweep_page_renders_in_a_real_browser(finished, tmp_path):
