@@ -76,6 +76,9 @@ class Trackers:
 
 
 EXPERIMENT = "dplm"
+# The user's MLflow server, if set before dplm ran: mlflow.set_tracking_uri also sets the
+# variable, so a later run must not take dplm's own earlier store for the user's choice.
+USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
 
 
 def tracking_folder(config) -> Path:
@@ -87,7 +90,7 @@ def prepare_mlflow(config) -> None:
     create the experiment there once, before parallel sweep workers would race to."""
     import mlflow
 
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
+    if not USER_TRACKING_URI:
         folder = tracking_folder(config)
         folder.mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(f"sqlite:///{(folder / 'mlflow.db').resolve()}")
