@@ -322,8 +322,12 @@ class FeatureMatrix:
     def classifier(self, seed: int = 0):
         from sklearn.ensemble import HistGradientBoostingClassifier
 
-        return HistGradientBoostingClassifier(categorical_features=self.categorical if any(self.categorical) else None,
-                                              random_state=seed)
+        return HistGradientBoostingClassifier(categorical_features=self.categorical_features, random_state=seed)
+
+    @property
+    def categorical_features(self) -> list[bool] | None:
+        """Gradient boosting's `categorical_features` for these columns."""
+        return self.categorical if any(self.categorical) else None
 
 
 def utility(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataFrame, target: str, seed: int = 0) -> dict:
@@ -332,7 +336,6 @@ def utility(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataFrame,
     from sklearn.metrics import accuracy_score, r2_score, roc_auc_score
 
     matrix = FeatureMatrix(train, [c for c in train.columns if c != target])
-    mask = matrix.categorical
     regression = is_numeric(train[target])
     test_x, test_y = matrix(holdout), holdout[target]
     result = {"target": target, "task": "regression" if regression else "classification"}
@@ -340,7 +343,7 @@ def utility(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataFrame,
         y = source[target]
         keep = y.notna().to_numpy()
         if regression:
-            model = HistGradientBoostingRegressor(categorical_features=mask if any(mask) else None, random_state=seed)
+            model = HistGradientBoostingRegressor(categorical_features=matrix.categorical_features, random_state=seed)
             model.fit(matrix(source)[keep], _as_float(y)[keep])
             ok = test_y.notna().to_numpy()
             result[name] = {"r2": float(r2_score(_as_float(test_y)[ok], model.predict(test_x[ok])))}
