@@ -471,7 +471,7 @@ def output_token_ids(model) -> list[int]:
 
 
 def to_frame(rows: list[dict], schema) -> pd.DataFrame:
-    """Typed DataFrame in schema order (nullable integers as Int64)."""
+    """Typed DataFrame in the schema's output order (nullable integers as Int64)."""
     df = pd.DataFrame(rows, columns=schema.names)
     for col in schema.columns:
         if col.kind == "integer":
@@ -480,4 +480,4 @@ def to_frame(rows: list[dict], schema) -> pd.DataFrame:
             df[col.name] = df[col.name].astype(float)
         elif col.kind == "datetime":
             df[col.name] = pd.to_datetime(df[col.name])
-    return df
+    return df[schema.output_order] if schema.output_order else df

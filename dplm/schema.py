@@ -81,9 +81,12 @@ class Column:
 
 @dataclass
 class Schema:
-    """An ordered list of columns; the order is the serialization order."""
+    """An ordered list of columns; the order is the serialization order, the order the model
+    writes them in. `output_order`, when set, is the synthetic rows' column order (the input
+    table's, which `Synthesizer.fit` records when the schema lists the columns otherwise)."""
 
     columns: list[Column] = field(default_factory=list)
+    output_order: list[str] | None = None
 
     @property
     def names(self) -> list[str]:
@@ -119,7 +122,9 @@ class Schema:
                 raise DplmError(f"schema column '{name}': missing 'kind'; use one of {', '.join(KINDS)}")
             props.setdefault("source", source)
             columns.append(Column(name=str(name), **props))
-        return cls(columns)
+        schema = cls(columns)
+        schema.set_output_order(spec.get("output_order"))
+        return schema
 
     @classmethod
     def from_yaml(cls, path: str) -> Schema:
@@ -130,8 +135,16 @@ class Schema:
             raise DplmError(f"schema file '{path}' not found; check the path") from None
         return cls.from_dict(spec)
 
+    def set_output_order(self, order) -> None:
+        """Make `order` (all the columns' names) the synthetic rows' column order; None, or the
+        schema's own order, keeps the schema's."""
+        if order is not None and sorted(map(str, order)) != sorted(self.names):
+            raise DplmError(f"schema output_order {list(order)} must name each of the columns {self.names} once")
+        self.output_order = None if order is None or list(order) == self.names else [str(c) for c in order]
+
     def to_dict(self) -> dict:
-        return {"columns": {c.name: c.to_dict() for c in self.columns}}
+        out = {"columns": {c.name: c.to_dict() for c in self.columns}}
+        return {**out, "output_order": self.output_order} if self.output_order else out
 
     def to_yaml(self, path: str) -> None:
         with open(path, "w") as f:
@@ -209,7 +222,10 @@ def _in_given_order(columns: list[Column], given: Schema | None) -> Schema:
     if given:
         order = {n: i for i, n in enumerate(given.names)}
         columns = sorted(columns, key=lambda c: order.get(c.name, len(order)))
-    return Schema(columns)
+    schema = Schema(columns)
+    if given and given.output_order and set(given.names) == set(schema.names):
+        schema.set_output_order(given.output_order)
+    return schema
 
 
 TEXT_LENGTH_EDGES = np.array([1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024,

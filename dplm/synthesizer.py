@@ -52,8 +52,8 @@ from dplm.train import Checkpoints, TrainResult, process_rank, train
 METADATA_DELTA_SHARE = 0.1  # of privacy.delta, for DP category sets (only when some are estimated)
 PUBLIC_QUANTITIES = {
     "column_names_and_kinds": (
-        "the table's column names, which must match the schema, and every column's kind, which under DP "
-        "the schema gives (never read off the data)"
+        "the table's column names and their order (the synthetic rows' column order), which must match the "
+        "schema, and every column's kind, which under DP the schema gives (never read off the data)"
     ),
     "num_training_units": (
         "exact count of training units (rows, or subjects with data.subject), used for the sampling rate "
@@ -172,6 +172,8 @@ class Synthesizer:
             schema.check_dp_safe()
         else:
             schema = infer_schema(train_df, schema, text_lengths=text_lengths)
+        if schema.output_order is None and set(train_df.columns) == set(schema.names):
+            schema.set_output_order(list(train_df.columns))  # the rows come out in the table's column order
         rows = coerce_table(train_df, schema)
         canaries = None
         if config.audit.canaries:  # random records whose exposure `dplm audit` measures

@@ -29,6 +29,11 @@ def test_given_schema_is_kept_and_gaps_learned():
     assert schema.names == ["c", "i"]
     assert schema["c"].categories == ["a", "b", "z"] and schema["c"].source == "user"
     assert (schema["i"].min, schema["i"].max, schema["i"].source) == (3, 9, "data")
+    # An output order given with the schema survives completion and the YAML round trip.
+    given.set_output_order(["i", "c"])
+    schema = infer_schema(pd.DataFrame({"i": [3, 9], "c": ["a", "b"]}), given)
+    assert schema.names == ["c", "i"] and schema.output_order == ["i", "c"]
+    assert Schema.from_dict(schema.to_dict()).output_order == ["i", "c"]
 
 
 def test_schema_column_missing_from_table_is_an_error():
@@ -73,6 +78,8 @@ def test_bad_schema_specs():
         Schema.from_dict({"columns": {"x": {"kind": "number"}}})
     with pytest.raises(DplmError, match="unknown key"):
         Schema.from_dict({"columns": {"x": {"kind": "integer", "maximum": 3}}})
+    with pytest.raises(DplmError, match=r"output_order \['x', 'z'\] must name each of the columns \['x', 'y'\] once"):
+        Schema.from_dict({"columns": {"x": {"kind": "integer"}, "y": {"kind": "integer"}}, "output_order": ["x", "z"]})
     with pytest.raises(DplmError, match="min 5 is above max 1"):
         Column("x", "integer", min=5, max=1)
 

@@ -29,6 +29,9 @@ def test_fit_sample_save_load_sample(dp, value_tokens, tmp_path, census):
     synth = dplm.fit(census, config, progress=False)
     first = synth.sample(12, seed=5, progress=False)
     assert first.shape == (12, 15) and list(first.columns) == list(census.columns)
+    # The model writes the columns in the schema's order; the rows come out in the table's.
+    assert synth.codec.schema.names[:2] == ["native_country", "race"]
+    assert synth.schema.output_order == list(census.columns)
     for col in synth.schema.columns:
         assert all(value_fits(col, v) for v in first[col.name]), col.name
     run_dir = synth.save(config.output_dir)
