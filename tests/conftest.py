@@ -34,6 +34,27 @@ def census_schema():
     return Schema.from_yaml(str(CENSUS_SCHEMA))
 
 
+def seed_secret_draws(mp: pytest.MonkeyPatch, seed: int = 0) -> None:
+    """Make the draws dplm keeps secret (DP noise, Poisson batches, DP metadata, canaries)
+    reproducible, so a test's bounds hold for a known draw instead of most draws."""
+    import numpy as np
+    import torch
+
+    import dplm.privacy
+    import dplm.synthesizer
+    import dplm.train
+
+    mp.setattr(dplm.synthesizer, "secret_rng", lambda secure_mode=False: np.random.default_rng(seed))
+    generator = lambda device="cpu": torch.Generator(device=device).manual_seed(seed)  # noqa: E731
+    mp.setattr(dplm.train, "unseeded_generator", generator)
+    mp.setattr(dplm.privacy, "unseeded_generator", generator)
+
+
+@pytest.fixture
+def seeded_secrets(monkeypatch):
+    seed_secret_draws(monkeypatch)
+
+
 def shared_file(name: str) -> Path:
     path = SHARED_DATA / name
     if not path.exists():

@@ -58,7 +58,7 @@ def test_bad_settings(workspace, capsys, overrides, message):
     ("x,y\n1,a\n2,b\n", {"columns": {"x": {"kind": "integer"}, "y": {"kind": "categorical", "categories": ["a", "b"]}}},
      "column 'x': too few rows for a DP estimate of its min, max"),
 ])
-def test_bad_data(workspace, capsys, table, schema, message):
+def test_bad_data(workspace, capsys, table, schema, message, seeded_secrets):
     (workspace / "t.csv").write_text(table)
     if schema:
         (workspace / "schema.yaml").write_text(yaml.safe_dump(schema))

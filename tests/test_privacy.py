@@ -156,7 +156,7 @@ def test_secure_noise_and_sampling_statistics():
     assert 0 < u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.005
     noise = secure_gaussian((400, 500), std=1.5)
     assert noise.shape == (400, 500) and noise.dtype == torch.float64
-    assert abs(noise.mean().item()) < 0.01 and noise.std().item() == pytest.approx(1.5, rel=0.01)
+    assert abs(noise.mean().item()) < 0.02 and noise.std().item() == pytest.approx(1.5, rel=0.01)
     # Gaussian tails: about 4.55 % beyond 2 standard deviations.
     assert (noise.abs() > 3.0).double().mean().item() == pytest.approx(0.0455, abs=0.003)
     draws = [len(poisson_sample(10_000, 0.01, generator=None)) for _ in range(50)]

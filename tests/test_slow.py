@@ -11,7 +11,7 @@ from test_privacy import independent_epsilon
 pytestmark = pytest.mark.slow
 
 
-def test_smollm2_dp_run(tmp_path, census):
+def test_smollm2_dp_run(tmp_path, census, seeded_secrets):
     config = from_dict(RunConfig, {
         "data": {"schema": str(CENSUS_SCHEMA), "max_rows": 2000},
         "train": {"batch_size": 8, "micro_batch_size": 8, "max_steps": 3, "learning_rate": 0.002},

@@ -93,7 +93,7 @@ def test_without_dp_metadata_is_learned(tmp_path):
     assert synth.schema["y"].categories == ["a", "b"]
 
 
-def test_dp_estimates_missing_metadata_and_charges_it(tmp_path):
+def test_dp_estimates_missing_metadata_and_charges_it(tmp_path, seeded_secrets):
     """Under DP, metadata the schema leaves out is estimated with its own DP mechanisms; the
     run's epsilon is metadata + training, and the record says which columns were estimated."""
     from test_privacy import independent_epsilon

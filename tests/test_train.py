@@ -224,16 +224,22 @@ def test_subject_row_subsets_are_random_and_capped():
     assert _cap_rows([4, 7], 3, None) == [4, 7]
 
 
-def test_a_timed_run_decays_its_learning_rate_by_the_clock(tokenizer, sequences):
+def test_a_timed_run_decays_its_learning_rate_by_the_clock(tokenizer, sequences, monkeypatch):
     """Without DP a time budget ends the run at the schedule's floor, however few steps it
     took: the rate falls with the elapsed share of train.max_training_time (or of the planned
-    steps, whichever is further)."""
+    steps, whichever is further). The clock is a fake one that moves 0.25 s per reading."""
+    import types
+
+    import dplm.train
+
+    readings = iter(0.25 * i for i in range(10_000))
+    monkeypatch.setattr(dplm.train, "time", types.SimpleNamespace(perf_counter=lambda: next(readings)))
     cfg = TrainConfig(batch_size=8, micro_batch_size=8, learning_rate=0.01, warmup_steps=1, max_epochs=1000,
                       max_training_time=5.0, grammar_loss=False)
     result = train(tiny_lora(tokenizer), sequences, tokenizer.pad_token_id, cfg, PrivacyConfig(), torch.device("cpu"),
                    progress=False)
-    rates = [e["lr"] for e in result.log]
-    assert result.stop_reason == "max_training_time" and len(rates) >= 3
-    assert rates[-1] <= 0.01 * 0.15 and all(a >= b for a, b in zip(rates, rates[1:]))
-    # The planned steps are far away (1000 epochs): by steps alone the rate would still be ~0.01.
-    assert result.steps < 0.01 * 1000 * len(sequences) / 8
+    # Step k reads the clock at 0.5 k + 0.25 s before it runs and stops at 5 s: 10 steps. The planned
+    # steps are far away (1000 epochs): by steps alone the rate would still be ~0.01.
+    assert result.stop_reason == "max_training_time" and result.steps == 10
+    expected = [0.01 * max(0.1, 1 - (0.5 * k + 0.25) / 5.0) for k in range(10)]
+    assert [e["lr"] for e in result.log] == pytest.approx(expected)
