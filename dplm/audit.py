@@ -130,8 +130,9 @@ def attribute_inference(members: pd.DataFrame, non_members: pd.DataFrame, synthe
 
 def sensitive_column(synth, run_dir: Path, requested: str | None = None) -> str | None:
     """The column attribute inference guesses: as asked, else `audit.sensitive_column`, else the
-    target of the run's report if categorical, else the schema's last categorical column."""
-    categorical = synth.schema.names_of("categorical")
+    target of the run's report if categorical, else the table's last categorical column."""
+    kinds = set(synth.schema.names_of("categorical"))
+    categorical = [name for name in synth.schema.output_order or synth.schema.names if name in kinds]
     requested = requested or synth.config.audit.sensitive_column
     if requested:
         if requested not in categorical:

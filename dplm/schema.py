@@ -218,13 +218,14 @@ def infer_schema(df: pd.DataFrame, given: Schema | None = None, text_lengths=Non
 
 
 def _in_given_order(columns: list[Column], given: Schema | None) -> Schema:
-    """A completed schema: the given schema's columns in its order, then the table's others."""
+    """A completed schema: the given schema's columns in its order, then the table's others
+    (which also follow the given output order, if any)."""
     if given:
         order = {n: i for i, n in enumerate(given.names)}
         columns = sorted(columns, key=lambda c: order.get(c.name, len(order)))
     schema = Schema(columns)
-    if given and given.output_order and set(given.names) == set(schema.names):
-        schema.set_output_order(given.output_order)
+    if given and given.output_order:
+        schema.set_output_order(given.output_order + schema.names[len(given.names):])
     return schema
 
 

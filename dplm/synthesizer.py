@@ -72,7 +72,7 @@ RELEASE = {
     "adapter": "the LoRA weights: trained by DP-SGD (covered by epsilon under DP)",
     "tokenizer": "the base model's tokenizer, unchanged (public)",
     "schema.yaml": "columns, kinds and metadata: user-given (public) or DP-estimated (covered by epsilon)",
-    "config.yaml": "the run's settings, all given by the user (public)",
+    "config.yaml": "the run's settings, all given by the user (public; local folders cut from its file paths)",
     "privacy.json": "the accounting: epsilon, delta, settings and the quantities treated as public",
     "synthetic.csv": "rows sampled from the adapter and the schema: post-processing (covered by epsilon under DP)",
 }
@@ -341,6 +341,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> Path:
             else:
                 continue
             copied.append(name)
+        if "config.yaml" in copied:
+            (tmp / "config.yaml").write_text(yaml.safe_dump(_without_local_folders(
+                yaml.safe_load((run_dir / "config.yaml").read_text())), sort_keys=False))
         privacy = json.loads((run_dir / "privacy.json").read_text())
         (tmp / "MANIFEST.md").write_text(manifest(privacy, copied, run_dir.name))
         if out_dir.exists():
@@ -349,6 +352,16 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _without_local_folders(config: dict) -> dict:
+    """The run's settings with each input and output file path cut to its file name: where the
+    data owner keeps files (user names, folder names) is not part of the release."""
+    for section, key in (("", "output_dir"), ("", "output_csv"), ("data", "source"), ("data", "schema")):
+        holder = config.get(section, {}) if section else config
+        if isinstance(holder.get(key), str):
+            holder[key] = Path(holder[key].replace("\\", "/")).name
+    return config
 
 
 def manifest(privacy: dict, files: list[str], run_name: str) -> str:

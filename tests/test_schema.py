@@ -34,6 +34,9 @@ def test_given_schema_is_kept_and_gaps_learned():
     schema = infer_schema(pd.DataFrame({"i": [3, 9], "c": ["a", "b"]}), given)
     assert schema.names == ["c", "i"] and schema.output_order == ["i", "c"]
     assert Schema.from_dict(schema.to_dict()).output_order == ["i", "c"]
+    # A table column the schema does not list is written last and comes out last.
+    schema = infer_schema(pd.DataFrame({"x": [1, 2], "i": [3, 9], "c": ["a", "b"]}), given)
+    assert schema.names == ["c", "i", "x"] and schema.output_order == ["i", "c", "x"]
 
 
 def test_schema_column_missing_from_table_is_an_error():

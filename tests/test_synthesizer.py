@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 import dplm
 from dplm.config import RunConfig, from_dict
@@ -192,6 +193,8 @@ def test_export_holds_only_what_may_be_shared(tmp_path):
     assert f"epsilon = {privacy['epsilon']:.4f}" in manifest and "`train_log.jsonl`" in manifest
     assert "city (categories)" in manifest  # DP-estimated metadata is named as covered
     assert dplm.load(out).sample(5, progress=False).shape == (5, 2)  # the export is a usable model
+    exported = yaml.safe_load((out / "config.yaml").read_text())
+    assert exported["output_dir"] == config.output_dir.rsplit("/", 1)[-1] and str(tmp_path) not in text
     with pytest.raises(dplm.DplmError, match="already exists; give a new folder"):
         dplm.export_run(run_dir, out)
     shared = synth.export(tmp_path / "from_api")
