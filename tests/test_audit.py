@@ -44,8 +44,8 @@ def _fitted_runs(tmp):
     # 32 rows x 30 epochs with 5 canaries memorize (15 runs: AUC 0.75-0.90, exposure 7.65 bits each;
     # 10 canaries dilute it: AUC 0.52 once in 12). The DP run (epsilon 1.34): 40 runs gave AUC
     # 0.42-0.60 and mean canary exposure 0.70-3.18 bits (mean 1.65; unseen records average 1.44).
-    # At noise 2.0 with 5 canaries it exceeded 3.5 bits in 3 of 40 runs: 40 canary rows of 104 teach
-    # the model their shared values, a group effect DP does not hide.
+    # At noise 2.0 with 5 canaries it exceeded 3.5 bits in 3 of 40 runs: the canary rows (20 of 84)
+    # teach the model their shared values, a group effect DP does not hide.
     return {"no_dp": fitted_run(tmp, dp=False, rows=32, epochs=30, canaries=5),
             "dp": fitted_run(tmp, dp=True, rows=64, epochs=20, canaries=10, noise=4.0)}
 
