@@ -61,12 +61,31 @@ def random_records(schema: Schema, num: int, rng: np.random.Generator) -> pd.Dat
     return pd.DataFrame(columns)
 
 
-@torch.no_grad()
 def record_losses(synth, df: pd.DataFrame, batch_size: int = 64, column: str | None = None) -> np.ndarray:
     """The model's mean next-token loss of each record (lower: more familiar), or of the tokens
     of one `column`'s value, given the record's other columns before it."""
     codec = synth.codec
     encoded = [codec.encode_with_spans(row) for row in coerce_table(df, synth.schema).itertuples(index=False, name=None)]
+    return sequence_losses(synth, encoded, batch_size, None if column is None else synth.schema.names.index(column))
+
+
+def history_losses(synth, events: pd.DataFrame, key: str, batch_size: int = 16) -> np.ndarray:
+    """The model's mean next-token loss of each subject's whole history (`events`: the subjects'
+    rows with their key and own columns, one loss per key in order of appearance)."""
+    codec = synth.codec
+    typed = coerce_table(events.drop(columns=[key]), synth.schema)
+    order = synth.config.data.order_by
+    encoded = []
+    for _, rows in typed.groupby(events[key].to_numpy(), sort=False):
+        rows = rows.sort_values(order, kind="stable") if order else rows
+        subject = rows.iloc[0][codec.subject_schema.names].to_dict() if codec.fields else {}
+        encoded.append((codec.encode(subject, rows.iloc[: codec.max_rows]), None))
+    return sequence_losses(synth, encoded, batch_size)
+
+
+@torch.no_grad()
+def sequence_losses(synth, encoded: list, batch_size: int, column: int | None = None) -> np.ndarray:
+    """Mean next-token loss of each (token ids, value spans) sequence, or of column `column`'s tokens."""
     target_index = models.target_index(synth.model)
     synth.model.eval()
     losses = []
@@ -75,10 +94,9 @@ def record_losses(synth, df: pd.DataFrame, batch_size: int = 64, column: str | N
         ids, mask = pad_batch([e[0] for e in batch], synth.tokenizer.pad_token_id, synth.device)
         scored = None
         if column is not None:
-            j = synth.schema.names.index(column)
             scored = torch.zeros_like(mask)
             for row, (_, spans) in enumerate(batch):
-                scored[row, spans[j][0]: spans[j][1]] = 1
+                scored[row, spans[column][0]: spans[column][1]] = 1
         losses.append(row_losses(synth.model, ids, mask, target_index, scored=scored).float().cpu())
     return torch.cat(losses).numpy()
 
@@ -168,6 +186,8 @@ def audit_run(run_dir: str | Path, num_records: int = 1000, num_references: int 
     if len(picks["holdout"]) == 0:
         raise DplmError("the run kept no holdout rows (data.holdout_fraction: 0); membership inference needs them")
     names = synth.schema.names
+    if synth.is_history:
+        return _audit_histories(synth, run_dir, table, rng, num_records, num_references)
     losses = {name: record_losses(synth, table.iloc[idx][names]) for name, idx in picks.items()}
     result = {"membership_inference": membership_inference(losses["train"], losses["holdout"]),
               "dp": synth.privacy_record.get("dp", False), "epsilon": synth.privacy_record.get("epsilon")}
@@ -193,5 +213,47 @@ def audit_run(run_dir: str | Path, num_records: int = 1000, num_references: int 
         result["attribute_inference"] = attribute_inference(
             rows["train"], rows["holdout"], align_types(synthetic[names], synth.schema), attribute,
             tuple(synth.schema.names_of("text")), seed)
+    (run_dir / "audit.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _audit_histories(synth, run_dir: Path, table: pd.DataFrame, rng, num_records: int, num_references: int) -> dict:
+    """The audit of a run of histories, per subject: membership of whole training subjects vs
+    holdout subjects (the loss of a whole history), and the exposure of canary subjects (a
+    random record as `audit.canary_repeats` rows) among fresh ones made the same way."""
+    key = synth.config.data.subject
+    columns = [key, *(c for c in synth.schema.names if c in table.columns)]  # subject columns may be in the table
+    own = pd.DataFrame()
+    if synth.config.data.subjects:
+        from dplm.data import load_table
+
+        own = load_table(synth.config.data.subjects)
+    losses = {}
+    for name in ("train", "holdout"):
+        events = table.iloc[synth.split[name]][columns]
+        keys = rng.permutation(events[key].unique())[:num_records]
+        chosen = events[events[key].isin(set(keys))]
+        if len(own):
+            chosen = chosen.merge(own, on=key, how="left")
+        losses[name] = history_losses(synth, chosen, key)
+    if len(losses["holdout"]) == 0:
+        raise DplmError("the run kept no holdout subjects (data.holdout_fraction: 0); membership inference needs them")
+    result = {"membership_inference": membership_inference(losses["train"], losses["holdout"]), "unit": "subject",
+              "dp": synth.privacy_record.get("dp", False), "epsilon": synth.privacy_record.get("epsilon")}
+    if (run_dir / "canaries.csv").exists():
+        canaries = pd.read_csv(run_dir / "canaries.csv")
+        repeats = synth.config.audit.canary_repeats
+
+        def as_subjects(records: pd.DataFrame) -> pd.DataFrame:
+            rows = pd.concat([records] * repeats, ignore_index=True)
+            rows.insert(0, key, np.tile(np.arange(len(records)), repeats))
+            return rows.sort_values(key, kind="stable")
+
+        references = random_records(synth.schema, num_references, rng)
+        bits = exposure(history_losses(synth, as_subjects(canaries[synth.schema.names]), key),
+                        history_losses(synth, as_subjects(references), key))
+        result["canaries"] = {"count": len(canaries), "references": num_references, "repeats": repeats,
+                              "mean_exposure": float(bits.mean()), "max_exposure": float(bits.max()),
+                              "max_possible": float(math.log2(num_references + 1))}
     (run_dir / "audit.json").write_text(json.dumps(result, indent=2))
     return result

@@ -16,12 +16,14 @@ from dplm.errors import DplmError
 
 def summary(synth, df=None) -> str:
     """The lines a user needs after a run: privacy, training, validity."""
-    lines = []
+    lines = list(synth.plan.lines()) if synth.plan and synth.training else []
     p = synth.privacy_record
     if p.get("dp"):
         cap = f" (cap {p['max_epsilon']})" if p.get("max_epsilon") is not None else ""
         split = (f" (schema {p['metadata_epsilon']:.4g} + training {p['training_epsilon']:.4f})"
                  if p.get("metadata_epsilon") else "")
+        if p.get("statistics_rounds"):
+            split += f" [table statistics: {len(p['statistics_rounds'])} rounds, composed with DP-SGD in training]"
         lines.append(f"privacy: epsilon = {p['epsilon']:.4f}{split}{cap} at delta = {p['delta']:g} "
                      f"[{p['accountant']} accountant, noise {p['noise_multiplier']}, clip {p['max_grad_norm']}, "
                      f"sample rate {p['sample_rate']:.3g}, {p['steps']} steps, unit: {p['privacy_unit']}]")
@@ -34,15 +36,21 @@ def summary(synth, df=None) -> str:
                                                  f"{', '.join(cols)}" for s, cols in by_source.items() if cols))
     t = synth.training
     if t:  # the run directory's private diagnostics: shown to the data owner, never exported
-        lines.append(f"training (private diagnostics, not covered by epsilon): {t.steps} steps, {t.rows_seen} rows ({t.epochs:.3f} epochs), "
-                     f"{t.seconds:.0f} s, {t.rows_per_second:.1f} rows/s, stopped by {t.stop_reason}, "
-                     f"last loss {t.final_loss if t.final_loss is None else round(t.final_loss, 4)}"
+        unit = "subjects" if synth.is_history else "rows"
+        cut = "".join(f", {n} histories cut at data.max_history ({synth.codec.max_rows} rows)" if c.startswith("histories")
+                      else f", {n} '{c}' texts cut at max_tokens" for c, n in synth.values_cut.items())
+        pretraining = synth.pretraining
+        first = (f"first {pretraining.steps} steps on {pretraining.rows_seen} rows drawn from the statistics "
+                 f"({pretraining.seconds:.0f} s), then " if pretraining else "")
+        lines.append(f"training (private diagnostics, not covered by epsilon): {first}{t.steps} steps, {t.rows_seen} "
+                     f"{unit} ({t.epochs:.3f} epochs), {t.seconds:.0f} s, {t.rows_per_second:.1f} {unit}/s, stopped by "
+                     f"{t.stop_reason}, last loss {t.final_loss if t.final_loss is None else round(t.final_loss, 4)}"
                      + (f", resumed at step {t.resumed_from_step}" if t.resumed_from_step else "")
-                     + (f", {t.processes} processes" if t.processes > 1 else "")
-                     + "".join(f", {n} '{c}' texts cut at max_tokens" for c, n in synth.values_cut.items()))
+                     + (f", {t.processes} processes" if t.processes > 1 else "") + cut)
     s = synth.last_sample_stats
     if s:
-        lines.append(f"sampling: {s.rows_returned} valid rows from {s.rows_generated} generated "
+        what = "subjects" if synth.is_history else "rows"
+        lines.append(f"sampling: {s.rows_returned} valid {what} from {s.rows_generated} generated "
                      f"(valid-row rate {s.valid_rate:.1%}, {s.generated_per_returned:.2f} generated per returned), "
                      f"{s.rows_returned / s.seconds:.1f} rows/s")
     return "\n".join(lines)
@@ -50,7 +58,6 @@ def summary(synth, df=None) -> str:
 
 def cmd_train(args) -> None:
     from dplm.config import load_recipe
-    from dplm.data import write_table
     from dplm.synthesizer import Synthesizer, checkpoints_for
     from dplm.train import process_rank
 
@@ -63,13 +70,26 @@ def cmd_train(args) -> None:
     run_dir = synth.save(config.output_dir, synthetic=df)
     print(f"run directory: {run_dir} (synthetic rows: {run_dir / 'synthetic.csv'})")
     if config.output_csv:
-        write_table(df, config.output_csv)
-        print(f"synthetic rows: {config.output_csv} ({len(df)} rows, {len(df.columns)} columns)")
+        print(write_synthetic(df, config.output_csv))
     print(summary(synth))
 
 
+def write_synthetic(out, path) -> str:
+    """Write rows (or histories: the event table, and the subject table beside it) by the
+    file's extension; the line that says what was written."""
+    from dplm.data import write_table
+    from dplm.histories import Histories
+
+    if isinstance(out, Histories):
+        paths = out.write(path)
+        return (f"synthetic subjects: {len(out)} with {len(out.events)} rows in {paths[0]}"
+                + (f", their own columns in {paths[1]}" if len(paths) > 1 else ""))
+    write_table(out, path)
+    return f"synthetic rows: {path} ({len(out)} rows, {len(out.columns)} columns)"
+
+
 def cmd_generate(args) -> None:
-    from dplm.data import check_output_file, load_table, write_table
+    from dplm.data import check_output_file, load_table
     from dplm.synthesizer import Synthesizer
 
     if (args.num_rows is None) == (args.given is None):
@@ -81,8 +101,7 @@ def cmd_generate(args) -> None:
     given = load_table(args.given, synth.schema.names_of("categorical", "text")) if args.given else None
     df = synth.sample(args.num_rows, seed=args.seed, temperature=args.temperature, progress=not args.quiet,
                       given=given)
-    write_table(df, args.output)
-    print(f"synthetic rows: {args.output} ({len(df)} rows, {len(df.columns)} columns)")
+    print(write_synthetic(df, args.output))
     print(summary(synth))
 
 
@@ -94,9 +113,12 @@ def cmd_report(args) -> None:
     metrics = json.loads(json_path.read_text())
     acc, emb = metrics["accuracy"], metrics["embedding"]["discriminator_auc"]
     print(f"report: {html_path} and {json_path} ({metrics['report_seconds']:.0f} s)")
-    print(f"accuracy {acc['synthetic']['overall']:.4f} (holdout {acc['holdout']['overall']:.4f}), "
-          f"discriminator AUC {emb['synthetic']:.3f} (holdout {emb['holdout']:.3f}), "
-          f"DCR share {metrics['privacy']['synthetic']['dcr_share']:.3f}")
+    rules = metrics.get("rules", {})
+    kept = (f", rows keeping the table's {len(rules['rules'])} rules {rules['synthetic']['all_rules']:.1%}"
+            if rules.get("rules") else "")
+    print(f"accuracy {acc['synthetic']['overall']:.4f} (holdout {acc['holdout']['overall']:.4f}, shuffled columns "
+          f"{acc['shuffled']['overall']:.4f}), discriminator AUC {emb['synthetic']:.3f} (holdout {emb['holdout']:.3f}, "
+          f"shuffled {emb['shuffled']:.3f}), DCR share {metrics['privacy']['synthetic']['dcr_share']:.3f}{kept}")
 
 
 def cmd_audit(args) -> None:
@@ -106,8 +128,9 @@ def cmd_audit(args) -> None:
                        sensitive=args.sensitive)
     mia = result["membership_inference"]
     dp = f"DP, epsilon {result['epsilon']:.4g}" if result["dp"] else "no DP"
+    unit = "subjects (whole histories)" if result.get("unit") == "subject" else "rows"
     print(f"audit ({dp}): membership inference AUC {mia['auc']:.3f} (chance 0.5), TPR at 1% FPR "
-          f"{mia['tpr_at_1pct_fpr']:.3f} (chance 0.01), {mia['members']} training vs {mia['non_members']} holdout rows")
+          f"{mia['tpr_at_1pct_fpr']:.3f} (chance 0.01), {mia['members']} training vs {mia['non_members']} holdout {unit}")
     if "canaries" in result:
         c = result["canaries"]
         print(f"canaries: {c['count']} x {c['repeats']} inserted, exposure mean {c['mean_exposure']:.2f} / max "
@@ -127,32 +150,33 @@ def cmd_audit(args) -> None:
 
 
 def cmd_plan(args) -> None:
-    """Epsilon per epoch and at the end of a recipe's run, and the noise for a target
-    epsilon, without training (metadata epsilon and the delta split included)."""
+    """The plan a recipe's run will follow (what it chooses and what it was given) and, under
+    DP, epsilon per epoch and at its end, without training (schema metadata and the table's
+    statistics included). `--target-epsilon` plans for that cap, with the noise chosen for it."""
     from dplm.config import load_recipe
-    from dplm.privacy import noise_for_epsilon
     from dplm.synthesizer import plan
 
-    config = load_recipe(args.recipe, args.overrides)
-    p = config.privacy
-    result = plan(config)
+    overrides = list(args.overrides)
     if args.target_epsilon:
-        training_target = args.target_epsilon - result["metadata_epsilon"]
-        if training_target <= 0:
-            raise DplmError(f"--target-epsilon {args.target_epsilon:g} is not above the schema's metadata epsilon "
-                            f"{result['metadata_epsilon']:g}; raise it or give the schema's metadata")
-        p.noise_multiplier = noise_for_epsilon(training_target, result["training_delta"], result["sample_rate"],
-                                               result["planned_steps"], p.accountant)
-        print(f"noise multiplier for epsilon {args.target_epsilon:g} after {result['planned_steps']} steps: "
-              f"{p.noise_multiplier:.4f}")
-        result = plan(config)
-    print(f"{result['units']} training {result['unit']}, batch {config.train.batch_size}: sample rate "
+        overrides += [f"privacy.max_epsilon={args.target_epsilon!r}", "privacy.noise_multiplier=null"]
+    config = load_recipe(args.recipe, overrides)
+    result = plan(config)
+    for line in result["plan_lines"]:
+        print(line)
+    if not config.privacy.enabled:
+        print(f"{result['units']} training {result['unit']}; no DP")
+        return
+    p, chosen = config.privacy, result["plan"]
+    print(f"{result['units']} training {result['unit']}, batch {chosen['batch_size']}: sample rate "
           f"{result['sample_rate']:.4g}, {result['steps_per_epoch']} steps per epoch; {p.accountant} accountant, "
           f"delta {result['delta']:g} (training {result['training_delta']:g} + schema {result['metadata_delta']:g})")
     if result["metadata_estimated"]:
         print(f"schema metadata estimated under DP: epsilon {result['metadata_epsilon']:g} for "
               + ", ".join(result["metadata_estimated"]))
-    print(f"noise multiplier {p.noise_multiplier:g}:")
+    if result["statistics_rounds"]:
+        print(f"table statistics: {len(result['statistics_rounds'])} Gaussian rounds of noise "
+              f"{result['statistics_rounds'][0]['noise_multiplier']:.4g}, composed with the DP-SGD steps")
+    print(f"noise multiplier {chosen['noise_multiplier']:.4g}:")
     for epoch, (steps, eps) in enumerate(result["epochs"], start=1):
         print(f"  epoch {epoch}: {steps} steps, epsilon {eps:.4f}")
     print(f"the run: {result['steps']} steps (stopped by {result['stop_reason']}), epsilon {result['epsilon']:.4f} "

@@ -20,6 +20,16 @@ class DataConfig:
     columns: list[str] | None = None  # model only these columns of the table (default: all)
     holdout_fraction: float = 0.2
     subject: str | None = None  # column naming the person a row belongs to: the holdout split keeps subjects whole
+    # With a subject: "histories" (each subject's rows are one sequence, generated whole:
+    # dplm.histories) or "rows" (independent rows, DP per subject)
+    mode: str = "histories"
+    order_by: str | None = None  # histories: the column that orders a subject's rows (default: the table's order)
+    subjects: str | None = None  # histories: a subject table (one row per subject, keyed by the subject column)
+    # histories: columns of the table that are the subject's (constant within a subject), written once a history
+    subject_columns: list[str] | None = None
+    # histories: rows of one subject's history kept (longer ones are cut, and counted); default:
+    # the longest without DP, a DP estimate (a noisy 99th percentile, its epsilon counted) under DP
+    max_history: int | None = None
     max_rows: int | None = None  # train on a seeded random subset (after the holdout split)
 
 
@@ -45,17 +55,28 @@ class ModelConfig:
     precision: str = "auto"  # auto | bf16 | fp32: dtype of the frozen base weights (LoRA stays fp32)
     prune_vocab: bool = True  # output layer scores only the tokens the schema can produce
     value_tokens: bool = True  # one new token per category / small-range integer (see serialize)
+    # The order the model writes the columns in: "auto" (dplm's, from the table's statistics:
+    # dependent columns close together; see marginals.column_order) or "schema" (the schema's)
+    column_order: str = "auto"
 
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 64  # logical batch (under DP: expected rows, or subjects with data.subject)
-    micro_batch_size: int = 16  # rows per forward/backward pass; memory only, no effect on results
-    learning_rate: float = 2e-3
-    warmup_steps: int = 10
-    max_epochs: float = 1.0
+    """A setting left unset (None) is chosen by the plan (`planner.make_plan`) from public
+    quantities; a setting given here always wins."""
+
+    batch_size: int | None = None  # logical batch (under DP: expected rows, or subjects with data.subject)
+    micro_batch_size: int | None = None  # rows per forward/backward pass; memory and speed only, no effect on results
+    learning_rate: float | None = None
+    warmup_steps: int | None = None
+    max_epochs: float | None = None
     max_steps: int | None = None
     max_training_time: float | None = None  # seconds; without DP only (under DP the steps are fixed in advance)
+    # Without DP: stop when the loss on held-back training rows stops falling (default: on when
+    # neither max_epochs nor max_steps is given); refused under DP (it would read the private rows)
+    early_stopping: bool | None = None
+    budget_rows: int | None = None  # DP: rows DP-SGD may process, its compute budget (default: ~10M tokens' worth)
+    pretrain_rows: int | None = None  # DP: rows drawn from the DP statistics to train on first (free: post-processing)
     seed: int = 0
     threads: int | None = None  # torch CPU threads; None keeps torch's default
     grammar_loss: bool = True  # each token's loss over the tokens the schema allows there, as the sampler draws
@@ -69,11 +90,14 @@ class TrainConfig:
 @dataclass
 class PrivacyConfig:
     enabled: bool = False
-    noise_multiplier: float = 1.5
+    noise_multiplier: float | None = None  # default: the smallest that keeps the run within max_epsilon
+    # Share of the budget (as zCDP rho) spent on the table's statistics (column order, rules,
+    # the rows training starts from; marginals.py); default by the unit count (planner.statistics_share)
+    statistics_share: float | None = None
     max_grad_norm: float = 1.0
     delta: float = 1e-5
     max_epsilon: float | None = None  # training stops before a step would pass it
-    accountant: str = "rdp"
+    accountant: str = "prv"  # PRV (tight) or RDP; both are the truth the cap is checked against
     max_records_per_subject: int = 8  # with data.subject: rows one subject contributes to a step
     secure_mode: bool = False  # DP noise, Poisson sampling and subjects' row subsets from the OS CSPRNG (slower)
     # Spent only when the schema leaves metadata out: DP estimates of categories, bounds and
@@ -131,16 +155,24 @@ class RunConfig:
         """Check settings before anything runs; each error names the setting and the fix."""
         p, t = self.privacy, self.train
         checks = [
-            (p.noise_multiplier > 0, "privacy.noise_multiplier must be > 0 (e.g. 1.0)"),
+            (p.noise_multiplier is None or p.noise_multiplier > 0, "privacy.noise_multiplier must be > 0 (e.g. 1.0)"),
+            (p.statistics_share is None or 0 <= p.statistics_share <= 1, "privacy.statistics_share must be in [0, 1]"),
+            (self.model.column_order in ("auto", "schema"), "model.column_order must be 'auto' or 'schema'"),
+            (not (p.enabled and t.early_stopping), "train.early_stopping cannot be used with DP: it would read the "
+             "private rows' loss; set train.max_steps or train.max_epochs (or leave them to the plan)"),
+            (t.budget_rows is None or t.budget_rows >= 1, "train.budget_rows must be >= 1 (or unset)"),
+            (t.pretrain_rows is None or t.pretrain_rows >= 0, "train.pretrain_rows must be >= 0 (or unset)"),
             (p.max_grad_norm > 0, "privacy.max_grad_norm must be > 0 (e.g. 1.0)"),
             (0 < p.delta < 1, "privacy.delta must be in (0, 1) (e.g. 1e-5)"),
             (p.max_epsilon is None or p.max_epsilon > 0, "privacy.max_epsilon must be > 0 (or unset for no cap)"),
             (p.accountant in ("rdp", "prv"), "privacy.accountant must be 'rdp' or 'prv'"),
             (p.max_records_per_subject >= 1, "privacy.max_records_per_subject must be >= 1"),
             (p.metadata_epsilon > 0, "privacy.metadata_epsilon must be > 0 (e.g. 0.2)"),
-            (t.batch_size >= 1 and t.micro_batch_size >= 1, "train.batch_size and train.micro_batch_size must be >= 1"),
-            (t.learning_rate > 0, "train.learning_rate must be > 0"),
-            (t.max_epochs > 0, "train.max_epochs must be > 0"),
+            ((t.batch_size is None or t.batch_size >= 1) and (t.micro_batch_size is None or t.micro_batch_size >= 1),
+             "train.batch_size and train.micro_batch_size must be >= 1"),
+            (t.learning_rate is None or t.learning_rate > 0, "train.learning_rate must be > 0"),
+            (t.warmup_steps is None or t.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
+            (t.max_epochs is None or t.max_epochs > 0, "train.max_epochs must be > 0"),
             (t.max_steps is None or t.max_steps >= 1, "train.max_steps must be >= 1 (or unset)"),
             (t.max_training_time is None or t.max_training_time > 0, "train.max_training_time must be > 0 seconds"),
             (t.max_training_time is None or not p.enabled,
@@ -148,6 +180,15 @@ class RunConfig:
              "on the private rows; set train.max_steps or train.max_epochs instead (`dplm plan` prints their epsilon)"),
             (t.checkpoint_every is None or t.checkpoint_every >= 1, "train.checkpoint_every must be >= 1 (or unset)"),
             (0 <= self.data.holdout_fraction < 1, "data.holdout_fraction must be in [0, 1)"),
+            (self.data.mode in ("histories", "rows"), "data.mode must be 'histories' or 'rows'"),
+            (self.data.max_history is None or self.data.max_history >= 1, "data.max_history must be >= 1 (or unset)"),
+            (self.data.subject is not None or (self.data.order_by is None and self.data.subjects is None
+                                                and not self.data.subject_columns),
+             "data.order_by, data.subjects and data.subject_columns need data.subject (the column naming whose rows "
+             "are whose)"),
+            (not (self.data.subjects and self.data.subject_columns),
+             "give the subject's columns either as a table (data.subjects) or as columns of the rows "
+             "(data.subject_columns), not both"),
             (self.model.precision in ("auto", "bf16", "fp32"), "model.precision must be auto, bf16 or fp32"),
             (self.model.layers is None or self.model.layers >= 1, "model.layers must be >= 1 (or unset for all)"),
             (self.sample.num_rows >= 1 and self.sample.batch_size >= 1, "sample.num_rows and sample.batch_size must be >= 1"),

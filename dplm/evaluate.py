@@ -62,10 +62,10 @@ def _as_float(s: pd.Series) -> np.ndarray:
 
 
 class Binner:
-    """Bins fitted on the real training rows: 10 quantile bins for numbers, the top 10
+    """Bins fitted on the real training rows: 10 (`bins`) quantile bins for numbers, the top 10
     categories + "other" for everything else, and missing values as a bin of their own."""
 
-    def __init__(self, train: pd.DataFrame):
+    def __init__(self, train: pd.DataFrame, bins: int = NUM_BINS):
         self.columns = list(train.columns)
         self.edges, self.labels = {}, {}
         for c in self.columns:
@@ -73,12 +73,12 @@ class Binner:
             if is_numeric(s):
                 values = _as_float(s)
                 values = values[~np.isnan(values)]
-                qs = np.unique(np.quantile(values, np.linspace(0, 1, NUM_BINS + 1)[1:-1])) if len(values) else []
+                qs = np.unique(np.quantile(values, np.linspace(0, 1, bins + 1)[1:-1])) if len(values) else []
                 self.edges[c] = np.asarray(qs)
                 bounds = [values.min() if len(values) else 0, *qs, values.max() if len(values) else 0]
                 self.labels[c] = [f"{bounds[i]:.4g}–{bounds[i + 1]:.4g}" for i in range(len(qs) + 1)] + ["missing"]
             else:
-                top = s.dropna().astype(str).value_counts().index[:TOP_CATEGORIES].tolist()
+                top = s.dropna().astype(str).value_counts().index[:max(bins, TOP_CATEGORIES)].tolist()
                 self.labels[c] = top + ["other", "missing"]
 
     def codes(self, df: pd.DataFrame) -> np.ndarray:
@@ -444,6 +444,70 @@ def _context_accuracy(x: np.ndarray, y: pd.Series, test_x: np.ndarray, test_y: p
     return float(np.mean(classifier.predict(test_x) == test_y))
 
 
+# ---- hard rules ---------------------------------------------------------------------------
+
+MAX_RULE_VALUES = 200  # columns with more distinct values are not tested for one-to-one pairs
+MIN_EXCLUSIVE_SHARE = 0.01  # an exclusive pair's columns are each non-zero in at least this share of rows
+
+
+def find_rules(train: pd.DataFrame) -> list[dict]:
+    """The pairs of columns the training rows tie together: one-to-one (each value of one has a
+    single partner in the other and back, at least two values: education and education_num)
+    and mutually exclusive (numbers never both non-zero, each non-zero in at least
+    `MIN_EXCLUSIVE_SHARE` of the rows and together expected in five or more: a capital gain and a
+    capital loss). Read off the private rows: a private diagnostic."""
+    rules = []
+    few = [c for c in train.columns if 2 <= train[c].nunique(dropna=False) <= MAX_RULE_VALUES]
+    keys = {c: _rule_key(train[c]) for c in few}
+    for a, b in itertools.combinations(few, 2):
+        pairs = pd.DataFrame({"a": keys[a], "b": keys[b]}).drop_duplicates()
+        if pairs["a"].is_unique and pairs["b"].is_unique:
+            rules.append({"kind": "one_to_one", "columns": [a, b], "pairs": set(zip(pairs["a"], pairs["b"]))})
+    nonzero = {c: (train[c].notna() & (pd.to_numeric(train[c], errors="coerce").fillna(0) != 0)).to_numpy()
+               for c in train.columns if is_numeric(train[c]) and not pd.api.types.is_datetime64_any_dtype(train[c])}
+    for a, b in itertools.combinations(nonzero, 2):
+        share_a, share_b = nonzero[a].mean(), nonzero[b].mean()
+        if (min(share_a, share_b) >= MIN_EXCLUSIVE_SHARE and share_a * share_b * len(train) >= 5
+                and not (nonzero[a] & nonzero[b]).any()):
+            rules.append({"kind": "mutually_exclusive", "columns": [a, b]})
+    return rules
+
+
+def _rule_key(s: pd.Series) -> pd.Series:
+    """Values as text, missing as a value of its own (numbers compare by their float text)."""
+    text = pd.to_numeric(s, errors="coerce").astype(float).astype(str) if is_numeric(s) and not \
+        pd.api.types.is_datetime64_any_dtype(s) else s.astype(str)
+    return text.where(s.notna(), "(missing)")
+
+
+def rule_kept(rule: dict, df: pd.DataFrame) -> np.ndarray:
+    """Which rows of `df` keep one rule of `find_rules`."""
+    a, b = rule["columns"]
+    if rule["kind"] == "one_to_one":
+        return np.array([pair in rule["pairs"] for pair in zip(_rule_key(df[a]), _rule_key(df[b]))], dtype=bool)
+    nonzero = [(df[c].notna() & (pd.to_numeric(df[c], errors="coerce").fillna(0) != 0)).to_numpy() for c in (a, b)]
+    return ~(nonzero[0] & nonzero[1])
+
+
+def rule_scores(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataFrame) -> dict:
+    """Share of synthetic (and holdout) rows keeping each rule the training rows show, and all of them."""
+    rules = find_rules(train)
+    out = {"rules": [{"kind": r["kind"], "columns": r["columns"]} for r in rules]}
+    for name, df in (("synthetic", synthetic), ("holdout", holdout)):
+        kept = [rule_kept(r, df) for r in rules]
+        out[name] = {"per_rule": [float(k.mean()) for k in kept],
+                     "all_rules": float(np.logical_and.reduce(kept).mean()) if kept else None}
+    return out
+
+
+def shuffled_columns(train: pd.DataFrame, n: int, seed: int = 0) -> pd.DataFrame:
+    """`n` training rows with every column shuffled on its own: the marginals kept, every
+    dependency between columns gone (the floor a synthesizer that learns no dependencies reaches)."""
+    rng = np.random.default_rng(seed)
+    picks = {c: train[c].to_numpy()[rng.permutation(len(train))[:n]] for c in train.columns}
+    return pd.DataFrame(picks).astype(train.dtypes.to_dict())
+
+
 # ---- everything -----------------------------------------------------------------------
 
 def evaluate(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataFrame, target: str | None = None,
@@ -459,23 +523,26 @@ def evaluate(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataFrame
         return df.iloc[rng.permutation(len(df))[:n]]
 
     n = min(embed_sample, len(holdout), len(synthetic), len(train))
+    shuffled = shuffled_columns(train, len(holdout), seed)
     emb = {name: embed(record_texts(sample(df, n))) for name, df in
-           (("training", train), ("holdout", holdout), ("synthetic", synthetic))}
+           (("training", train), ("holdout", holdout), ("synthetic", synthetic), ("shuffled", shuffled))}
     privacy = privacy_scores(train, holdout, synthetic, seed, tuple(text_columns or ()))
     results = {
         "rows": {"training": len(train), "holdout": len(holdout), "synthetic": len(synthetic)},
         "accuracy": {"synthetic": accuracy(train, synthetic, binner, seed),
-                     "holdout": accuracy(train, holdout, binner, seed)},
+                     "holdout": accuracy(train, holdout, binner, seed),
+                     "shuffled": accuracy(train, shuffled, binner, seed)},
         "embedding": {
             "records_per_set": n,
-            "centroid_similarity": {"synthetic": centroid_similarity(emb["training"], emb["synthetic"]),
-                                    "holdout": centroid_similarity(emb["training"], emb["holdout"])},
-            "discriminator_auc": {"synthetic": discriminator_auc(emb["training"], emb["synthetic"], seed),
-                                  "holdout": discriminator_auc(emb["training"], emb["holdout"], seed)},
+            "centroid_similarity": {k: centroid_similarity(emb["training"], emb[k])
+                                    for k in ("synthetic", "holdout", "shuffled")},
+            "discriminator_auc": {k: discriminator_auc(emb["training"], emb[k], seed)
+                                  for k in ("synthetic", "holdout", "shuffled")},
         },
+        "rules": rule_scores(train, holdout, synthetic),
         "privacy": {k: {m: v for m, v in d.items() if m != "dcr"} for k, d in privacy.items()},
         "_binner": binner,
-        "_embeddings": emb,
+        "_embeddings": {k: v for k, v in emb.items() if k != "shuffled"},
         "_dcr": {k: d["dcr"] for k, d in privacy.items()},
     }
     if target:

@@ -38,13 +38,18 @@ class PrivacyBudget:
     `metadata_epsilon` and `metadata_delta` are privacy already spent on the data outside
     training (DP estimates of the schema). By basic composition the run is (metadata_epsilon
     + training epsilon at `delta`, metadata_delta + `delta`)-DP: the epsilon part is in every
-    reported total and counts against the cap.
+    reported total and counts against the cap. `prior` holds the Gaussian rounds of the
+    table's statistics (`marginals.noise_history`: steps of sampling rate 1), which the
+    accountant composes with the DP-SGD steps: "training epsilon" is that of both.
     """
 
     def __init__(self, accountant: str, noise_multiplier: float, sample_rate: float, delta: float,
-                 max_epsilon: float | None = None, metadata_epsilon: float = 0.0, metadata_delta: float = 0.0):
+                 max_epsilon: float | None = None, metadata_epsilon: float = 0.0, metadata_delta: float = 0.0,
+                 prior: list | None = None):
         self.accountant_name = accountant
         self.accountant = make_accountant(accountant)
+        self.prior = [tuple(h) for h in prior or []]
+        self.accountant.history = list(self.prior)
         self.noise_multiplier = noise_multiplier
         self.sample_rate = sample_rate
         self.delta = delta
@@ -52,19 +57,21 @@ class PrivacyBudget:
         self.metadata_epsilon = metadata_epsilon
         self.metadata_delta = metadata_delta
         # Training epsilon now and after one more step, computed at most once per step (PRV is slow).
-        self._training_epsilon: float | None = 0.0
+        self._training_epsilon: float | None = None if self.prior else 0.0
         self._next_training_epsilon: float | None = None
 
     @property
     def steps(self) -> int:
-        """Steps accounted so far (the accountant's history holds (noise, rate, steps) entries)."""
-        return sum(h[2] for h in self.accountant.history)
+        """DP-SGD steps accounted so far (the accountant's history holds (noise, rate, steps)
+        entries, the statistics' rounds first)."""
+        return sum(h[2] for h in self.accountant.history) - sum(h[2] for h in self.prior)
 
     @staticmethod
     def _epsilon_of(accountant, delta: float) -> float:
         if not accountant.history:
             return 0.0
-        return float(accountant.get_epsilon(delta=delta))
+        with np.errstate(divide="ignore", invalid="ignore"):  # PRV's log(1 - q) at q = 1 (the statistics' rounds)
+            return float(accountant.get_epsilon(delta=delta))
 
     def training_epsilon(self) -> float:
         if self._training_epsilon is None:
@@ -108,19 +115,53 @@ class PrivacyBudget:
             "sample_rate": self.sample_rate,
             "steps": self.steps,
             "accountant": self.accountant_name,
+            "statistics_rounds": [{"noise_multiplier": h[0], "sample_rate": h[1]} for h in self.prior],
         }
+
+
+def epsilon_of_history(history: list, delta: float, accountant: str = "rdp") -> float:
+    """Epsilon at `delta` of an accountant history of (noise multiplier, sampling rate, steps)."""
+    if not history:
+        return 0.0
+    a = make_accountant(accountant)
+    a.history = [tuple(h) for h in history]
+    return PrivacyBudget._epsilon_of(a, delta)
+
+
+def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp",
+                    prior: list | None = None) -> float:
+    """The smallest noise multiplier (to 0.1 %) whose `steps` Poisson-sampled steps at `sample_rate`,
+    after the `prior` history (the statistics' rounds), stay at or below `target_epsilon`."""
+    prior = list(prior or [])
+    if target_epsilon <= 0 or epsilon_of_history(prior, delta, accountant) >= target_epsilon:
+        raise DplmError(f"the target epsilon {target_epsilon:.4g} leaves nothing for DP-SGD's steps after the schema's "
+                        "and the statistics' share; raise privacy.max_epsilon or lower privacy.statistics_share")
+
+    def epsilon(sigma):
+        return epsilon_of_history(prior + [(sigma, sample_rate, steps)], delta, accountant)
+
+    lo, hi = 0.1, 1.0
+    while epsilon(hi) > target_epsilon:
+        lo, hi = hi, hi * 2
+        if hi > 1e4:
+            raise DplmError(f"no noise multiplier reaches epsilon {target_epsilon:.4g} in {steps} steps")
+    while hi / lo > 1.001:
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if epsilon(mid) > target_epsilon else (lo, mid)
+    return hi
 
 
 def noise_for_epsilon(target_epsilon: float, delta: float, sample_rate: float, steps: int,
                       accountant: str = "rdp") -> float:
-    """The smallest noise multiplier (to Opacus' 0.01 tolerance) whose epsilon after `steps`
-    Poisson-sampled steps stays at or below `target_epsilon`."""
-    from opacus.accountants.utils import get_noise_multiplier
+    """The smallest noise multiplier whose epsilon after `steps` Poisson-sampled steps stays at
+    or below `target_epsilon` (`calibrate_noise` with no prior rounds)."""
+    return calibrate_noise(target_epsilon, delta, sample_rate, steps, accountant)
 
-    if target_epsilon <= 0:
-        raise DplmError("the target epsilon must be > 0")
-    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
-                                      steps=steps, accountant=accountant))
+
+def statistics_noise_for(rho: float, rounds: int) -> float:
+    """The Gaussian noise multiplier of each of `rounds` statistics rounds that together spend
+    zCDP `rho` (a round of noise multiplier z costs 1 / (2 z^2))."""
+    return math.sqrt(rounds / (2 * rho))
 
 
 # ---- DP estimates of schema metadata --------------------------------------------------
@@ -138,6 +179,13 @@ class SecureRandom:
     def integers(self, high: int) -> int:
         """A uniform integer in [0, high)."""
         return secrets.randbelow(int(high))
+
+    def normal(self, loc: float, scale: float, size) -> np.ndarray:
+        """N(loc, scale^2) draws (`secure_gaussian`)."""
+        return loc + secure_gaussian(size, scale).numpy()
+
+    def random(self, size: int) -> np.ndarray:
+        return secure_uniform(size)
 
     def laplace(self, loc: float, scale: float, size: int) -> np.ndarray:
         """Laplace(loc, scale) by inversion of uniforms in (0, 1) from `secure_uniform`."""

@@ -185,22 +185,89 @@ def _img(data: str, alt: str) -> str:
 
 
 def summary_rows(metrics: dict) -> list[tuple]:
+    """(metric, synthetic, holdout, shuffled columns) rows; the shuffled table scores only where
+    it means something (accuracy, embeddings, rules)."""
     acc, emb, priv = metrics["accuracy"], metrics["embedding"], metrics["privacy"]
-    rows = [(f"accuracy: {k}", acc["synthetic"][k], acc["holdout"][k])
+    rows = [(f"accuracy: {k}", acc["synthetic"][k], acc["holdout"][k], acc.get("shuffled", {}).get(k))
             for k in ("overall", "univariate", "bivariate", "trivariate")]
     rows += [("embedding centroid cosine similarity", emb["centroid_similarity"]["synthetic"],
-              emb["centroid_similarity"]["holdout"]),
+              emb["centroid_similarity"]["holdout"], emb["centroid_similarity"].get("shuffled")),
              ("discriminator AUC (0.5 = indistinguishable)", emb["discriminator_auc"]["synthetic"],
-              emb["discriminator_auc"]["holdout"]),
+              emb["discriminator_auc"]["holdout"], emb["discriminator_auc"].get("shuffled")),
              ("DCR share (closer to training than holdout; 0.5 ideal)", priv["synthetic"]["dcr_share"],
-              priv["holdout"].get("dcr_share")),
+              priv["holdout"].get("dcr_share"), None),
              ("median distance to closest training record", priv["synthetic"]["dcr_median"],
-              priv["holdout"]["dcr_median"]),
+              priv["holdout"]["dcr_median"], None),
              ("identical-match share", priv["synthetic"]["identical_match_share"],
-              priv["holdout"]["identical_match_share"]),
+              priv["holdout"]["identical_match_share"], None),
              ("rows that exactly copy a training row", priv["synthetic"]["exact_copies_of_training_rows"],
-              priv["holdout"]["exact_copies_of_training_rows"])]
+              priv["holdout"]["exact_copies_of_training_rows"], None)]
+    rules = metrics.get("rules", {})
+    if rules.get("rules"):
+        rows.append((f"rows keeping all {len(rules['rules'])} rules of the training rows", rules["synthetic"]["all_rules"],
+                     rules["holdout"]["all_rules"], None))
     return rows
+
+
+def history_rows(h: dict) -> list[tuple]:
+    """The rows of the report's history table."""
+    syn, hol = h["synthetic"], h["holdout"]
+    rows = [("overall accuracy (flat table + coherence)", syn["overall"], hol["overall"]),
+            ("coherence of consecutive rows", syn["coherence"], hol["coherence"])]
+    rows += [(f"coherence: {c}", syn["coherence_per_column"][c], hol["coherence_per_column"][c])
+             for c in syn["coherence_per_column"]]
+    rows += [(f"per subject: {c} (1 - TVD, 10 bins)", syn["per_subject"][c], hol["per_subject"][c])
+             for c in syn["per_subject"]]
+    rows += [("mean rows per subject (training: " + f"{h['mean_rows_per_subject_training']:.2f})",
+              syn["mean_rows_per_subject"], hol["mean_rows_per_subject"])]
+    if "gaps" in syn:
+        rows.append(("gaps between consecutive rows (1 - TVD)", syn["gaps"], hol["gaps"]))
+    rows += [("first rows' accuracy", syn["first_row_accuracy"], hol["first_row_accuracy"]),
+             ("later rows' accuracy", syn["later_row_accuracy"], hol["later_row_accuracy"]),
+             ("discriminator AUC on whole subjects (0.5 = indistinguishable)", syn["discriminator_auc"],
+              hol["discriminator_auc"]),
+             ("share of subjects copying a training subject's whole history", syn["copied_subject_share"],
+              hol["copied_subject_share"])]
+    return rows
+
+
+def history_charts(h: dict, sets: dict, key: str, order_by: str | None) -> str:
+    """Rows per subject and gaps between rows (training, holdout, synthetic), and coherence per column."""
+    from dplm.evaluate_histories import _gaps, ordered_events
+
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3 if order_by else 2, figsize=(15 if order_by else 10, 3.5))
+    counts = {name: hs.events.groupby(key).size().reindex(hs.subjects[key]).fillna(0).to_numpy()
+              for name, hs in sets.items()}
+    top = max(2, int(np.percentile(counts["training"], 99)) + 1)
+    bins = np.arange(0, top + 2) - 0.5
+    for (name, c), color in zip(counts.items(), (REAL, HOLDOUT, SYNTHETIC)):
+        axes[0].hist(np.clip(c, 0, top), bins=bins, density=True, histtype="step", color=color, label=name)
+    axes[0].set_title("rows per subject", fontsize=10)
+    axes[0].legend(fontsize=8)
+    columns = list(h["synthetic"]["coherence_per_column"])
+    x = np.arange(len(columns))
+    axes[1].bar(x - 0.2, [h["holdout"]["coherence_per_column"][c] for c in columns], 0.4, color=HOLDOUT, label="holdout")
+    axes[1].bar(x + 0.2, [h["synthetic"]["coherence_per_column"][c] for c in columns], 0.4, color=SYNTHETIC,
+                label="synthetic")
+    axes[1].set_xticks(x, columns, rotation=60, ha="right", fontsize=7)
+    axes[1].set_ylim(max(0.0, min(h["synthetic"]["coherence_per_column"].values()) - 0.05), 1.0)
+    axes[1].set_title("coherence per column", fontsize=10)
+    if order_by:
+        gaps = {name: _gaps(ordered_events(hs, key, order_by), key, order_by) for name, hs in sets.items()}
+        high = float(np.percentile(gaps["training"], 99)) if len(gaps["training"]) else 1.0
+        for (name, g), color in zip(gaps.items(), (REAL, HOLDOUT, SYNTHETIC)):
+            if len(g):
+                axes[2].hist(np.clip(g, 0, high), bins=40, density=True, histtype="step", color=color, label=name)
+        axes[2].set_title(f"gaps between consecutive rows ({order_by})", fontsize=10)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def rule_rows(rules: dict) -> list[tuple]:
+    """One row per rule the training rows show: its kind, columns and the share of rows keeping it."""
+    return [(f"{r['kind'].replace('_', ' ')}: {' and '.join(r['columns'])}", rules["synthetic"]["per_rule"][i],
+             rules["holdout"]["per_rule"][i]) for i, r in enumerate(rules["rules"])]
 
 
 def text_rows(t: dict) -> list[tuple]:
@@ -228,7 +295,17 @@ def render_html(metrics: dict, charts: dict, run_info: dict | None) -> str:
     parts.append(f"<p>{rows['training']:,} training rows, {rows['holdout']:,} holdout rows, "
                  f"{rows['synthetic']:,} synthetic rows. The holdout column scores real unseen rows as if they were "
                  "synthetic: the best a synthesizer can expect.</p>")
-    parts.append("<h2>Summary</h2>" + _table(summary_rows(metrics), ("metric", "synthetic", "holdout (reference)")))
+    parts.append("<p>The shuffled column scores the training rows with every column shuffled on its own: the "
+                 "marginals kept, every dependency gone. A synthesizer that learns no dependencies scores there; "
+                 "one below it has lost even the marginals.</p>")
+    parts.append("<h2>Summary</h2>" + _table(summary_rows(metrics), ("metric", "synthetic", "holdout (reference)",
+                                                                     "shuffled columns (floor)")))
+    rules = metrics.get("rules", {})
+    if rules.get("rules"):
+        parts.append("<h2>Hard rules of the training rows</h2><p>Pairs of columns the training rows tie together "
+                     "(one-to-one values, or never both non-zero), and the share of rows that keep each. Found in the "
+                     "private training rows: a private diagnostic.</p>"
+                     + _table(rule_rows(rules), ("rule", "synthetic", "holdout")))
     if "utility" in metrics:
         u = metrics["utility"]
         keys = [k for k in ("accuracy", "roc_auc", "r2") if k in u["trtr"]]
@@ -265,6 +342,15 @@ def render_html(metrics: dict, charts: dict, run_info: dict | None) -> str:
                              a["advantage"]))
             parts.append("<h2>Empirical privacy audit (dplm audit)</h2><p>Measured on the private training rows: "
                          "for the data owner, not covered by epsilon.</p>" + _table(rows, ("attack", "value")))
+    if "histories" in metrics:
+        h = metrics["histories"]
+        parts.append("<h2>Histories</h2><p>" + f"{h['subjects']['training']:,} training, {h['subjects']['holdout']:,} "
+                     f"holdout and {h['subjects']['synthetic']:,} synthetic subjects. The overall accuracy follows "
+                     "mostlyai-qa's for sequences: the mean of the uni-, bi- and trivariate accuracy of one random row "
+                     "a subject (with its row count) and the coherence of consecutive rows. The holdout column scores "
+                     "real unseen subjects the same way.</p>")
+        parts.append(_table(history_rows(h), ("metric", "synthetic", "holdout (reference)")))
+        parts.append(_img(charts["histories"], "histories"))
     for column, t in metrics.get("text", {}).items():
         parts.append(f"<h2>Text column '{html.escape(column)}'</h2>")
         if "note" in t:
@@ -286,12 +372,22 @@ def render_html(metrics: dict, charts: dict, run_info: dict | None) -> str:
 
 def write_report(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataFrame, out_dir: str | Path,
                  target: str | None = None, run_info: dict | None = None, seed: int = 0,
-                 text_columns: list[str] | None = None, categorical: list[str] | None = None) -> tuple[Path, Path]:
+                 text_columns: list[str] | None = None, categorical: list[str] | None = None,
+                 histories: tuple | None = None) -> tuple[Path, Path]:
     """Score and write `report.html` and `report.json` into `out_dir`; returns their paths.
-    `text_columns` get a text section each, whose utility predicts one of `categorical`."""
+    `text_columns` get a text section each, whose utility predicts one of `categorical`.
+    `histories` = (sets, key, order_by), `sets` the training, holdout and synthetic
+    `histories.Histories`: a section of history scores (`evaluate_histories`); the other scores
+    are then those of the event rows."""
     start = time.perf_counter()
     metrics = evaluate(train, holdout, synthetic, target=target, seed=seed, text_columns=text_columns,
                        categorical=categorical)
+    if histories:
+        from dplm.evaluate_histories import history_scores
+
+        sets, key, order_by = histories
+        metrics["histories"] = history_scores(sets["training"], sets["holdout"], sets["synthetic"], key, order_by,
+                                              seed=seed)
     binner = metrics["_binner"]
     acc = metrics["accuracy"]["synthetic"]
     worst = sorted(acc["per_pair"], key=acc["per_pair"].get)[:3]
@@ -304,6 +400,8 @@ def write_report(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataF
     }
     if run_info and run_info.get("log"):
         charts["training"] = training_chart(run_info["log"])
+    if histories:
+        charts["histories"] = history_charts(metrics["histories"], histories[0], histories[1], histories[2])
     scores = {"private": PRIVATE_REPORT, **{k: v for k, v in metrics.items() if not k.startswith("_")}}
     scores["report_seconds"] = time.perf_counter() - start
     if run_info:
@@ -358,6 +456,54 @@ def run_info(run_dir: Path) -> dict:
     return {"summary": summary, "log": log, "audit": audit}
 
 
+def history_sets(synth, table: pd.DataFrame, synthetic: Path | None, num_subjects: int | None, progress: bool) -> dict:
+    """The training, holdout and synthetic subjects of a run of histories (`histories.Histories`,
+    typed by the run's schema): the synthetic ones from `synthetic` (its subject table beside
+    it) or `num_subjects` freshly sampled (by default as many as the holdout's)."""
+    from dplm.data import load_table
+    from dplm.histories import Histories, subjects_path
+
+    from dplm.synthesizer import _history_tables
+
+    key, codec = synth.config.data.subject, synth.codec
+    table, subject_table = _history_tables(table, None, synth.config)
+
+    train_keys = None
+    if subject_table is not None:  # subjects without events are on their side of the split too
+        from dplm.synthesizer import training_keys
+
+        train_keys = training_keys(table, synth.config, subject_table)
+
+    def real(index, training: bool):
+        events = table.iloc[index]
+        subjects = pd.DataFrame({key: events[key].unique()})
+        if subject_table is not None:
+            subjects = subject_table[subject_table[key].isin(train_keys) == training]
+        return Histories(_typed(subjects, key, codec.subject_schema), _typed(events, key, codec.event_schema))
+
+    sets = {"training": real(synth.split["train"], True), "holdout": real(synth.split["holdout"], False)}
+    if synthetic is None:
+        sets["synthetic"] = synth.sample(num_subjects or len(sets["holdout"]), progress=progress)
+    else:
+        events = load_table(synthetic, codec.event_schema.names_of("categorical", "text"))
+        own = subjects_path(synthetic)
+        subjects = load_table(own, codec.subject_schema.names_of("categorical", "text")) if own.exists() else \
+            pd.DataFrame({key: events[key].unique()})
+        missing = [c for c in [key, *codec.event_schema.names] if c not in events.columns]
+        if missing:
+            raise DplmError(f"synthetic file '{synthetic}' lacks column(s) {missing}; give a file with the run's "
+                            "subject key and event columns")
+        sets["synthetic"] = Histories(_typed(subjects, key, codec.subject_schema), _typed(events, key, codec.event_schema))
+    return sets
+
+
+def _typed(df: pd.DataFrame, key: str, schema) -> pd.DataFrame:
+    """`df`'s key and the schema's columns, with the schema's value types (`align_types`)."""
+    out = align_types(df, schema) if schema.columns else pd.DataFrame(index=range(len(df)))
+    out.insert(0, key, df[key].to_numpy())
+    return out
+
+
 def report_run(run_dir: str | Path, synthetic: str | Path | None = None, num_rows: int | None = None,
                target: str | None = None, out_dir: str | Path | None = None,
                progress: bool = True) -> tuple[Path, Path]:
@@ -375,25 +521,37 @@ def report_run(run_dir: str | Path, synthetic: str | Path | None = None, num_row
         raise DplmError(f"run '{run_dir}' was fitted on an in-memory table; score it with "
                         "dplm.report.write_report(train, holdout, synthetic, out_dir)")
     table = load_table(synth.config.data.source)
-    train = align_types(table.iloc[synth.split["train"]], synth.schema)
-    holdout = align_types(table.iloc[synth.split["holdout"]], synth.schema)
-    if len(holdout) == 0:
+    if len(synth.split["holdout"]) == 0:
         raise DplmError("the run kept no holdout rows (data.holdout_fraction: 0); the report needs a holdout")
     synthetic = Path(synthetic) if synthetic else run_dir / "synthetic.csv"
-    if num_rows is None and synthetic.exists():
-        fake = load_table(synthetic, synth.schema.names_of("categorical", "text"))
-        missing = [c for c in synth.schema.names if c not in fake.columns]
-        if missing:
-            raise DplmError(f"synthetic file '{synthetic}' lacks column(s) {missing}; give a file with the run's columns")
-        fake = fake[synth.schema.names]
-    elif num_rows is None and synthetic != run_dir / "synthetic.csv":
+    if num_rows is None and not synthetic.exists() and synthetic != run_dir / "synthetic.csv":
         raise DplmError(f"synthetic file '{synthetic}' not found; check the path")
-    else:
-        fake = synth.sample(num_rows or len(holdout), progress=progress)
+    fresh = num_rows is not None or not synthetic.exists()
     info = run_info(run_dir)
-    paths = write_report(train, holdout, align_types(fake, synth.schema), Path(out_dir or run_dir), target=target,
-                         run_info=info, seed=synth.config.train.seed,
-                         text_columns=synth.schema.names_of("text"), categorical=synth.schema.names_of("categorical"))
+    common = {"target": target, "run_info": info, "seed": synth.config.train.seed}
+    if synth.is_history:
+        sets = history_sets(synth, table, None if fresh else synthetic, num_rows, progress)
+        schema, key = synth.codec.event_schema, synth.config.data.subject
+        rows = {name: align_types(h.events, schema) for name, h in sets.items()}
+        paths = write_report(rows["training"], rows["holdout"], rows["synthetic"], Path(out_dir or run_dir),
+                             text_columns=schema.names_of("text"), categorical=schema.names_of("categorical"),
+                             histories=(sets, key, synth.config.data.order_by), **{
+                                 **common, "target": target if target in schema.names else None})
+    else:
+        train = align_types(table.iloc[synth.split["train"]], synth.schema)
+        holdout = align_types(table.iloc[synth.split["holdout"]], synth.schema)
+        if not fresh:
+            fake = load_table(synthetic, synth.schema.names_of("categorical", "text"))
+            missing = [c for c in synth.schema.names if c not in fake.columns]
+            if missing:
+                raise DplmError(f"synthetic file '{synthetic}' lacks column(s) {missing}; give a file with the run's "
+                                "columns")
+            fake = fake[synth.schema.names]
+        else:
+            fake = synth.sample(num_rows or len(holdout), progress=progress)
+        paths = write_report(train, holdout, align_types(fake, synth.schema), Path(out_dir or run_dir),
+                             text_columns=synth.schema.names_of("text"), categorical=synth.schema.names_of("categorical"),
+                             **common)
     if synth.config.train.report_to and (run_dir / "tracking.json").exists():
         from dplm.tracking import Trackers
 

@@ -6,7 +6,8 @@ separator once the value may end, EOS after the last column. Logits outside that
 masked to -inf and the token is sampled from the renormalized distribution, so the model's
 probabilities decide every value and no repair step is needed. The automaton is compiled
 into tables on the device when it is small enough (`CompiledGrammar`), else walked in
-Python (`RowGrammar`). Every field's grammar is finite, so a row ends within
+Python (`LazyGrammar`); the automaton is the codec's (rows: `serialize.RowCodec`, a
+subject's history: `histories.HistoryCodec`). Every field's grammar is finite, so a row ends within
 `max_row_tokens` steps: no hang.
 """
 
@@ -42,17 +43,16 @@ class SampleStats:
         return self.rows_returned / max(1, self.rows_generated)
 
 
-class RowGrammar:
-    """The whole-row automaton over `codec`'s fields, walked lazily in Python.
+class LazyGrammar:
+    """A codec's automaton (`RowCodec` or `histories.HistoryCodec`: `start_state`, `allowed`,
+    `next_state`, `mask_key`, `column_of`, `max_tokens`), walked lazily in Python.
 
     `token_ids[j]` is the token that the model's logit j scores (the whole vocabulary, or a
-    `RestrictedHead`'s tokens). A row's state is (column, field state), or None once it has
-    ended. Masks are built on first use, one per distinct allowed set, and kept in one table
-    on the device, so a step gathers its batch's masks with one index."""
+    `RestrictedHead`'s tokens). Masks are built on first use, one per distinct allowed set,
+    and kept in one table on the device, so a step gathers its batch's masks with one index."""
 
-    def __init__(self, codec: RowCodec, token_ids: list[int], device):
+    def __init__(self, codec, token_ids: list[int], device):
         self.codec = codec
-        self.fields = codec.fields
         self.token_ids = torch.tensor(token_ids, dtype=torch.long, device=device)
         self.position = {t: j for j, t in enumerate(token_ids)}
         self.device = device
@@ -60,58 +60,26 @@ class RowGrammar:
         self._row_of_key: dict = {}  # mask key -> index in _rows
         self._keys: dict = {}  # state -> mask key
         self._table: torch.Tensor | None = None  # _rows stacked, rebuilt when a mask is added
-        self._done = self._row("done", [codec.eos_id])
 
-    def _row(self, key, ids) -> int:
+    def mask_index(self, state) -> int:
+        """Row of the mask table that holds the tokens allowed in `state`."""
+        key = self._keys.get(state)
+        if key is None:
+            if len(self._keys) > 200_000:  # bound memory: number prefixes are many
+                self._keys.clear()
+            key = self._keys[state] = self.codec.mask_key(state)
         if key not in self._row_of_key:
             mask = torch.zeros(len(self.position), dtype=torch.bool)
-            mask[[self.position[t] for t in ids]] = True
+            mask[[self.position[t] for t in self.codec.allowed(state)]] = True
             self._row_of_key[key] = len(self._rows)
             self._rows.append(mask)
             self._table = None
         return self._row_of_key[key]
 
-    def allowed(self, state) -> list[int]:
-        """The token ids allowed in `state`: the field's next value tokens, plus the token that
-        ends the field (separator, or EOS after the last column) once the value may end."""
-        column, inner = state
-        ids, can_end = self.fields[column].next_tokens(inner)
-        if not can_end:
-            return list(ids)
-        # A self-delimiting field moves on by itself (see next_state): it ends only the row, with EOS.
-        return list(ids) + [self.codec.sep_id if column < len(self.fields) - 1 else self.codec.eos_id]
-
-    def mask_index(self, state) -> int:
-        """Row of the mask table that holds the tokens allowed in `state`."""
-        if state is None:
-            return self._done
-        column, inner = state
-        key = self._keys.get(state)
-        if key is None:
-            if len(self._keys) > 200_000:  # bound memory: number prefixes are many
-                self._keys.clear()
-            key = self._keys[state] = (column, self.fields[column].mask_key(inner))
-        if key not in self._row_of_key:
-            self._row(key, self.allowed(state))
-        return self._row_of_key[key]
-
-    def next_state(self, state, token: int):
-        """The state after `token`; None once the row has ended."""
-        if state is None or token == self.codec.eos_id:
-            return None
-        column, inner = state
-        field = self.fields[column]
-        if token == self.codec.sep_id and not field.self_delimiting:  # never part of a value (see serialize)
-            return (column + 1, self.fields[column + 1].start())
-        inner = field.advance(inner, token)
-        if field.self_delimiting and field.complete(inner) and column < len(self.fields) - 1:  # no separator
-            return (column + 1, self.fields[column + 1].start())
-        return (column, inner)
-
     # The batch interface that generate_sequences uses (CompiledGrammar has the same).
 
     def initial(self, num: int) -> list:
-        return [(0, self.fields[0].start())] * num
+        return [self.codec.start_state()] * num
 
     def masks(self, states: list) -> torch.Tensor:
         rows = torch.tensor([self.mask_index(s) for s in states], device=self.device)
@@ -121,34 +89,20 @@ class RowGrammar:
 
     def advance(self, states: list, positions: torch.Tensor) -> list:
         tokens = self.token_ids[positions].tolist()
-        return [self.next_state(s, t) for s, t in zip(states, tokens)]
+        return [self.codec.next_state(s, t) for s, t in zip(states, tokens)]
 
     def ended(self, states: list) -> torch.Tensor:
         return torch.tensor([s is None for s in states], device=self.device)
 
     def columns(self, states: list) -> torch.Tensor:
-        """Each row's column (the number of columns once it has ended)."""
-        return torch.tensor([len(self.fields) if s is None else s[0] for s in states], device=self.device)
+        """Each sequence's column (the number of columns once it has ended)."""
+        return torch.tensor([self.codec.column_of(s) for s in states], device=self.device)
 
     def select(self, states: list, rows: torch.Tensor) -> list:
         return [states[i] for i in rows.tolist()]
 
     def max_row_tokens(self) -> int:
-        """An upper bound on the tokens of one row (values + separators + EOS)."""
-        total = len(self.fields)
-        for f in self.fields:
-            col = f.col
-            if f.self_delimiting:
-                total += f.width or 1
-            elif col.kind == "categorical":
-                total += max(len(ids) for ids in f.category_ids.values())
-            elif col.kind == "text":
-                total += f.max_tokens
-            elif col.kind == "datetime":
-                total += 10
-            else:
-                total += max(len(format_number(v, col.precision)) for v in (float(col.min), float(col.max))) + 1
-        return total
+        return self.codec.max_tokens()
 
 
 class CompiledGrammar:
@@ -156,14 +110,14 @@ class CompiledGrammar:
     logits) and `next[s, j]` (the state after logit j), so a decoding step applies the
     schema to the whole batch with two gathers and no Python per row.
 
-    States are found by a breadth-first walk from the start, merging states whose fields'
+    States are found by a breadth-first walk from the start, merging states whose codec
     `state_key`s are equal (trie nodes, token counts, digit-DP summaries of integers, date
     and small-number prefixes). `build` returns None when the tables would pass
     `max_entries` transitions (a float column with a huge range, long text fields over a
-    large vocabulary); the lazy RowGrammar serves those schemas.
+    large vocabulary); the LazyGrammar serves those schemas.
     """
 
-    def __init__(self, lazy: RowGrammar, allowed: torch.Tensor, next_state: torch.Tensor, column: torch.Tensor,
+    def __init__(self, lazy: LazyGrammar, allowed: torch.Tensor, next_state: torch.Tensor, column: torch.Tensor,
                  start: int, done: int):
         self.codec, self.token_ids, self.device = lazy.codec, lazy.token_ids, lazy.device
         self.allowed, self.next, self.column, self.start, self.done = allowed, next_state, column, start, done
@@ -171,17 +125,15 @@ class CompiledGrammar:
         self.position = lazy.position  # token id -> logit index
 
     @classmethod
-    def build(cls, codec: RowCodec, token_ids: list[int], device,
-              max_entries: int = 1_000_000) -> CompiledGrammar | None:
-        lazy = RowGrammar(codec, token_ids, device)
-        done_key = "done"
-        keys = {done_key: 0}
+    def build(cls, codec, token_ids: list[int], device, max_entries: int = 1_000_000) -> CompiledGrammar | None:
+        lazy = LazyGrammar(codec, token_ids, device)
+        keys = {codec.state_key(None): 0}
         examples = [None]  # one state per key, to expand
         transitions = [{codec.eos_id: 0}]  # per state: allowed token -> next state
         entries = 0
 
         def index(state) -> int:
-            key = done_key if state is None else (state[0], lazy.fields[state[0]].state_key(state[1]))
+            key = codec.state_key(state)
             if key not in keys:
                 keys[key] = len(examples)
                 examples.append(state)
@@ -190,11 +142,11 @@ class CompiledGrammar:
         start = index(lazy.initial(1)[0])
         i = 1
         while i < len(examples):
-            ids = lazy.allowed(examples[i])
+            ids = codec.allowed(examples[i])
             entries += len(ids)
             if entries > max_entries or len(examples) * len(token_ids) > 50 * max_entries:
                 return None
-            transitions.append({t: index(lazy.next_state(examples[i], t)) for t in ids})
+            transitions.append({t: index(codec.next_state(examples[i], t)) for t in ids})
             i += 1
         allowed = torch.zeros((len(examples), len(token_ids)), dtype=torch.bool)
         next_state = torch.zeros((len(examples), len(token_ids)), dtype=torch.long)
@@ -223,7 +175,7 @@ class CompiledGrammar:
         return states[rows]
 
 
-def grammar_masks(codec: RowCodec, token_ids: list[int], sequences: list[list[int]], device) -> GrammarMasks | None:
+def grammar_masks(codec, token_ids: list[int], sequences: list[list[int]], device) -> GrammarMasks | None:
     """The grammar states of every position of `sequences` (BOS ... EOS), for a loss over the
     allowed tokens (`train.GrammarMasks`); None when the automaton does not compile."""
     compiled = CompiledGrammar.build(codec, token_ids, device)
@@ -240,9 +192,9 @@ def grammar_masks(codec: RowCodec, token_ids: list[int], sequences: list[list[in
     return GrammarMasks(compiled.allowed, states, compiled.done)
 
 
-def row_grammar(codec: RowCodec, token_ids: list[int], device) -> CompiledGrammar | RowGrammar:
-    """The compiled grammar when the schema's automaton is small enough, else the lazy one."""
-    return CompiledGrammar.build(codec, token_ids, device) or RowGrammar(codec, token_ids, device)
+def row_grammar(codec, token_ids: list[int], device) -> CompiledGrammar | LazyGrammar:
+    """The compiled grammar when the codec's automaton is small enough, else the lazy one."""
+    return CompiledGrammar.build(codec, token_ids, device) or LazyGrammar(codec, token_ids, device)
 
 
 class GivenValues:
@@ -259,8 +211,9 @@ class GivenValues:
     The kept particle's remaining columns are then written as usual."""
 
     def __init__(self, codec: RowCodec, grammar, given: pd.DataFrame, candidates: int):
-        fields, n = codec.fields, len(codec.fields)
-        index = [codec.schema.names.index(c) for c in given.columns]
+        fields, n = codec.fields, len(codec.fields)  # the columns that may be given (a history's: the subject's)
+        names = [f.col.name for f in fields]
+        index = [names.index(c) for c in given.columns]
         written = {}
         for j in index:  # each value's tokens, then the token that ends its field
             written[j] = [fields[j].encode(v) + codec.ending(j) for v in given[fields[j].col.name]]
@@ -302,7 +255,7 @@ class GivenValues:
 
 
 @torch.no_grad()
-def generate_sequences(model, grammar: CompiledGrammar | RowGrammar, num: int, temperature: float,
+def generate_sequences(model, grammar: CompiledGrammar | LazyGrammar, num: int, temperature: float,
                        generator: torch.Generator, device, given: GivenValues | None = None) -> list[list[int]]:
     """`num` token sequences (BOS ... EOS) sampled under the grammar, one batch, KV-cached.
     `generator` lives on `device`. Rows that have ended leave the batch (with their cache
@@ -421,12 +374,14 @@ def _cache_argument(model) -> str:
 
 def sample_rows(model, codec: RowCodec, num_rows: int, batch_size: int = 64, temperature: float = 1.0,
                 seed: int = 0, device=None, progress: bool = True, given: pd.DataFrame | None = None,
-                candidates: int = 16) -> tuple[pd.DataFrame, SampleStats]:
+                candidates: int = 16, keep=None) -> tuple[pd.DataFrame, SampleStats]:
     """`num_rows` valid rows as a typed DataFrame, plus how many rows were generated for them.
 
     With `given` (a DataFrame of some of the schema's columns) one row per given row: its
     given values kept, the other columns drawn from the model conditionally on them, with
-    `candidates` particles per row where needed (`GivenValues`); `num_rows` is ignored."""
+    `candidates` particles per row where needed (`GivenValues`); `num_rows` is ignored.
+    `keep(rows) -> bool mask` (the table's rules, `marginals.Rules.kept`): a row it refuses is
+    drawn again, as one that does not parse is."""
     device = device or next(model.parameters()).device
     grammar = row_grammar(codec, output_token_ids(model), device)
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -449,6 +404,7 @@ def sample_rows(model, codec: RowCodec, num_rows: int, batch_size: int = 64, tem
             )
         batch, pending = pending[:batch_size], pending[batch_size:]
         part = values.select(torch.tensor(batch, device=device)) if given is not None else None
+        decoded = []
         for i, ids in zip(batch, generate_sequences(model, grammar, len(batch), temperature, generator, device, part)):
             generated += 1
             try:
@@ -458,7 +414,13 @@ def sample_rows(model, codec: RowCodec, num_rows: int, batch_size: int = 64, tem
                 continue
             if given is not None:  # exactly as given (a text longer than its cap was written cut)
                 rows[i].update(given.iloc[i].to_dict())
-            bar.update(1)
+            decoded.append(i)
+        if keep is not None and decoded:
+            for i, ok in zip(decoded, keep(to_frame([rows[i] for i in decoded], codec.schema, order=False))):
+                if not ok:
+                    rows[i] = None
+                    pending.append(i)
+        bar.update(sum(rows[i] is not None for i in decoded))
     bar.close()
     stats = SampleStats(rows_generated=generated, rows_returned=num_rows, seconds=time.perf_counter() - start)
     return to_frame(rows, codec.schema), stats
@@ -470,8 +432,9 @@ def output_token_ids(model) -> list[int]:
     return head.token_ids.tolist() if head is not None else list(range(model.get_output_embeddings().weight.shape[0]))
 
 
-def to_frame(rows: list[dict], schema) -> pd.DataFrame:
-    """Typed DataFrame in the schema's output order (nullable integers as Int64)."""
+def to_frame(rows: list[dict], schema, order: bool = True) -> pd.DataFrame:
+    """Typed DataFrame in the schema's output order (or its own, `order=False`; nullable
+    integers as Int64)."""
     df = pd.DataFrame(rows, columns=schema.names)
     for col in schema.columns:
         if col.kind == "integer":
@@ -480,4 +443,4 @@ def to_frame(rows: list[dict], schema) -> pd.DataFrame:
             df[col.name] = df[col.name].astype(float)
         elif col.kind == "datetime":
             df[col.name] = pd.to_datetime(df[col.name])
-    return df[schema.output_order] if schema.output_order else df
+    return df[schema.output_order] if schema.output_order and order else df

@@ -15,10 +15,12 @@ split on the separator id:
   field is the empty text and a missing one is written `\\0` (an escape no text produces).
 
 With value tokens (`model.value_tokens`), a column whose values are few (the categories,
-or the integers of a range of at most `MAX_VALUE_TOKENS`) gets one new token per value,
-`<|column=value|>` (and `<|column|>` for a missing value), and a wider non-negative integer
-column is written in fixed-width digits (`0132485` for fnlwgt <= 2,000,000): the digit's
-position then says its place value and where the number ends. Such fields end by themselves,
+or a number or date column of at most `MAX_VALUE_TOKENS` values) gets one new token per
+value, `<|column=value|>` (and `<|column|>` for a missing value), and a wider number or date
+column is written in fixed-width digits of its scaled integer (`scaled_bounds`: an integer
+itself, a float times 10**precision, a date as days after its column's min; less the lowest
+value when that is negative): `0132485` for fnlwgt <= 2,000,000, `023` for a carat of 0.23
+<= 5.01. The digit's position then says its place value and where the number ends. Such fields end by themselves,
 so no separator follows them: a census row is 31 tokens, none of them separators (57 without
 value tokens). The new tokens come from the schema alone; `model.init_value_embeddings`
 starts each from its text's embedding.
@@ -43,20 +45,57 @@ NUMBER_CHARS = "0123456789.-"
 MAX_VALUE_TOKENS = 256  # integer columns with at most this many values get a token per value
 
 
-def fixed_width(col: Column) -> int | None:
-    """Digits of a wide non-negative integer column written at fixed width (value tokens)."""
-    if col.kind == "integer" and float(col.min) >= 0 and token_values(col) is None:
-        return len(str(int(float(col.max))))
+def scaled_bounds(col: Column) -> tuple[int, int] | None:
+    """A number or date column's values as integers: integers themselves, floats times
+    10**precision, dates as days after `min`; (lowest, highest). None for other kinds."""
+    if col.kind == "datetime":
+        return 0, (pd.Timestamp(col.max) - pd.Timestamp(col.min)).days
+    if col.kind in ("integer", "float"):
+        scale = 10**col.precision
+        return int(round(float(col.min) * scale)), int(round(float(col.max) * scale))
     return None
 
 
+def to_scaled(col: Column, value) -> int:
+    """A number or date as its integer in `scaled_bounds`."""
+    if col.kind == "datetime":
+        return (pd.Timestamp(value).normalize() - pd.Timestamp(col.min)).days
+    return int(round(float(value) * 10**col.precision))
+
+
+def from_scaled(col: Column, scaled: int):
+    """The value of a scaled integer: int, float (at the column's precision) or Timestamp."""
+    if col.kind == "datetime":
+        return pd.Timestamp(col.min) + pd.Timedelta(days=scaled)
+    if col.kind == "float":
+        return round(scaled / 10**col.precision, col.precision)
+    return int(scaled)
+
+
+def _value_text(col: Column, value) -> str:
+    """The text a value token of a number or date column stands for."""
+    if col.kind == "datetime":
+        return pd.Timestamp(value).strftime(DATE_FORMAT)
+    return format_number(value, col.precision)
+
+
+def fixed_width(col: Column) -> int | None:
+    """Digits of a number or date column too wide for a token per value (value tokens): its
+    scaled integers (`scaled_bounds`), less the lowest when that is negative, zero-padded."""
+    bounds = scaled_bounds(col)
+    if bounds is None or token_values(col) is not None:
+        return None
+    return len(str(bounds[1] - min(0, bounds[0])))
+
+
 def token_values(col: Column) -> list[str] | None:
-    """The values of a column that gets one token per value (its categories, or every integer
-    of a small range), as text; None for the others."""
+    """The values of a column that gets one token per value (its categories, or every value of
+    a number or date column of at most `MAX_VALUE_TOKENS` values), as text; None for the others."""
     if col.kind == "categorical":
         return list(col.categories)
-    if col.kind == "integer" and float(col.max) - float(col.min) < MAX_VALUE_TOKENS:
-        return [str(v) for v in range(int(float(col.min)), int(float(col.max)) + 1)]
+    bounds = scaled_bounds(col)
+    if bounds is not None and bounds[1] - bounds[0] < MAX_VALUE_TOKENS:
+        return [_value_text(col, from_scaled(col, v)) for v in range(bounds[0], bounds[1] + 1)]
     return None
 
 
@@ -192,6 +231,53 @@ class RowCodec:
         """Text values cut at their column's `max_tokens` since the last `encode_table`, per column."""
         return {f.col.name: f.values_cut for f in self.fields if f.values_cut}
 
+    # ---- the grammar: the automaton a sampler walks (`sample.LazyGrammar`) ---------------
+    # A state is (column, field state), or None once the row has ended.
+
+    def start_state(self):
+        return (0, self.fields[0].start())
+
+    def allowed(self, state) -> list[int]:
+        """The token ids allowed in `state`: the field's next value tokens, plus the token that
+        ends the field (separator, or EOS after the last column) once the value may end."""
+        if state is None:
+            return [self.eos_id]
+        column, inner = state
+        ids, can_end = self.fields[column].next_tokens(inner)
+        if not can_end:
+            return list(ids)
+        # A self-delimiting field moves on by itself (see next_state): it ends only the row, with EOS.
+        return list(ids) + [self.sep_id if column < len(self.fields) - 1 else self.eos_id]
+
+    def next_state(self, state, token: int):
+        """The state after `token`; None once the row has ended."""
+        if state is None or token == self.eos_id:
+            return None
+        column, inner = state
+        field = self.fields[column]
+        if token == self.sep_id and not field.self_delimiting:  # never part of a value (see module docstring)
+            return (column + 1, self.fields[column + 1].start())
+        inner = field.advance(inner, token)
+        if field.self_delimiting and field.complete(inner) and column < len(self.fields) - 1:  # no separator
+            return (column + 1, self.fields[column + 1].start())
+        return (column, inner)
+
+    def state_key(self, state):
+        """Equal keys: one state of the finite automaton (see `FieldGrammar.state_key`)."""
+        return "done" if state is None else (state[0], self.fields[state[0]].state_key(state[1]))
+
+    def mask_key(self, state):
+        """A key that determines `allowed(state)` (masks are cached per key)."""
+        return "done" if state is None else (state[0], self.fields[state[0]].mask_key(state[1]))
+
+    def column_of(self, state) -> int:
+        """The state's column (the number of columns once the row has ended)."""
+        return len(self.fields) if state is None else state[0]
+
+    def max_tokens(self) -> int:
+        """An upper bound on the tokens of one row after BOS (values, separators, EOS)."""
+        return len(self.fields) + sum(f.max_value_tokens() for f in self.fields)
+
     # ---- decoding ---------------------------------------------------------------------
 
     def text(self, ids: list[int]) -> str:
@@ -252,8 +338,10 @@ class FieldGrammar:
             self.max_tokens = max(col.max_tokens, len(self.missing_ids or []))  # room for the missing marker
         if self.single:
             return  # its value tokens say everything
-        if self.width:
-            self.lo, self.hi = int(float(col.min)), int(float(col.max))
+        if self.width:  # digits of the scaled value less `offset` (the lowest, when negative)
+            lo, hi = scaled_bounds(col)
+            self.offset = min(0, lo)
+            self.lo, self.hi = lo - self.offset, hi - self.offset
             self._digit_bounds = (str(self.lo).zfill(self.width), str(self.hi).zfill(self.width))  # digit DP
         elif col.kind == "categorical":
             self.category_ids = {c: codec.tokenize(escape(c)) for c in col.categories}
@@ -276,13 +364,26 @@ class FieldGrammar:
         """The field's own new tokens (value tokens; empty without them)."""
         return list(self.value_ids.values())
 
+    def max_value_tokens(self) -> int:
+        """The most tokens one value of the field takes."""
+        col = self.col
+        if self.self_delimiting:
+            return self.width or 1
+        if col.kind == "categorical":
+            return max(len(ids) for ids in self.category_ids.values())
+        if col.kind == "text":
+            return self.max_tokens
+        if col.kind == "datetime":
+            return 10
+        return max(len(format_number(v, col.precision)) for v in (float(col.min), float(col.max))) + 1
+
     def encode(self, value) -> list[int]:
         if self.self_delimiting and _is_missing(value):
             return [self.value_ids[None]]
         if self.single:
-            return [self.value_ids[format_number(value, 0) if self.kind == "integer" else str(value)]]
+            return [self.value_ids[str(value) if self.kind == "categorical" else _value_text(self.col, value)]]
         if self.width:
-            return [self.codec.char_ids[c] for c in format_number(value, 0).zfill(self.width)]
+            return [self.codec.char_ids[c] for c in str(to_scaled(self.col, value) - self.offset).zfill(self.width)]
         if self.kind == "text":
             return self._encode_text(value)
         if _is_missing(value):
@@ -428,14 +529,16 @@ class FieldGrammar:
             if len(ids) != 1 or ids[0] not in self._value_of:
                 raise ParseError(f"column '{col.name}': not one of its value tokens")
             value = self._value_of[ids[0]]
-            return int(value) if value is not None and self.kind == "integer" else value
+            if value is None or self.kind == "categorical":
+                return value
+            return pd.Timestamp(value) if self.kind == "datetime" else from_scaled(self.col, to_scaled(self.col, value))
         if self.width:
             if ids == [self.value_ids.get(None)]:
                 return None
             digits = "".join(self.codec.id_chars.get(t, "x") for t in ids)
             if len(digits) != self.width or not digits.isdigit() or not self.lo <= int(digits) <= self.hi:
                 raise ParseError(f"column '{col.name}': {digits!r} is not a {self.width}-digit value in range")
-            return int(digits)
+            return from_scaled(col, int(digits) + self.offset)
         if col.kind == "text":
             text = self.codec.tokenizer.decode(ids, skip_special_tokens=False)
             return None if col.nullable and text == MISSING_TEXT else unescape(text)

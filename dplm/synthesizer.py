@@ -27,7 +27,9 @@ report and the audit are computed from the private rows outside the privacy budg
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -39,9 +41,15 @@ import yaml
 
 from dplm import model as models
 from dplm.audit import random_records
-from dplm.config import RunConfig, from_dict
+from dplm.config import RunConfig, TrainConfig, from_dict
 from dplm.data import load_table
 from dplm.errors import DplmError
+from dplm.histories import (
+    HISTORY_PLAN_ROWS, HistoryCodec, Histories, TrainingHistories, check_subject_columns_constant, check_subject_table,
+    sample_histories,
+)
+from dplm.marginals import Marginals, Rules, measure
+from dplm.planner import Plan, make_plan, resolved, statistics_history
 from dplm.privacy import secret_rng
 from dplm.sample import SampleStats, grammar_masks, output_token_ids, sample_rows
 from dplm.schema import Schema, coerce_table, dp_metadata_spend, estimate_schema_dp, infer_schema, require_kinds
@@ -64,6 +72,10 @@ PUBLIC_QUANTITIES = {
         "the number of DP steps: fixed before training by train.max_steps, train.max_epochs and the epsilon "
         "cap (data-independent; train.max_training_time is refused under DP)"
     ),
+    "plan": (
+        "the settings dplm chose (plan.json): from the unit count, epsilon, delta, the schema's kinds and given "
+        "bounds, and the compute budget only (a history counts as a fixed number of rows in the budget)"
+    ),
 }
 NEIGHBOURS = ("training tables that differ by adding or removing one privacy unit; the holdout split is fixed "
               "by train.seed before training and held-out rows reach nothing that is released")
@@ -74,7 +86,13 @@ RELEASE = {
     "schema.yaml": "columns, kinds and metadata: user-given (public) or DP-estimated (covered by epsilon)",
     "config.yaml": "the run's settings, all given by the user (public; local folders cut from its file paths)",
     "privacy.json": "the accounting: epsilon, delta, settings and the quantities treated as public",
+    "plan.json": "the training plan: the settings dplm chose, from public quantities only (planner.py)",
+    "statistics.json": ("the table's binned one- and two-way counts and the rules and column order read from them: "
+                        "Gaussian-noised under DP (covered by epsilon: their rounds are in the accountant)"),
     "synthetic.csv": "rows sampled from the adapter and the schema: post-processing (covered by epsilon under DP)",
+    "synthetic_subjects.csv": "histories: the sampled subjects' own columns (post-processing, like synthetic.csv)",
+    "history.json": ("histories: which columns are the subject's and which its rows', the ordering column and the "
+                     "history cap (given, or DP-estimated and counted in epsilon)"),
 }
 # What stays in the run directory: for the data owner, not covered by epsilon.
 PRIVATE_DIAGNOSTICS = {
@@ -95,16 +113,21 @@ def split_indexes(num_rows: int, holdout_fraction: float, seed: int,
                   subjects: pd.Series | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Seeded train/holdout split: `permutation[:n_train]` trains, the rest is held out.
 
-    With `subjects` (one id per row) the permutation is over subjects, so all rows of a
-    subject fall on the same side."""
+    With `subjects` (one id per row) the permutation is over the sorted distinct subjects, so
+    all rows of a subject fall on the same side."""
     if subjects is None:
         order = np.random.default_rng(seed).permutation(num_rows)
         n_train = int(round(num_rows * (1 - holdout_fraction)))
         return order[:n_train], order[n_train:]
-    codes, uniques = pd.factorize(subjects)
-    train_subjects, _ = split_indexes(len(uniques), holdout_fraction, seed)
-    in_train = np.isin(codes, train_subjects)
+    in_train = subjects.isin(subject_split(subjects, holdout_fraction, seed)).to_numpy()
     return np.flatnonzero(in_train), np.flatnonzero(~in_train)
+
+
+def subject_split(keys: pd.Series, holdout_fraction: float, seed: int) -> set:
+    """The training subjects: the permutation over the sorted distinct `keys`, its first share."""
+    uniques = np.unique(keys.dropna().to_numpy())
+    train, _ = split_indexes(len(uniques), holdout_fraction, seed)
+    return set(uniques[train].tolist())
 
 
 class Synthesizer:
@@ -125,30 +148,51 @@ class Synthesizer:
         self.last_sample_stats: SampleStats | None = None
         self.values_cut: dict[str, int] = {}  # training texts cut at max_tokens, per column (private)
         self.tracking_ids: dict = {}  # experiment tracker runs (train.report_to)
+        self.plan: Plan | None = None  # what the run chose (planner.make_plan)
+        self.marginals: Marginals | None = None  # the table's statistics (DP under DP)
+        self.rules: Rules | None = None  # pairs sampling keeps tied (marginals.Rules)
+        self.pretraining: TrainResult | None = None  # the first stage on rows drawn from the statistics
+
+    @property
+    def plan_record(self) -> dict | None:
+        return self.plan.to_dict() if self.plan else None
 
     # ---- fit --------------------------------------------------------------------------
 
     @classmethod
     def fit(cls, data=None, config: RunConfig | None = None, schema: Schema | str | None = None,
-            progress: bool = True, checkpoints: Checkpoints | None = None) -> Synthesizer:
+            progress: bool = True, checkpoints: Checkpoints | None = None, subjects=None) -> Synthesizer:
         """Fine-tune on `data` (DataFrame, path, Dataset; default `config.data.source`),
-        saving resumable `checkpoints` if given (see `train.Checkpoints`)."""
+        saving resumable `checkpoints` if given (see `train.Checkpoints`). With `data.subject`
+        (histories, the default mode) `subjects` is the subject table (or `data.subjects`)."""
         config = copy.deepcopy(config or RunConfig())
         config.validate()
         device = models.default_device()  # first: under a multi-process launcher this joins the group
         if data is not None:  # the run records where its rows came from, for `dplm report`
             config.data.source = str(data) if isinstance(data, (str, Path)) else None
+        if subjects is not None:
+            config.data.subjects = str(subjects) if isinstance(subjects, (str, Path)) else None
+        key, is_history = config.data.subject, bool(config.data.subject) and config.data.mode == "histories"
         table = _input_table(data, config)
+        subject_table = None
+        if is_history:
+            table, subject_table = _history_tables(table, subjects, config)
         if isinstance(schema, str) or (schema is None and config.data.schema):
             schema = Schema.from_yaml(schema or config.data.schema)
-        train_idx, holdout_idx = split_rows(table, config)
+        train_idx, holdout_idx = split_rows(table, config, subject_table)
         train_df = table.iloc[train_idx]
-        subjects = None
-        if config.data.subject:
+        history = None
+        flat_units = None  # flat mode: each subject's row positions
+        if is_history:
+            train_subjects = subject_table[subject_table[key].isin(training_keys(table, config, subject_table))] \
+                if subject_table is not None else None
+            history = TrainingHistories.of(train_df, train_subjects, key, config.data.order_by)
+            train_df = history.frame  # the subject's columns beside its rows: what the schema describes
+        elif key:
             # The subject column says whose rows are whose; it is not modelled or generated.
-            codes, _ = pd.factorize(train_df[config.data.subject])
-            subjects = pd.Series(np.arange(len(codes))).groupby(codes).agg(list).tolist()
-            train_df = train_df.drop(columns=[config.data.subject])
+            codes, _ = pd.factorize(train_df[key])
+            flat_units = pd.Series(np.arange(len(codes))).groupby(codes).agg(list).tolist()
+            train_df = train_df.drop(columns=[key])
         tokenizer = models.load_tokenizer(config.model.base)
 
         def text_lengths(texts: list[str]) -> list[int]:
@@ -157,53 +201,112 @@ class Synthesizer:
         metadata = {"epsilon": 0.0, "delta": 0.0, "estimated": {}}
         p = config.privacy
         resumed = checkpoints.load() if checkpoints else None
-        if resumed:  # the schema, its DP spend and the canaries the checkpoint was trained with
+        # `given`: the user's schema (under DP, before any estimate): the plan and the statistics'
+        # rounds depend on it alone, as `dplm plan` sees it.
+        if resumed:  # the schema (in its order), its DP spend and the canaries the checkpoint was trained with
             schema = Schema.from_dict(resumed["run_state"]["schema"])
+            given = Schema.from_dict(resumed["run_state"]["given_schema"])
             metadata = resumed["run_state"]["metadata"]
         elif p.enabled:
-            units = subjects if subjects is not None else [[i] for i in range(len(train_df))]
+            units = history.units if history else flat_units if flat_units is not None else \
+                [[i] for i in range(len(train_df))]
+            given = require_kinds(train_df, schema)
             # Rank 0 draws (secret noise differs per process); every rank gets its result.
             schema, metadata = _from_rank0(lambda: estimate_schema_dp(
-                train_df, schema, units, p.metadata_epsilon, p.delta * METADATA_DELTA_SHARE, text_lengths,
+                train_df, given, units, p.metadata_epsilon, p.delta * METADATA_DELTA_SHARE, text_lengths,
                 secret_rng(p.secure_mode)))
+            if history:  # the longest history kept: public, or a noisy quantile (its epsilon counted)
+                metadata = _from_rank0(lambda: history.bound_length(config.data.max_history, metadata,
+                                                                    p.metadata_epsilon, secret_rng(p.secure_mode)))
             if p.max_epsilon is not None and metadata["epsilon"] >= p.max_epsilon:
                 raise DplmError(f"privacy.metadata_epsilon {p.metadata_epsilon} leaves nothing of privacy.max_epsilon "
                                 f"{p.max_epsilon} for training; lower it or give the schema's metadata")
             schema.check_dp_safe()
         else:
-            schema = infer_schema(train_df, schema, text_lengths=text_lengths)
+            schema = given = history.infer_schema(schema, text_lengths) if history else \
+                infer_schema(train_df, schema, text_lengths=text_lengths)
+            if history:
+                metadata = history.bound_length(config.data.max_history, metadata)
         if schema.output_order is None and set(train_df.columns) == set(schema.names):
             schema.set_output_order(list(train_df.columns))  # the rows come out in the table's column order
-        rows = coerce_table(train_df, schema)
+        if history:
+            history.type(schema)
+            rows = history.events
+        else:
+            rows = coerce_table(train_df, schema)
         canaries = None
         if config.audit.canaries:  # random records whose exposure `dplm audit` measures
             canaries = (pd.DataFrame(resumed["run_state"]["canaries"]) if resumed
                         else _from_rank0(lambda: random_records(schema, config.audit.canaries, secret_rng())))
-            first, repeats = len(rows), config.audit.canary_repeats
-            rows = pd.concat([rows, coerce_table(pd.concat([canaries] * repeats, ignore_index=True), schema)],
-                             ignore_index=True)
-            if subjects is not None:  # each canary is one more subject
-                subjects = subjects + [[first + i + r * len(canaries) for r in range(repeats)]
-                                       for i in range(len(canaries))]
-        codec = RowCodec(schema, tokenizer, config.model.value_tokens)
+            repeats = config.audit.canary_repeats
+            if history:  # each canary is one more subject, with `repeats` copies of the record as its rows
+                history.add_canaries(canaries, repeats)
+                rows = history.events
+            else:
+                first = len(rows)
+                rows = pd.concat([rows, coerce_table(pd.concat([canaries] * repeats, ignore_index=True), schema)],
+                                 ignore_index=True)
+                if flat_units is not None:  # each canary is one more subject
+                    flat_units = flat_units + [[first + i + r * len(canaries) for r in range(repeats)]
+                                           for i in range(len(canaries))]
+        units = history.event_units if history else flat_units if flat_units is not None else \
+            [[i] for i in range(len(rows))]
+        plan_units = len(history.units) if history else len(units)
+        plan = make_plan(config, plan_units, given, metadata["epsilon"], metadata["delta"],
+                         unit_rows=HISTORY_PLAN_ROWS if history else None)
+        config = resolved(config, plan)
+        stats_schema = history.event_schema(schema) if history else schema
+        if resumed:  # measured once, with the checkpoint (never charged twice)
+            marginals = resumed["run_state"]["marginals"] and Marginals.from_dict(resumed["run_state"]["marginals"])
+        elif not p.enabled:
+            marginals = measure(rows, stats_schema, units, None)
+        elif plan.statistics_noise:
+            z = plan.statistics_noise
+            marginals = _from_rank0(lambda: measure(rows, stats_schema, units,
+                                                    {"one_way": z, "two_way": z, "both_nonzero": z},
+                                                    secret_rng(p.secure_mode), _statistics_schema(given, history)))
+        else:
+            marginals = None
+        if marginals and config.model.column_order == "auto" and not resumed:
+            schema = ordered(schema, marginals.column_order(config.train.seed))
+        rules = marginals.rules() if marginals else None
+        if history:
+            codec = history.codec(schema, tokenizer, config.model.value_tokens, metadata)
+            sequences = history.encode(codec)
+        else:
+            codec = RowCodec(schema, tokenizer, config.model.value_tokens)
+            sequences = codec.encode_table(rows)
         # On its device before LoRA: peft/Opacus need the adapter created where it will train.
         model = _base_model(config, codec, device)
         m = config.model
         torch.manual_seed(config.train.seed)  # LoRA's random init
         model = models.add_lora(model, m.lora_r, m.lora_alpha, m.lora_dropout, m.target_modules)
         synth = cls(config, codec, model, device)
-        sequences = codec.encode_table(rows)
+        synth.plan, synth.marginals, synth.rules = plan, marginals, rules
         synth.values_cut = codec.values_cut()
+        if history:
+            synth.values_cut = {**synth.values_cut, **history.cut}
         if checkpoints:
-            checkpoints.run_state = {"schema": schema.to_dict(), "metadata": metadata,
-                                     "canaries": None if canaries is None else canaries.to_dict("list")}
-        masks = grammar_masks(codec, output_token_ids(model), sequences, device) if config.train.grammar_loss else None
+            checkpoints.run_state = {"schema": schema.to_dict(), "given_schema": given.to_dict(), "metadata": metadata,
+                                     "canaries": None if canaries is None else canaries.to_dict("list"),
+                                     "marginals": marginals.to_dict() if marginals else None}
+        token_ids = output_token_ids(model)
+        masks = grammar_masks(codec, token_ids, sequences, device) if config.train.grammar_loss else None
+        if plan.pretrain_rows and not resumed:  # free: rows drawn from the DP statistics (post-processing)
+            start_rows = coerce_table(marginals.tree_rows(plan.pretrain_rows, schema,
+                                                          np.random.default_rng(config.train.seed), rules), schema)
+            start = codec.encode_table(start_rows)
+            start_masks = grammar_masks(codec, token_ids, start, device) if config.train.grammar_loss else None
+            synth.pretraining = train(model, start, tokenizer.pad_token_id, pretraining_config(config.train),
+                                      dataclasses.replace(p, enabled=False), device, progress=progress,
+                                      masks=start_masks)
         trackers = Trackers(config) if config.train.report_to and process_rank()[0] == 0 else None
         try:
             synth.training = train(model, sequences, tokenizer.pad_token_id, config.train, config.privacy, device,
-                                   progress=progress, subjects=subjects, checkpoints=checkpoints,
+                                   progress=progress, subjects=flat_units, checkpoints=checkpoints,
                                    metadata_epsilon=metadata["epsilon"], metadata_delta=metadata["delta"], masks=masks,
-                                   log_step=None if trackers is None else lambda entry: trackers.log(entry, entry["step"]))
+                                   log_step=None if trackers is None else lambda entry: trackers.log(entry, entry["step"]),
+                                   prior=statistics_history(plan, _statistics_schema(given, history)))
         finally:
             if trackers:
                 synth.tracking_ids = trackers.run_ids
@@ -213,10 +316,11 @@ class Synthesizer:
             shutil.rmtree(checkpoints.folder, ignore_errors=True)
         synth.metadata = metadata
         synth.canaries = canaries
-        synth.split = {"seed": config.train.seed, "subject": config.data.subject, "train": train_idx.tolist(),
+        synth.split = {"seed": config.train.seed, "subject": key, "train": train_idx.tolist(),
                        "holdout": holdout_idx.tolist()}
-        if subjects is not None:  # the data's subjects, not the canaries added to them
-            synth.split["num_training_subjects"] = len(subjects) - (0 if canaries is None else len(canaries))
+        if key:  # the data's subjects, not the canaries added to them
+            count = len(history.units) if history else len(flat_units)
+            synth.split["num_training_subjects"] = count - (0 if canaries is None else len(canaries))
         synth.privacy_record = synth._privacy_record()
         return synth
 
@@ -237,23 +341,52 @@ class Synthesizer:
             # Rows per subject are unbounded: one subject changes the row count by any amount,
             # so no exact row count is released, only the subject count (changed by one).
             record["privacy_unit"] = f"subject (column '{subject}')"
-            record["max_records_per_subject"] = self.config.privacy.max_records_per_subject
             record["num_training_subjects"] = self.split["num_training_subjects"]
+            if self.is_history:  # one whole history a subject, at most max_history rows of it
+                record["unit_contribution"] = "one sequence: the subject's history, cut at max_history rows"
+                record["max_history"] = self.codec.max_rows
+                record["max_history_source"] = "user" if self.config.data.max_history else "dp"
+            else:
+                record["max_records_per_subject"] = self.config.privacy.max_records_per_subject
         else:
             record["num_training_rows"] = len(self.split["train"])
         return record
 
     # ---- sample -----------------------------------------------------------------------
 
+    @property
+    def is_history(self) -> bool:
+        """Does the model write whole subjects (`histories.HistoryCodec`), or rows?"""
+        return isinstance(self.codec, HistoryCodec)
+
     def sample(self, num_rows: int | None = None, seed: int | None = None, temperature: float | None = None,
-               progress: bool = True, given: pd.DataFrame | None = None) -> pd.DataFrame:
+               progress: bool = True, given: pd.DataFrame | None = None) -> pd.DataFrame | Histories:
         """`num_rows` synthetic rows, every one valid under the schema. With `given` (a
         DataFrame of any of the schema's columns), one row per given row that keeps its given
-        values and draws the others conditionally on them (`sample.GivenValues`)."""
+        values and draws the others conditionally on them (`sample.GivenValues`). Rows that
+        break the table's rules (`marginals.Rules`) are drawn again.
+
+        A run of histories (`data.subject`) returns `num_rows` whole subjects instead: a
+        `histories.Histories` (the subject table and the event table, fresh keys 1..n); `given`
+        then holds subject columns, one subject per given row."""
         s = self.config.sample
+        # The table's rules, except those between given columns (their values are the user's).
+        rules = self.rules.without(list(given.columns) if given is not None else []) if self.rules else None
+        keep = (lambda rows: rules.kept(rows, self.schema)) if rules else None
+        if self.is_history:
+            key = self.config.data.subject
+            keys = given[key].tolist() if given is not None and key in given.columns else None
+            out, self.last_sample_stats = sample_histories(
+                self.model, self.codec, num_rows or s.num_rows, key, s.batch_size, temperature or s.temperature,
+                s.seed if seed is None else seed, self.device, progress,
+                given.drop(columns=[key]) if keys is not None else given, keep,
+                self.schema.output_order or self.schema.names)
+            if keys is not None:  # the given subjects keep their keys
+                out = out.with_keys(key, keys)
+            return out
         df, self.last_sample_stats = sample_rows(
             self.model, self.codec, num_rows or s.num_rows, s.batch_size, temperature or s.temperature,
-            s.seed if seed is None else seed, self.device, progress, given, s.given_candidates)
+            s.seed if seed is None else seed, self.device, progress, given, s.given_candidates, keep)
         return df
 
     # ---- save / load ------------------------------------------------------------------
@@ -272,8 +405,18 @@ class Synthesizer:
             self.schema.to_yaml(tmp / "schema.yaml")
             (tmp / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
             (tmp / "privacy.json").write_text(json.dumps(self.privacy_record, indent=2))
-            if synthetic is not None:
+            if self.plan:
+                (tmp / "plan.json").write_text(json.dumps(self.plan.to_dict(), indent=2))
+            if self.marginals:
+                (tmp / "statistics.json").write_text(json.dumps(
+                    {"dp": self.config.privacy.enabled, "column_order": self.schema.names,
+                     "rules": self.rules.to_dict(), "marginals": self.marginals.to_dict()}, indent=1))
+            if isinstance(synthetic, Histories):
+                synthetic.write(tmp / "synthetic.csv")
+            elif synthetic is not None:
                 synthetic.to_csv(tmp / "synthetic.csv", index=False)
+            if self.is_history:
+                (tmp / "history.json").write_text(json.dumps(self.codec.layout(), indent=2))
             if self.canaries is not None:
                 self.canaries.to_csv(tmp / "canaries.csv", index=False)
             if self.split:
@@ -282,6 +425,8 @@ class Synthesizer:
                 info = {k: v for k, v in vars(self.training).items() if k not in ("privacy", "log")}
                 info["rows_per_second"] = self.training.rows_per_second
                 info["text_values_cut"] = self.values_cut
+                if self.pretraining:  # the first stage, on rows drawn from the statistics
+                    info["pretraining"] = {k: v for k, v in vars(self.pretraining).items() if k not in ("privacy", "log")}
                 (tmp / "training.json").write_text(json.dumps(info, indent=2))
                 (tmp / "train_log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in self.training.log))
             if self.tracking_ids:  # reopens the run's tracker runs for the report's scores
@@ -309,11 +454,20 @@ class Synthesizer:
 
         tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
         device = device or models.default_device()
-        codec = RowCodec(schema, tokenizer, config.model.value_tokens)
+        if (run_dir / "history.json").exists():
+            codec = HistoryCodec.from_layout(json.loads((run_dir / "history.json").read_text()), schema, tokenizer,
+                                             config.model.value_tokens)
+        else:
+            codec = RowCodec(schema, tokenizer, config.model.value_tokens)
         model = models.load_adapter(_base_model(config, codec, device), run_dir / "adapter")
         model.eval()
         synth = cls(config, codec, model, device)
         synth.privacy_record = json.loads((run_dir / "privacy.json").read_text())
+        if (run_dir / "plan.json").exists():
+            synth.plan = Plan(**json.loads((run_dir / "plan.json").read_text()))
+        if (run_dir / "statistics.json").exists():
+            synth.marginals = Marginals.from_dict(json.loads((run_dir / "statistics.json").read_text())["marginals"])
+            synth.rules = synth.marginals.rules()
         if (run_dir / "split.json").exists():
             synth.split = json.loads((run_dir / "split.json").read_text())
         return synth
@@ -374,13 +528,15 @@ def manifest(privacy: dict, files: list[str], run_name: str) -> str:
                   f"{privacy['privacy_unit']}; neighbouring datasets: {privacy.get('neighbouring', NEIGHBOURS)}.", "",
                   "Covered by epsilon (derived from the private rows only through DP mechanisms):"]
         estimated = privacy.get("metadata_estimated_under_dp") or {}
-        covered = {"adapter": RELEASE["adapter"], "synthetic.csv": RELEASE["synthetic.csv"]}
+        covered = {n: RELEASE[n] for n in ("adapter", "synthetic.csv", "synthetic_subjects.csv", "statistics.json",
+                                           "history.json")}
         lines += [f"- `{n}`: {why}" for n, why in covered.items() if n in files]
         if estimated:
             lines.append("- `schema.yaml`: the DP-estimated metadata of " + ", ".join(
                 f"{c} ({', '.join(f)})" for c, f in estimated.items()))
         lines += ["", "Public (given by the user, from the pretrained model, or treated as public):"]
-        lines += [f"- `{n}`: {RELEASE[n]}" for n in ("tokenizer", "config.yaml", "privacy.json") if n in files]
+        lines += [f"- `{n}`: {RELEASE[n]}" for n in ("tokenizer", "config.yaml", "plan.json", "privacy.json")
+                  if n in files]
         if privacy.get("metadata_user_given"):
             lines.append("- `schema.yaml`: the user-given metadata of " + ", ".join(privacy["metadata_user_given"]))
         lines += [f"- {name.replace('_', ' ')}: {why}" for name, why in privacy.get("public_quantities", {}).items()]
@@ -395,45 +551,73 @@ def manifest(privacy: dict, files: list[str], run_name: str) -> str:
 
 
 def plan(config: RunConfig, data=None, schema: Schema | str | None = None) -> dict:
-    """The privacy a recipe's run will report, without training: sampling units and rate,
-    the steps it takes (its planned steps, or fewer where the epsilon cap stops it), and
-    epsilon after each epoch and at the end, metadata included, at the run's deltas. The
-    same `PrivacyBudget` the run uses, so the end figure is the one privacy.json will show.
-    `data` and `schema` as in `fit` (defaults: `config.data.source`, `config.data.schema`)."""
-    import math
-
-    from dplm.privacy import PrivacyBudget
+    """What a recipe's run will do, without training: the plan (`planner.make_plan`: every
+    setting the recipe leaves out, chosen from public quantities), and under DP the sampling
+    units and rate, the DP-SGD steps (fewer where the epsilon cap stops them), and epsilon after
+    each epoch and at the end, schema metadata and the table's statistics included, at the
+    run's deltas: the figure privacy.json will show. `data` and `schema` as in `fit`
+    (defaults: `config.data.source`, `config.data.schema`)."""
+    from dplm.privacy import PrivacyBudget, epsilon_of_history
     from dplm.train import planned_steps
 
     config.validate()
-    p, t, subject = config.privacy, config.train, config.data.subject
-    table = _input_table(data, config)
-    train_rows = table.iloc[split_rows(table, config)[0]]
-    if subject:
+    p, subject = config.privacy, config.data.subject
+    is_history = bool(subject) and config.data.mode == "histories"
+    table, subject_table = _input_table(data, config), None
+    if is_history:
+        table, subject_table = _history_tables(table, None, config)
+    train_rows = table.iloc[split_rows(table, config, subject_table)[0]]
+    history = None
+    if is_history:
+        own = subject_table[subject_table[subject].isin(training_keys(table, config, subject_table))] \
+            if subject_table is not None else None
+        history = TrainingHistories.of(train_rows, own, subject, config.data.order_by)
+        units, train_rows = len(history.units) + config.audit.canaries, history.frame
+    elif subject:
         units = train_rows[subject].nunique() + config.audit.canaries
         train_rows = train_rows.drop(columns=[subject])
     else:
         units = len(train_rows) + config.audit.canaries * config.audit.canary_repeats
     if isinstance(schema, str) or (schema is None and config.data.schema):
         schema = Schema.from_yaml(schema or config.data.schema)
+    unit_rows = HISTORY_PLAN_ROWS if history else None
+    if not p.enabled:
+        schema = history.infer_schema(schema, None) if history else infer_schema(train_rows, schema)
+        chosen = make_plan(config, units, schema, unit_rows=unit_rows)
+        return {"units": units, "unit": "subjects" if subject else "rows", "plan": chosen.to_dict(),
+                "plan_lines": chosen.lines()}
     schema = require_kinds(train_rows, schema)
     metadata = dp_metadata_spend(schema, p.metadata_epsilon, p.delta * METADATA_DELTA_SHARE)
+    if history and config.data.max_history is None:  # the history cap's DP estimate
+        metadata["epsilon"] += p.metadata_epsilon
+        metadata["estimated"]["(rows per subject)"] = ["max_history"]
+    chosen = make_plan(config, units, schema, metadata["epsilon"], metadata["delta"], unit_rows=unit_rows)
+    t = resolved(config, chosen).train
     sample_rate = t.batch_size / units
     steps_per_epoch = math.ceil(units / t.batch_size)
     total_steps, stop_reason = planned_steps(units, t)
-    budget = PrivacyBudget(p.accountant, p.noise_multiplier, sample_rate, p.delta - metadata["delta"],
-                           p.max_epsilon, metadata["epsilon"], metadata["delta"])
-    epochs = []
-    while budget.steps < total_steps:
-        if not budget.allows_next_step():
-            stop_reason = "max_epsilon"
-            break
-        budget.step()
-        if budget.steps % steps_per_epoch == 0:
-            epochs.append((budget.steps, budget.epsilon()))
+    prior = statistics_history(chosen, _statistics_schema(schema, history))
+    delta = p.delta - metadata["delta"]
+
+    def total(steps: int) -> float:
+        return metadata["epsilon"] + epsilon_of_history(prior + ([(chosen.noise_multiplier, sample_rate, steps)]
+                                                                  if steps else []), delta, p.accountant)
+
+    steps = total_steps
+    if p.max_epsilon is not None and total(steps) > p.max_epsilon:  # the cap stops it: find where
+        lo, hi = 0, steps
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if total(mid) <= p.max_epsilon else (lo, mid)
+        steps, stop_reason = lo, "max_epsilon"
+    epochs = [(k, total(k)) for k in range(steps_per_epoch, steps + 1, steps_per_epoch)]
+    budget = PrivacyBudget(p.accountant, chosen.noise_multiplier, sample_rate, delta, p.max_epsilon,
+                           metadata["epsilon"], metadata["delta"], prior)
+    budget.restore(prior + ([(chosen.noise_multiplier, sample_rate, steps)] if steps else []))
     return {"units": units, "unit": "subjects" if subject else "rows", "sample_rate": sample_rate,
             "steps_per_epoch": steps_per_epoch, "planned_steps": total_steps, "stop_reason": stop_reason,
-            "epochs": epochs, "metadata_estimated": metadata["estimated"], **budget.record()}
+            "epochs": epochs, "metadata_estimated": metadata["estimated"], "plan": chosen.to_dict(),
+            "plan_lines": chosen.lines(), **budget.record()}
 
 
 def _input_table(data, config: RunConfig) -> pd.DataFrame:
@@ -451,18 +635,56 @@ def _input_table(data, config: RunConfig) -> pd.DataFrame:
     return table[list(columns) + subject]
 
 
-def split_rows(table: pd.DataFrame, config: RunConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Training and holdout row indexes (by subject when `data.subject` is set)."""
+def split_rows(table: pd.DataFrame, config: RunConfig, subject_table: pd.DataFrame | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Training and holdout row indexes (by subject when `data.subject` is set: over the subject
+    table's subjects when there is one, `subject_table` or the file `data.subjects`)."""
     subject = config.data.subject
     if subject is not None and subject not in table.columns:
         raise DplmError(f"data.subject '{subject}' is not a column of the table; choose one of {list(table.columns)}")
-    train_idx, holdout_idx = split_indexes(len(table), config.data.holdout_fraction, config.train.seed,
-                                           table[subject] if subject else None)
+    if subject_table is None and subject and config.data.subjects and config.data.mode == "histories":
+        subject_table = load_table(config.data.subjects)
+    if subject_table is not None:
+        keys = training_keys(table, config, subject_table)
+        in_train = table[subject].isin(keys).to_numpy()
+        train_idx, holdout_idx = np.flatnonzero(in_train), np.flatnonzero(~in_train)
+    else:
+        train_idx, holdout_idx = split_indexes(len(table), config.data.holdout_fraction, config.train.seed,
+                                               table[subject] if subject else None)
     if config.data.max_rows:
         train_idx = train_idx[: config.data.max_rows]
     if len(train_idx) == 0:
         raise DplmError("no training rows left after the holdout split; lower data.holdout_fraction")
     return train_idx, holdout_idx
+
+
+def training_keys(table: pd.DataFrame, config: RunConfig, subject_table: pd.DataFrame | None) -> set:
+    """The training subjects' keys: of the subject table when there is one, else of the events."""
+    keys = subject_table[config.data.subject] if subject_table is not None else table[config.data.subject]
+    return subject_split(keys, config.data.holdout_fraction, config.train.seed)
+
+
+def _history_tables(events: pd.DataFrame, subjects, config: RunConfig) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """The event table and the subject table: `subjects` (or the file `data.subjects`), checked
+    against the events, or the events' `data.subject_columns` (constant within a subject), or none."""
+    key, own = config.data.subject, config.data.subject_columns
+    if own:
+        missing = [c for c in own if c not in events.columns]
+        if missing:
+            raise DplmError(f"data.subject_columns names '{missing[0]}', which is not a column of the table")
+        check_subject_columns_constant(events, key, own)
+        return events.drop(columns=own), events[[key, *own]].drop_duplicates(key).reset_index(drop=True)
+    source = subjects if subjects is not None and not isinstance(subjects, (str, Path)) else config.data.subjects
+    if source is None:
+        return events, None
+    table = load_table(source)
+    check_subject_table(events, table, key)
+    return events, table
+
+
+def _statistics_schema(given: Schema, history) -> Schema:
+    """The columns the table's statistics cover (a history's event columns), as the user gave them."""
+    return Schema([given[n] for n in given.names if n in history.event_columns]) if history else given
 
 
 # Settings a resumed run may change: they only say when to stop or how to compute.
@@ -507,6 +729,27 @@ def _base_model(config: RunConfig, codec: RowCodec, device):
     if config.model.prune_vocab:
         models.restrict_output_vocab(model, codec.output_token_ids())
     return model.to(device)
+
+
+def ordered(schema: Schema, order: list[str]) -> Schema:
+    """`schema` with its columns in `order` (the non-text columns, as `marginals.column_order`
+    gives them; text columns follow, in the schema's order, so they are written knowing the
+    rest); the synthetic rows keep the schema's output order."""
+    names = list(order) + [n for n in schema.names if n not in order]
+    out = Schema([schema[n] for n in names])
+    out.set_output_order(schema.output_order or schema.names)
+    return out
+
+
+PRETRAINING = {"batch_size": 64, "learning_rate": 0.002, "warmup_steps": 10}  # the non-DP census settings
+
+
+def pretraining_config(train_config: TrainConfig) -> TrainConfig:
+    """The first stage of a DP run: one epoch over the rows drawn from the DP statistics, as
+    non-DP training goes (no privacy cost: the rows are post-processing)."""
+    return dataclasses.replace(train_config, **PRETRAINING, max_epochs=1.0, max_steps=None, max_training_time=None,
+                               early_stopping=False, micro_batch_size=min(PRETRAINING["batch_size"],
+                                                                          train_config.micro_batch_size))
 
 
 def fit(data=None, config: RunConfig | None = None, **kwargs) -> Synthesizer:

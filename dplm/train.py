@@ -37,6 +37,12 @@ from dplm.privacy import (
 )
 
 
+MAX_VALIDATION_ROWS = 5000  # early stopping: rows held back to measure the loss on
+MAX_MICRO_TOKENS = 16384  # padded tokens of one micro-batch at most (long histories: memory of attention)
+EVAL_EVERY_STEPS = 250  # early stopping: at most this many steps between measurements
+PATIENCE = 3  # early stopping: measurements without improvement before stopping
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -107,8 +113,10 @@ def row_losses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
 def planned_steps(num_units: int, cfg: TrainConfig) -> tuple[int, str]:
     """Steps a run plans over `num_units` sampling units, and which limit sets them."""
+    if cfg.max_epochs is None:
+        return cfg.max_steps, "max_steps"
     epoch_steps = math.ceil(cfg.max_epochs * num_units / cfg.batch_size)
-    if cfg.max_steps and cfg.max_steps < epoch_steps:
+    if cfg.max_steps is not None and cfg.max_steps < epoch_steps:
         return cfg.max_steps, "max_steps"
     return epoch_steps, "max_epochs"
 
@@ -183,7 +191,7 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
           device: torch.device, progress: bool = True, subjects: list[list[int]] | None = None,
           checkpoints: Checkpoints | None = None, metadata_epsilon: float = 0.0,
           metadata_delta: float = 0.0, masks: GrammarMasks | None = None,
-          log_step: Callable[[dict], None] | None = None) -> TrainResult:
+          log_step: Callable[[dict], None] | None = None, prior: list | None = None) -> TrainResult:
     """Train the trainable (LoRA) parameters of `model` in place; returns what was done.
 
     `subjects` lists the row indexes of each privacy unit (default: every row is its own).
@@ -195,12 +203,25 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
     spent on the schema: the epsilon counts against `privacy.max_epsilon`, and training
     accounts at `privacy.delta - metadata_delta`, so the total stays at `privacy.delta`.
     With `masks` each token's loss is over the tokens the grammar allows there. `log_step`
-    receives each step's log entry (experiment trackers).
+    receives each step's log entry (experiment trackers). `prior` are the accountant's entries
+    of the table's statistics rounds, spent before training (`PrivacyBudget`).
+
+    With `cfg.early_stopping` (without DP only) a tenth of the rows (at most
+    `MAX_VALIDATION_ROWS`) is held back: their mean loss is measured every half epoch (and at
+    least every `EVAL_EVERY_STEPS`), training stops once it has not improved for `PATIENCE`
+    measurements, and the adapter of the best one is kept.
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     rank, world = process_rank()
-    num_rows = len(sequences)
+    if cfg.early_stopping and privacy.enabled:
+        raise DplmError("train.early_stopping cannot be used with DP (it reads the private rows' loss)")
+    validation, rows_index = [], None
+    if cfg.early_stopping:  # held back from training: the loss that decides when to stop
+        order = np.random.default_rng(cfg.seed).permutation(len(sequences))
+        held = min(MAX_VALIDATION_ROWS, max(1, len(sequences) // 10)) if len(sequences) > 1 else 0
+        validation, rows_index = order[:held].tolist(), order[held:].tolist()
+    num_rows = len(rows_index) if rows_index is not None else len(sequences)
     units = subjects if subjects is not None else [[i] for i in range(num_rows)]
     records_cap = privacy.max_records_per_subject if subjects is not None else 1
     # An epoch is one pass over the sampling units: subjects under DP, else rows.
@@ -224,12 +245,15 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
                 f"{records_cap}: a subject's rows are clipped together, so they share a micro-batch"
             )
         budget = PrivacyBudget(privacy.accountant, privacy.noise_multiplier, sample_rate,
-                               privacy.delta - metadata_delta, privacy.max_epsilon, metadata_epsilon, metadata_delta)
+                               privacy.delta - metadata_delta, privacy.max_epsilon, metadata_epsilon, metadata_delta,
+                               prior)
         # Secret batches, not reproducible from train.seed; secure_mode draws from the OS CSPRNG (None).
         dp_generator = None if privacy.secure_mode else unseeded_generator()
-        forward_model, optimizer = make_private(model, optimizer, privacy.noise_multiplier,
-                                                privacy.max_grad_norm, cfg.batch_size, privacy.secure_mode)
-    base_optimizer = optimizer.original_optimizer if privacy.enabled else optimizer
+        if total_steps:
+            forward_model, optimizer = make_private(model, optimizer, privacy.noise_multiplier,
+                                                    privacy.max_grad_norm, cfg.batch_size, privacy.secure_mode)
+    private = privacy.enabled and bool(total_steps)  # wrapped by Opacus
+    base_optimizer = optimizer.original_optimizer if private else optimizer
     clock = {"elapsed": 0.0}  # rank 0's training seconds at the last step, shared with every rank
 
     def lr_factor(s: int) -> float:
@@ -257,6 +281,8 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
             budget.restore(saved["accountant_history"])
         step, rows_seen, tokens_seen = saved["step"], saved["rows_seen"], saved["tokens_seen"]
         seconds_before, log = saved["seconds"], saved["log"]
+    early = (saved or {}).get("early") or {"best": math.inf, "weights": None, "since": 0}
+    eval_every = min(EVAL_EVERY_STEPS, max(1, num_rows // max(1, 2 * cfg.batch_size)))
     resumed_from = step
     model.train()
     bar = tqdm(total=total_steps, initial=step, disable=not progress or rank != 0, unit="step", dynamic_ncols=True)
@@ -272,13 +298,16 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
                     stop = stop_reason
                 elif cfg.max_training_time and clock["elapsed"] >= cfg.max_training_time:
                     stop = "max_training_time"
+                elif validation and early["since"] >= PATIENCE:
+                    stop = "early_stopping"
                 elif budget and not budget.allows_next_step():
                     stop = "max_epsilon"
                 elif budget:
                     sampled = poisson_sample(len(units), budget.sample_rate, dp_generator)
                     groups = [_cap_rows(units[u], records_cap, dp_generator) for u in sampled.tolist()]
                 else:
-                    groups = [[i] for i in _shuffled_batch(step, num_rows, cfg.batch_size, cfg.seed)]
+                    batch = _shuffled_batch(step, num_rows, cfg.batch_size, cfg.seed)
+                    groups = [[rows_index[i] if rows_index is not None else i] for i in batch]
             if world > 1:
                 message = [groups, stop, clock["elapsed"]]
                 torch.distributed.broadcast_object_list(message, src=0)
@@ -288,7 +317,7 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
                 break
             batch_rows = sum(len(g) for g in groups)
             loss = _logical_step(forward_model, optimizer, groups[rank::world], batch_rows, sequences, pad_id,
-                                 cfg.micro_batch_size, device, privacy.enabled, params, target_index, world, masks)
+                                 cfg.micro_batch_size, device, private, params, target_index, world, masks)
             scheduler.step()
             if budget:
                 budget.step()
@@ -300,6 +329,13 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
                      "rows_per_s": rows_seen / elapsed, "elapsed_s": elapsed, "lr": scheduler.get_last_lr()[0]}
             if budget:
                 entry["epsilon"] = budget.epsilon()
+            if validation and step % eval_every == 0:
+                entry["validation_loss"] = mean_loss(model, validation, sequences, pad_id, cfg.micro_batch_size,
+                                                     device, target_index, masks)
+                if entry["validation_loss"] < early["best"]:
+                    early.update(best=entry["validation_loss"], weights=trainable_snapshot(model), since=0)
+                else:
+                    early["since"] += 1
             log.append(entry)
             if log_step:
                 log_step(entry)
@@ -311,12 +347,23 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
                     "trainable": trainable_snapshot(model), "optimizer": base_optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
                     "accountant_history": list(budget.accountant.history) if budget else None,
-                    "epsilon": budget.epsilon() if budget else None,
+                    "epsilon": budget.epsilon() if budget else None, "early": early if validation else None,
                 })
     finally:
         bar.close()
-    if privacy.enabled:
+    if private:
         forward_model._close()  # remove Opacus hooks and per-sample buffers
+    if early["weights"] is not None:  # the adapter of the best held-back loss
+        final = mean_loss(model, validation, sequences, pad_id, cfg.micro_batch_size, device, target_index, masks)
+        if final > early["best"]:
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if p.requires_grad:
+                        p.copy_(early["weights"][name])
+    if step == 0 and total_steps == 0 and privacy.enabled:  # the statistics alone (planner: too few units)
+        model.eval()
+        return TrainResult(steps=0, epochs=0.0, rows_seen=0, tokens_seen=0, seconds=time.perf_counter() - start,
+                           stop_reason=stop_reason, final_loss=None, privacy=budget.record(), log=log)
     if step == 0:
         if stop_reason == "max_epsilon":
             raise DplmError(
@@ -334,6 +381,20 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
                        seconds=time.perf_counter() - start, stop_reason=stop_reason, final_loss=loss,
                        privacy=budget.record() if budget else None, log=log, resumed_from_step=resumed_from,
                        processes=world)
+
+
+@torch.no_grad()
+def mean_loss(model, rows: list[int], sequences, pad_id: int, micro_batch_size: int, device, target_index=None,
+              masks: GrammarMasks | None = None) -> float:
+    """The mean row loss of these rows (the held-back rows of early stopping)."""
+    total = 0.0
+    for groups in _pack([[r] for r in sorted(rows, key=lambda r: len(sequences[r]))], micro_batch_size, sequences):
+        chunk = [g[0] for g in groups]
+        ids, mask = pad_batch([sequences[r] for r in chunk], pad_id, device)
+        allowed = masks.of(chunk, ids.shape[1], device) if masks else None
+        with models.training_attention(device):
+            total += float(row_losses(model, ids, mask, target_index, allowed).sum())
+    return total / max(1, len(rows))
 
 
 def _shuffled_batch(step: int, num_rows: int, batch_size: int, seed: int) -> list[int]:
@@ -358,15 +419,20 @@ def _cap_rows(rows: list[int], cap: int, generator: torch.Generator | None) -> l
     return [rows[i] for i in order[:cap].tolist()]
 
 
-def _pack(groups: list[list[int]], size: int) -> list[list[list[int]]]:
-    """Consecutive groups into micro-batches of at most `size` rows; a group is never split."""
-    chunks, current, rows = [], [], 0
+def _pack(groups: list[list[int]], size: int, sequences=None) -> list[list[list[int]]]:
+    """Consecutive groups into micro-batches of at most `size` rows and (given the `sequences`;
+    groups come sorted by length) at most `MAX_MICRO_TOKENS` padded tokens, so long histories
+    share a micro-batch with few others; a group is never split."""
+    chunks, current, rows, longest = [], [], 0, 0
     for group in groups:
-        if current and rows + len(group) > size:
+        group_longest = max(len(sequences[r]) for r in group) if sequences is not None else 0
+        wide = max(longest, group_longest) * (rows + len(group)) > MAX_MICRO_TOKENS
+        if current and (rows + len(group) > size or (sequences is not None and wide)):
             chunks.append(current)
-            current, rows = [], 0
+            current, rows, longest = [], 0, 0
         current.append(group)
         rows += len(group)
+        longest = max(longest, group_longest)
     if current:
         chunks.append(current)
     return chunks
@@ -383,7 +449,7 @@ def _logical_step(model, optimizer, groups, batch_rows, sequences, pad_id, micro
     # Length bucketing: micro-batches of similar lengths pad less. The step's gradient is a
     # sum over rows (under DP: over clipped units), so the order changes nothing else.
     groups = sorted(groups, key=lambda g: max(len(sequences[r]) for r in g))
-    chunks = _pack(groups, micro_batch_size)
+    chunks = _pack(groups, micro_batch_size, sequences)
     for i, chunk in enumerate(chunks):
         rows = [r for group in chunk for r in group]
         ids, mask = pad_batch([sequences[r] for r in rows], pad_id, device)

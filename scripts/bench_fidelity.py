@@ -4,7 +4,9 @@
     .venv/bin/python scripts/bench_fidelity.py RECIPE [section.key=value ...] --out DIR [--rows N]
 
 Trains RECIPE (with the overrides) on its data's training split, samples N rows (default
-9,768, the census benchmark holdout's size) into DIR/synthetic.csv, scores them against the
+9,768, the census benchmark holdout's size) into DIR/synthetic.csv (a recipe of histories,
+`data.subject`: as many subjects as the holdout has, or `--subjects N`, their event table with
+the subject key in DIR/synthetic.csv and their own columns beside it), scores them against the
 training and holdout rows into DIR/report.json and DIR/report.html (`dplm report`), and
 prints the scores, the epsilon and the compute. The run directory is DIR/run; DIR/bench.json
 holds the printed figures. Run one at a time: two CPU-heavy jobs on 2 cores skew both.
@@ -30,6 +32,7 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     parser.add_argument("--out", required=True, help="folder for the run, the rows and the report")
     parser.add_argument("--rows", type=int, default=9768, help="synthetic rows to sample and score")
+    parser.add_argument("--subjects", type=int, help="histories: synthetic subjects (default: the holdout's)")
     parser.add_argument("--target", default="income", help="column for the TSTR score (skipped if absent); a "
                                                            "categorical one is also what text columns predict")
     args = parser.parse_intermixed_args()
@@ -43,11 +46,20 @@ def main() -> int:
     out = Path(args.out)
     config = load_recipe(args.recipe, [*args.overrides, f"output_dir={out / 'run'}", "output_csv=null"])
     synth = Synthesizer.fit(config=config, progress=False)
+    count = args.rows
+    if synth.is_history:  # as many subjects as the holdout has
+        from dplm.data import load_table
+
+        key = config.data.subject
+        count = args.subjects or load_table(config.data.source).iloc[synth.split["holdout"]][key].nunique()
     start = time.perf_counter()
-    rows = synth.sample(args.rows, progress=False)
+    rows = synth.sample(count, progress=False)
     sample_seconds = time.perf_counter() - start
     run_dir = synth.save(out / "run", synthetic=rows)
-    rows.to_csv(out / "synthetic.csv", index=False)
+    if synth.is_history:
+        rows.write(out / "synthetic.csv")
+    else:
+        rows.to_csv(out / "synthetic.csv", index=False)
     target = args.target if args.target in synth.schema.names else None
     _, json_path = report_run(run_dir, synthetic=out / "synthetic.csv", target=target, out_dir=out, progress=False)
     scores = json.loads(json_path.read_text())
@@ -66,6 +78,7 @@ def main() -> int:
         "sample_seconds": sample_seconds, "sample_rows_per_s": len(rows) / sample_seconds,
         "valid_rate": stats.valid_rate,
         "text": scores.get("text", {}),
+        "histories": scores.get("histories"),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                    f"torch {torch.__version__}",
     }
@@ -80,6 +93,15 @@ def main() -> int:
           f"DCR share {result['dcr_share']:.3f}{tstr}; {eps}\n"
           f"training {t.steps} steps, {t.epochs:.2f} epochs, {t.seconds:.0f} s ({t.rows_per_second:.1f} rows/s); "
           f"sampling {len(rows)} rows in {sample_seconds:.0f} s ({result['sample_rows_per_s']:.1f} rows/s)")
+    h = result["histories"]
+    if h:
+        syn, hol = h["synthetic"], h["holdout"]
+        print(f"histories: {h['subjects']['synthetic']} subjects; overall {syn['overall']:.4f} (holdout {hol['overall']:.4f}), "
+              f"coherence {syn['coherence']:.4f} ({hol['coherence']:.4f}), discriminator AUC {syn['discriminator_auc']:.3f} "
+              f"({hol['discriminator_auc']:.3f}), rows per subject {syn['mean_rows_per_subject']:.2f} (training "
+              f"{h['mean_rows_per_subject_training']:.2f}), copies {syn['copied_subject_share']:.3f} "
+              f"({hol['copied_subject_share']:.3f})")
+        print("per subject: " + ", ".join(f"{c} {v:.4f} ({hol['per_subject'][c]:.4f})" for c, v in syn["per_subject"].items()))
     for column, text in result["text"].items():
         if "note" in text:
             print(f"text '{column}': {text['note']}")

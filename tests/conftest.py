@@ -70,3 +70,19 @@ def census_kinds_file(folder: Path) -> Path:
     path = folder / "census_kinds.yaml"
     path.write_text(yaml.safe_dump({"columns": {name: {"kind": spec["kind"]} for name, spec in columns.items()}}))
     return path
+
+
+def train_config(**settings):
+    """A concrete TrainConfig for tests that call the training loop directly (`fit` fills the
+    unset settings from its plan; the loop needs every one): the former fixed defaults."""
+    from dplm.config import TrainConfig
+
+    return TrainConfig(**{"learning_rate": 2e-3, "warmup_steps": 10, "max_epochs": 1.0, "micro_batch_size": 16,
+                          "batch_size": 64, "early_stopping": False, **settings})
+
+
+def privacy_config(**settings):
+    """A concrete PrivacyConfig for the training loop (noise 1.5 and the RDP accountant unless given)."""
+    from dplm.config import PrivacyConfig
+
+    return PrivacyConfig(**{"noise_multiplier": 1.5, "accountant": "rdp", **settings})

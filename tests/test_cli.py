@@ -20,7 +20,7 @@ def workspace(tmp_path):
               "data": {"source": str(tmp_path / "t.csv"), "schema": str(tmp_path / "schema.yaml"),
                        "holdout_fraction": 0.0},
               "model": {"base": "tiny-random"}, "train": {"batch_size": 2, "max_steps": 1},
-              "privacy": {"enabled": True}, "sample": {"num_rows": 2}}
+              "privacy": {"enabled": True, "noise_multiplier": 1.5, "accountant": "rdp"}, "sample": {"num_rows": 2}}
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     return tmp_path
 
@@ -119,9 +119,11 @@ def test_plan_prints_epsilon_per_epoch(workspace, capsys):
     assert main(["plan", str(workspace / "recipe.yaml"), "train.max_epochs=2", "train.max_steps=null",
                  "--target-epsilon", "5"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("noise multiplier for epsilon 5 after 4 steps: ")
-    assert out[1].startswith("4 training rows, batch 2: sample rate 0.5, 2 steps per epoch")
-    assert out[-2].startswith("  epoch 2: 4 steps, epsilon ") and float(out[-2].split()[-1]) <= 5
+    assert out[0] == "plan: batch 2 (given), learning rate 0.01 (auto), at most 2 epochs (given)"
+    assert out[1].startswith("plan (DP): noise ") and "(auto), table statistics 50% of the budget" in out[1]
+    assert any(line.startswith("4 training rows, batch 2: sample rate 0.5, 2 steps per epoch; rdp accountant") for line in out)
+    assert any(line.startswith("table statistics: 2 Gaussian rounds of noise ") for line in out)
+    assert out[-2].startswith("  epoch 2: 4 steps, epsilon ") and 4.95 < float(out[-2].split()[-1]) <= 5
     assert out[-1].startswith("the run: 4 steps (stopped by max_epochs), epsilon ") and \
         out[-1].split()[-4] == out[-2].split()[-1]
 

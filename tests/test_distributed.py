@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dplm import model as models
-from dplm.config import PrivacyConfig, TrainConfig
+from conftest import privacy_config, train_config
 from dplm.schema import Schema, coerce_table
 from dplm.serialize import RowCodec
 from dplm.train import train
@@ -35,8 +35,8 @@ def _run_rank(rank: int, world: int, init_file: str, out_dir: str, dp: bool, max
         torch.manual_seed(0)
         model = models.add_lora(base, 4, 8, 0.0, ["q_proj", "v_proj"])
         result = train(model, sequences, tokenizer.pad_token_id,
-                       TrainConfig(batch_size=16, micro_batch_size=4, max_steps=3, seed=2),
-                       PrivacyConfig(enabled=dp, max_epsilon=max_epsilon), torch.device("cpu"), progress=False)
+                       train_config(batch_size=16, micro_batch_size=4, max_steps=3, seed=2),
+                       privacy_config(enabled=dp, max_epsilon=max_epsilon), torch.device("cpu"), progress=False)
         weights = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
         torch.save({"weights": weights, "privacy": result.privacy, "processes": result.processes,
                     "stop_reason": result.stop_reason},

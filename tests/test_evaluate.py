@@ -117,3 +117,30 @@ def test_text_section_scores_real_titles_as_real_and_shuffled_titles_as_uninform
                       categorical=["room_type"])["text"]["title"]
     assert copies["synthetic"]["verbatim_training_share"] == 1.0
     assert copies["synthetic"]["nearest_training_distance_median"] < copies["holdout"]["nearest_training_distance_median"]
+
+
+def test_rules_of_the_training_rows():
+    """One-to-one pairs and mutually exclusive numbers are found in the training rows, and each
+    row of another set is checked against them."""
+    from dplm.evaluate import find_rules, rule_kept, rule_scores, shuffled_columns
+
+    rng = np.random.default_rng(0)
+    n = 2000
+    level = rng.choice(["low", "mid", "high"], n)
+    gain = np.where(rng.random(n) < 0.3, rng.integers(1, 100, n), 0)
+    loss = np.where((gain == 0) & (rng.random(n) < 0.3), rng.integers(1, 100, n), 0)
+    train = pd.DataFrame({"level": level, "rank": pd.Series(level).map({"low": 1, "mid": 2, "high": 3}),
+                          "noise": rng.integers(0, 5, n), "gain": gain, "loss": loss})
+    rules = find_rules(train)
+    assert [(r["kind"], r["columns"]) for r in rules] == [("one_to_one", ["level", "rank"]),
+                                                          ("mutually_exclusive", ["gain", "loss"])]
+    other = pd.DataFrame({"level": ["low", "low", "mid"], "rank": [1, 2, 2], "noise": [0, 0, 0],
+                          "gain": [5, 0, 3], "loss": [0, 0, 4]})
+    assert rule_kept(rules[0], other).tolist() == [True, False, True]
+    assert rule_kept(rules[1], other).tolist() == [True, True, False]
+    scores = rule_scores(train, train, other)
+    assert scores["holdout"]["all_rules"] == 1.0 and scores["synthetic"]["all_rules"] == pytest.approx(1 / 3)
+    floor = shuffled_columns(train, 1000)
+    assert len(floor) == 1000 and list(floor.columns) == list(train.columns)
+    assert floor["level"].value_counts(normalize=True).sub(train["level"].value_counts(normalize=True)).abs().max() < 0.05
+    assert not rule_kept(rules[0], floor).all()  # shuffling breaks the dependency

@@ -100,7 +100,7 @@ def test_budget_planning():
     noise = noise_for_epsilon(2.5, delta, q, steps=459)
     table = pd.DataFrame({"x": np.zeros(39074 + 9768, dtype=int)})
     config = from_dict(RunConfig, {"data": {"schema": None}, "train": {"batch_size": 256, "max_epochs": 3},
-                                   "privacy": {"enabled": True, "noise_multiplier": noise}})
+                                   "privacy": {"enabled": True, "noise_multiplier": noise, "accountant": "rdp"}})
     with pytest.raises(dplm.DplmError, match="column 'x': DP training needs its kind from the schema"):
         dplm.plan(config, table)
     schema = Schema.from_dict({"columns": {"x": {"kind": "integer", "min": 0, "max": 9}}})

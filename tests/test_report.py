@@ -43,6 +43,13 @@ def test_report_renders_in_a_real_browser(tmp_path, census):
                                         run_info={"summary": {"epsilon": 1.0, "steps": 10}, "log": log})
     metrics = json.loads(json_path.read_text())
     assert metrics["accuracy"]["holdout"]["overall"] > metrics["accuracy"]["synthetic"]["overall"]
+    # The shuffled-columns floor: marginals kept, dependencies gone (scores like the shuffled rows).
+    acc = metrics["accuracy"]
+    assert acc["shuffled"]["univariate"] > acc["shuffled"]["bivariate"] and acc["holdout"]["overall"] > acc["shuffled"]["overall"]
+    assert abs(acc["shuffled"]["overall"] - acc["synthetic"]["overall"]) < 0.02
+    rules = metrics["rules"]
+    assert [r["columns"] for r in rules["rules"]] == [["education", "education_num"], ["capital_gain", "capital_loss"]]
+    assert rules["holdout"]["all_rules"] == 1.0 and rules["synthetic"]["all_rules"] < 0.95
     assert set(metrics["utility"]) >= {"tstr", "trtr"} and metrics["run"]["steps"] == 10
     pixels = screenshot(html_path, tmp_path / "shot.png")
     # The charts draw real data in blue (#1f77b4) and synthetic in orange (#ff7f0e): a page whose

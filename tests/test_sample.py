@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from dplm import model as models
-from dplm.sample import CompiledGrammar, RowGrammar, generate_sequences, sample_rows
+from dplm.sample import CompiledGrammar, LazyGrammar, generate_sequences, sample_rows
 from dplm.schema import Schema, value_fits
 from dplm.serialize import RowCodec
 
@@ -32,7 +32,7 @@ def test_untrained_model_yields_only_valid_rows(tokenizer):
 
 def test_rows_end_within_the_grammar_bound(tokenizer):
     codec = RowCodec(MIXED, tokenizer)
-    grammar = RowGrammar(codec, list(range(len(tokenizer))), torch.device("cpu"))
+    grammar = LazyGrammar(codec, list(range(len(tokenizer))), torch.device("cpu"))
     sequences = generate_sequences(random_model(tokenizer), grammar, 16, 1.5, torch.Generator().manual_seed(0),
                                    torch.device("cpu"))
     assert all(s[-1] == codec.eos_id and len(s) <= grammar.max_row_tokens() + 1 for s in sequences)
@@ -53,7 +53,7 @@ def test_grammar_follows_the_model(tokenizer):
     codec = RowCodec(schema, tokenizer)
     model = random_model(tokenizer)
     south = codec.fields[0].category_ids["south"][0]
-    grammar = RowGrammar(codec, list(range(len(tokenizer))), torch.device("cpu"))
+    grammar = LazyGrammar(codec, list(range(len(tokenizer))), torch.device("cpu"))
 
     class Prefer(torch.nn.Module):
         def __init__(self, inner):
@@ -96,7 +96,7 @@ def test_compiled_grammar_samples_exactly_what_the_lazy_one_does(tokenizer, cens
         compiled = CompiledGrammar.build(codec, token_ids, torch.device("cpu"))
         assert compiled is not None
         runs = [generate_sequences(model, g, 12, 1.3, torch.Generator().manual_seed(5), torch.device("cpu"))
-                for g in (RowGrammar(codec, token_ids, torch.device("cpu")), compiled)]
+                for g in (LazyGrammar(codec, token_ids, torch.device("cpu")), compiled)]
         assert runs[0] == runs[1]
         assert all(codec.decode(r) for r in runs[1])
 
@@ -119,7 +119,7 @@ def test_value_token_rows_are_valid_under_both_grammars(census_schema):
         token_ids = codec.output_token_ids()
         compiled = CompiledGrammar.build(codec, token_ids, torch.device("cpu"))
         runs = [generate_sequences(model, g, 24, 1.5, torch.Generator().manual_seed(3), torch.device("cpu"))
-                for g in (RowGrammar(codec, token_ids, torch.device("cpu")), compiled)]
+                for g in (LazyGrammar(codec, token_ids, torch.device("cpu")), compiled)]
         assert runs[0] == runs[1]
         rows = [codec.decode(r) for r in runs[1]]
         for col in schema.columns:

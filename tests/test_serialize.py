@@ -7,6 +7,7 @@ import pytest
 
 from dplm.schema import Schema, coerce_table, format_number
 from dplm.serialize import ParseError, RowCodec, escape, number_prefix_ok, unescape
+from conftest import ROOT
 
 
 def test_census_round_trip_every_row(census, census_schema, tokenizer):
@@ -149,3 +150,41 @@ def test_empty_and_missing_text_differ_and_long_text_is_cut_between_escapes(toke
     assert codec.values_cut() == {"t": 2}
     cut = codec.decode(sequences[0])["t"]
     assert cut and set(cut) == {"\n"} and len(codec.fields[0].encode(long)) <= 5
+
+
+def test_float_columns_round_trip_as_scaled_integers(tokenizer):
+    """Floats with public bounds and a precision are written as the fixed-width digits of their
+    scaled integer (carat 0.23 <= 5.01 as `023`), or a token per value when few; a negative
+    range is shifted by its lowest value; dates are days after their column's min. Every
+    diamonds row comes back exactly (issue 19's float check)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from dev_tables import TABLES
+
+    table = TABLES["diamonds"]
+    schema = Schema.from_yaml(str(table.schema_path))
+    rows = coerce_table(table.load().sample(5000, random_state=0), schema).reset_index(drop=True)
+    codec = RowCodec(schema, tokenizer, value_tokens=True)
+    widths = {f.col.name: f.width for f in codec.fields}
+    assert widths == {"carat": 3, "cut": None, "color": None, "clarity": None, "depth": 3, "table": 3, "price": 5,
+                      "x": 4, "y": 4, "z": 4}
+    encoded = codec.encode_table(rows)
+    assert {len(ids) for ids in encoded} == {31}  # BOS + 3 value tokens + 26 digits + EOS, no separators
+    back = pd.DataFrame([codec.decode(ids) for ids in encoded])
+    for name in schema.names:
+        if schema[name].kind == "float":
+            assert (back[name] - rows[name]).abs().max() < 1e-9, name
+        else:
+            assert (back[name].astype(str) == rows[name].astype(str)).all(), name
+    signed = Schema.from_dict({"columns": {
+        "t": {"kind": "float", "min": -40, "max": 60, "precision": 1},
+        "d": {"kind": "datetime", "min": "1997-01-01", "max": "1998-06-30", "nullable": True},
+        "s": {"kind": "float", "min": -1, "max": 1, "precision": 1}}})
+    small = pd.DataFrame({"t": [-40.0, 0.0, 59.9], "d": ["1997-01-01", None, "1998-06-30"], "s": [-1.0, 0.3, 1.0]})
+    codec = RowCodec(signed, tokenizer, value_tokens=True)
+    encoded = codec.encode_table(coerce_table(small, signed))
+    assert codec.text(encoded[0]).startswith("<|im_start|>0000000") and "<|s=-1.0|>" in codec.text(encoded[0])
+    decoded = pd.DataFrame([codec.decode(ids) for ids in encoded])
+    assert decoded["t"].tolist() == [-40.0, 0.0, 59.9] and decoded["s"].tolist() == [-1.0, 0.3, 1.0]
+    assert decoded["d"].isna().tolist() == [False, True, False] and decoded["d"].iloc[2] == pd.Timestamp("1998-06-30")

@@ -15,7 +15,8 @@ def test_smollm2_dp_run(tmp_path, census, seeded_secrets):
     config = from_dict(RunConfig, {
         "data": {"schema": str(CENSUS_SCHEMA), "max_rows": 2000},
         "train": {"batch_size": 8, "micro_batch_size": 8, "max_steps": 3, "learning_rate": 0.002},
-        "privacy": {"enabled": True, "max_epsilon": 3.0},
+        "privacy": {"enabled": True, "max_epsilon": 3.0, "noise_multiplier": 1.5, "accountant": "rdp",
+                    "statistics_share": 0.0},
         "sample": {"batch_size": 8},
     })
     synth = dplm.fit(census, config, progress=False)

@@ -17,7 +17,7 @@ def tiny_config(dp: bool, tmp_path) -> RunConfig:
         "output_dir": str(tmp_path / "run"),
         "data": {"schema": str(CENSUS_SCHEMA), "max_rows": 200},
         "model": {"base": "tiny-random", "lora_r": 4, "lora_alpha": 8},
-        "train": {"batch_size": 16, "micro_batch_size": 8, "max_steps": 3},
+        "train": {"batch_size": 16, "micro_batch_size": 8, "max_steps": 3, "pretrain_rows": 0},
         "privacy": {"enabled": dp, "max_epsilon": 5.0},
         "sample": {"num_rows": 12, "batch_size": 8},
     })
@@ -30,15 +30,19 @@ def test_fit_sample_save_load_sample(dp, value_tokens, tmp_path, census):
     synth = dplm.fit(census, config, progress=False)
     first = synth.sample(12, seed=5, progress=False)
     assert first.shape == (12, 15) and list(first.columns) == list(census.columns)
-    # The model writes the columns in the schema's order; the rows come out in the table's.
-    assert synth.codec.schema.names[:2] == ["native_country", "race"]
+    # The model writes the columns in the order dplm chose from the table's statistics (DP ones
+    # under DP); the rows come out in the table's.
+    assert sorted(synth.codec.schema.names) == sorted(census.columns) and synth.marginals is not None
     assert synth.schema.output_order == list(census.columns)
     for col in synth.schema.columns:
         assert all(value_fits(col, v) for v in first[col.name]), col.name
     run_dir = synth.save(config.output_dir)
     files = {p.name for p in run_dir.iterdir()}
     assert {"adapter", "tokenizer", "schema.yaml", "config.yaml", "privacy.json", "train_log.jsonl",
-            "split.json", "training.json"} <= files
+            "split.json", "training.json", "plan.json", "statistics.json"} <= files
+    statistics = json.loads((run_dir / "statistics.json").read_text())
+    assert statistics["column_order"] == synth.codec.schema.names and statistics["dp"] == dp
+    assert json.loads((run_dir / "plan.json").read_text())["batch_size"] == 16
     privacy = json.loads((run_dir / "privacy.json").read_text())
     log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == 3
@@ -46,8 +50,9 @@ def test_fit_sample_save_load_sample(dp, value_tokens, tmp_path, census):
     assert (len(split["train"]), len(split["holdout"])) == (200, 9768)
     assert not set(split["train"]) & set(split["holdout"])
     if dp:
-        assert privacy["dp"] and privacy["steps"] == 3 and 0 < privacy["epsilon"] <= 5.0
+        assert privacy["dp"] and privacy["steps"] == 3 and 4.9 < privacy["epsilon"] <= 5.0  # the plan fills the cap
         assert privacy["epsilon"] == pytest.approx(log[-1]["epsilon"])
+        assert len(privacy["statistics_rounds"]) == 3  # one-way, two-way, both-non-zero counts
         assert privacy["sample_rate"] == pytest.approx(16 / 200)
         assert set(privacy["metadata_sources"].values()) == {"user"} and privacy["secure_mode"] is False
     else:
@@ -108,6 +113,8 @@ def test_dp_estimates_missing_metadata_and_charges_it(tmp_path, seeded_secrets):
     config.data.max_rows = None
     config.data.holdout_fraction = 0.0
     config.privacy.metadata_epsilon = 1.0
+    config.privacy.noise_multiplier, config.privacy.statistics_share = 1.5, 0.0  # training's epsilon alone, below
+    config.privacy.accountant = "rdp"
     config.train.max_steps = 2
     kinds = dplm.Schema.from_dict({"columns": {"city": {"kind": "categorical"}, "age": {"kind": "integer"}}})
     synth = dplm.fit(df, config, schema=kinds, progress=False)
@@ -127,16 +134,17 @@ def test_dp_estimates_missing_metadata_and_charges_it(tmp_path, seeded_secrets):
         dplm.fit(df, config, schema=kinds, progress=False)
 
 
-def test_per_subject_dp_on_cdnow(tmp_path):
+def test_per_subject_dp_on_cdnow_flat_rows(tmp_path):
+    """The flat mode (`data.mode: rows`): independent rows, each subject's rows clipped together."""
     from conftest import ROOT, shared_file
     from test_privacy import independent_epsilon
 
     table = pd.read_csv(shared_file("cdnow_purchases.csv.gz"), nrows=3000)
     config = from_dict(RunConfig, {
-        "data": {"schema": str(ROOT / "recipes/cdnow_schema.yaml"), "subject": "users_id"},
+        "data": {"schema": str(ROOT / "recipes/cdnow_schema.yaml"), "subject": "users_id", "mode": "rows"},
         "model": {"base": "tiny-random", "lora_r": 4, "lora_alpha": 8},
         "train": {"batch_size": 8, "micro_batch_size": 8, "max_steps": 3},
-        "privacy": {"enabled": True, "max_records_per_subject": 4},
+        "privacy": {"enabled": True, "max_records_per_subject": 4, "noise_multiplier": 1.5, "accountant": "rdp"},
     })
     synth = dplm.fit(table, config, progress=False)
     record = synth.privacy_record
@@ -172,12 +180,13 @@ def test_export_holds_only_what_may_be_shared(tmp_path):
     table = people_table(1000)
     config = tiny_config(True, tmp_path)
     config.data.schema, config.data.max_rows, config.data.subject = None, None, "person"
+    config.data.mode = "rows"  # independent rows, DP per subject
     config.audit.canaries, config.privacy.metadata_epsilon = 2, 2.0
     synth = dplm.fit(table, config, schema=dplm.Schema.from_dict(KINDS_ONLY), progress=False)
     run_dir = synth.save(tmp_path / "run", synthetic=synth.sample(20, progress=False))
     (run_dir / "audit.json").write_text("{}")
     out = dplm.export_run(run_dir, tmp_path / "shared")
-    assert {p.name for p in out.iterdir()} == set(RELEASE) | {"MANIFEST.md"}
+    assert {p.name for p in out.iterdir()} == set(RELEASE) - {"synthetic_subjects.csv", "history.json"} | {"MANIFEST.md"}  # flat
     assert not set(PRIVATE_DIAGNOSTICS) & {p.name for p in out.iterdir()}
     privacy = json.loads((out / "privacy.json").read_text())
     assert privacy["privacy_unit"] == "subject (column 'person')" and "num_training_rows" not in privacy
@@ -198,7 +207,7 @@ def test_export_holds_only_what_may_be_shared(tmp_path):
     with pytest.raises(dplm.DplmError, match="already exists; give a new folder"):
         dplm.export_run(run_dir, out)
     shared = synth.export(tmp_path / "from_api")
-    assert {p.name for p in shared.iterdir()} == set(RELEASE) - {"synthetic.csv"} | {"MANIFEST.md"}
+    assert {p.name for p in shared.iterdir()} == set(RELEASE) - {"synthetic.csv", "synthetic_subjects.csv", "history.json"} | {"MANIFEST.md"}
 
 
 def test_a_returned_model_cannot_be_resumed(tmp_path):
@@ -225,6 +234,7 @@ def test_plan_is_the_total_the_run_reports(tmp_path):
     config.privacy.metadata_epsilon = 1.2
     schema = dplm.Schema.from_dict(KINDS_ONLY)
     config.train.max_steps = 12
+    config.privacy.noise_multiplier, config.privacy.statistics_share = 1.5, 0.0  # given: the cap must stop it
     cap = dplm.plan(config, table, schema)["epsilon"] * 1.00001  # the cap stops the run after 12 steps
     config.train.max_steps, config.privacy.max_epsilon = 40, cap
     planned = dplm.plan(config, table, schema)
@@ -236,3 +246,11 @@ def test_plan_is_the_total_the_run_reports(tmp_path):
         assert planned[key] == record[key], key
     assert planned["units"] == len(synth.split["train"]) + 6 and planned["metadata_estimated"] == {
         "city": ["categories"], "age": ["min", "max"]}
+    # Left to the plan (noise, the statistics' share): the plan and the run agree, statistics included.
+    config.privacy.noise_multiplier, config.privacy.statistics_share, config.privacy.max_epsilon = None, None, 3.0
+    planned = dplm.plan(config, table, schema)
+    record = dplm.fit(table, config, schema=schema, progress=False).privacy_record
+    assert planned["statistics_rounds"] == record["statistics_rounds"] and len(record["statistics_rounds"]) == 2
+    for key in ("steps", "epsilon", "noise_multiplier", "sample_rate"):
+        assert planned[key] == pytest.approx(record[key], rel=1e-9), key
+    assert 2.99 < record["epsilon"] <= 3.0

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from dplm import model as models
-from dplm.config import PrivacyConfig, TrainConfig
+from conftest import privacy_config, train_config
 from dplm.errors import DplmError
 from dplm.schema import coerce_table
 from dplm.serialize import RowCodec
@@ -53,7 +53,7 @@ def test_grammar_loss_is_the_samplers_renormalised_likelihood(census, census_sch
     tokens the (lazy, Python) grammar allows at that point, as the sampler draws it; a forced
     token (the EOS after the last one-token value) costs nothing."""
     from dplm.model import load_tokenizer
-    from dplm.sample import RowGrammar, grammar_masks
+    from dplm.sample import LazyGrammar, grammar_masks
 
     tokenizer = load_tokenizer("smollm2-135m")
     codec = RowCodec(census_schema, tokenizer, value_tokens=True)
@@ -66,15 +66,15 @@ def test_grammar_loss_is_the_samplers_renormalised_likelihood(census, census_sch
     with torch.no_grad():
         losses = row_losses(model, ids, mask, models.target_index(model), masks.of([0, 1, 2], ids.shape[1], "cpu"))
         logits = model(input_ids=ids, attention_mask=mask).logits
-    lazy = RowGrammar(codec, token_ids, torch.device("cpu"))
+    lazy = LazyGrammar(codec, token_ids, torch.device("cpu"))
     position = {t: j for j, t in enumerate(token_ids)}
     for r, seq in enumerate(rows):
         state, token_losses = lazy.initial(1)[0], []
         for i, token in enumerate(seq[1:]):
-            allowed = [position[t] for t in lazy.allowed(state)]
+            allowed = [position[t] for t in codec.allowed(state)]
             log_probs = torch.log_softmax(logits[r, i, allowed].double(), dim=0)
             token_losses.append(-log_probs[allowed.index(position[token])].item())
-            state = lazy.next_state(state, token)
+            state = codec.next_state(state, token)
         assert token_losses[-1] == 0.0  # EOS is forced after income's value token
         assert losses[r].item() == pytest.approx(sum(token_losses) / len(token_losses), rel=1e-5)
 
@@ -82,8 +82,8 @@ def test_grammar_loss_is_the_samplers_renormalised_likelihood(census, census_sch
 def test_dp_epsilon_matches_independent_computation_and_weights_change(tokenizer, sequences):
     model = tiny_lora(tokenizer)
     lora_b = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
-    cfg = TrainConfig(batch_size=8, micro_batch_size=3, max_steps=4, seed=1)
-    result = train(model, sequences, tokenizer.pad_token_id, cfg, PrivacyConfig(enabled=True), torch.device("cpu"),
+    cfg = train_config(batch_size=8, micro_batch_size=3, max_steps=4, seed=1)
+    result = train(model, sequences, tokenizer.pad_token_id, cfg, privacy_config(enabled=True), torch.device("cpu"),
                    progress=False)
     assert result.steps == 4 and result.stop_reason == "max_steps"
     expected = independent_epsilon(1.5, 8 / len(sequences), 4, 1e-5)
@@ -100,21 +100,21 @@ def test_dp_epsilon_matches_independent_computation_and_weights_change(tokenizer
 def test_dp_training_stops_at_the_cap(tokenizer, sequences):
     cap = independent_epsilon(1.5, 8 / len(sequences), 3, 1e-5) * 1.0001
     result = train(tiny_lora(tokenizer), sequences, tokenizer.pad_token_id,
-                   TrainConfig(batch_size=8, micro_batch_size=8, max_epochs=100),
-                   PrivacyConfig(enabled=True, max_epsilon=cap), torch.device("cpu"), progress=False)
+                   train_config(batch_size=8, micro_batch_size=8, max_epochs=100),
+                   privacy_config(enabled=True, max_epsilon=cap), torch.device("cpu"), progress=False)
     assert result.stop_reason == "max_epsilon"
     assert result.steps == 3 and result.privacy["epsilon"] <= cap
 
 
 def test_cap_below_one_step_is_an_error(tokenizer, sequences):
     with pytest.raises(DplmError, match="too small for even one step"):
-        train(tiny_lora(tokenizer), sequences, tokenizer.pad_token_id, TrainConfig(batch_size=8, max_steps=5),
-              PrivacyConfig(enabled=True, max_epsilon=1e-4), torch.device("cpu"), progress=False)
+        train(tiny_lora(tokenizer), sequences, tokenizer.pad_token_id, train_config(batch_size=8, max_steps=5),
+              privacy_config(enabled=True, max_epsilon=1e-4), torch.device("cpu"), progress=False)
 
 
 def test_empty_poisson_batches_take_noise_steps(tokenizer, sequences):
-    cfg = TrainConfig(batch_size=1, micro_batch_size=4, max_steps=60)  # q = 1/64: about 1 row a step, often none
-    result = train(tiny_lora(tokenizer), sequences, tokenizer.pad_token_id, cfg, PrivacyConfig(enabled=True),
+    cfg = train_config(batch_size=1, micro_batch_size=4, max_steps=60)  # q = 1/64: about 1 row a step, often none
+    result = train(tiny_lora(tokenizer), sequences, tokenizer.pad_token_id, cfg, privacy_config(enabled=True),
                    torch.device("cpu"), progress=False)
     sizes = [e["batch_rows"] for e in result.log]
     assert result.steps == 60 and sizes.count(0) >= 5  # expected 22 empty batches
@@ -125,8 +125,8 @@ def test_non_dp_micro_batches_match_one_batch(tokenizer, sequences):
     results = []
     for micro in (16, 5):
         model = tiny_lora(tokenizer)
-        train(model, sequences, tokenizer.pad_token_id, TrainConfig(batch_size=16, micro_batch_size=micro,
-                                                                    max_steps=2), PrivacyConfig(),
+        train(model, sequences, tokenizer.pad_token_id, train_config(batch_size=16, micro_batch_size=micro,
+                                                                    max_steps=2), privacy_config(),
               torch.device("cpu"), progress=False)
         results.append(torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad]))
     assert torch.allclose(results[0], results[1], atol=1e-5)
@@ -178,8 +178,8 @@ def test_dp_step_count_is_fixed_by_the_settings_not_the_data(tokenizer, sequence
     short = [s[:8] for s in sequences]
     steps = []
     for rows in (sequences, other, short):
-        result = train(tiny_lora(tokenizer), rows, tokenizer.pad_token_id, TrainConfig(batch_size=16, max_epochs=1.5),
-                       PrivacyConfig(enabled=True), torch.device("cpu"), progress=False)
+        result = train(tiny_lora(tokenizer), rows, tokenizer.pad_token_id, train_config(batch_size=16, max_epochs=1.5),
+                       privacy_config(enabled=True), torch.device("cpu"), progress=False)
         steps.append((result.steps, result.stop_reason, result.privacy["epsilon"]))
     assert steps[0] == steps[1] == steps[2] and steps[0][:2] == (6, "max_epochs")  # ceil(1.5 * 64 / 16)
     config = RunConfig()
@@ -190,7 +190,7 @@ def test_dp_step_count_is_fixed_by_the_settings_not_the_data(tokenizer, sequence
 
 def test_time_limit_stops_training(tokenizer, sequences):
     result = train(tiny_lora(tokenizer), sequences, tokenizer.pad_token_id,
-                   TrainConfig(batch_size=8, max_epochs=50, max_training_time=1.0), PrivacyConfig(),
+                   train_config(batch_size=8, max_epochs=50, max_training_time=1.0), privacy_config(),
                    torch.device("cpu"), progress=False)
     assert result.stop_reason == "max_training_time" and 1 <= result.steps < 400
 
@@ -200,8 +200,8 @@ def test_dp_randomness_is_not_reproducible_from_the_seed(tokenizer, sequences):
     runs = []
     for _ in range(2):
         model = tiny_lora(tokenizer)
-        train(model, sequences, tokenizer.pad_token_id, TrainConfig(batch_size=8, max_steps=2, seed=0),
-              PrivacyConfig(enabled=True), torch.device("cpu"), progress=False)
+        train(model, sequences, tokenizer.pad_token_id, train_config(batch_size=8, max_steps=2, seed=0),
+              privacy_config(enabled=True), torch.device("cpu"), progress=False)
         runs.append(torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad]))
     assert not torch.equal(runs[0], runs[1])
 
@@ -210,8 +210,8 @@ def test_secure_mode_trains_and_accounts_the_same(tokenizer, sequences):
     """Poisson sampling, each subject's row subset and the noise all come from the OS CSPRNG."""
     model = tiny_lora(tokenizer)
     subjects = [list(range(i, i + 4)) for i in range(0, len(sequences), 4)]
-    result = train(model, sequences, tokenizer.pad_token_id, TrainConfig(batch_size=4, max_steps=3),
-                   PrivacyConfig(enabled=True, secure_mode=True, max_records_per_subject=2), torch.device("cpu"),
+    result = train(model, sequences, tokenizer.pad_token_id, train_config(batch_size=4, max_steps=3),
+                   privacy_config(enabled=True, secure_mode=True, max_records_per_subject=2), torch.device("cpu"),
                    progress=False, subjects=subjects)
     assert result.privacy["epsilon"] == pytest.approx(independent_epsilon(1.5, 4 / len(subjects), 3, 1e-5), rel=1e-4)
     assert all(entry["batch_rows"] % 2 == 0 for entry in result.log)  # 2 of each sampled subject's 4 rows
@@ -234,12 +234,54 @@ def test_a_timed_run_decays_its_learning_rate_by_the_clock(tokenizer, sequences,
 
     readings = iter(0.25 * i for i in range(10_000))
     monkeypatch.setattr(dplm.train, "time", types.SimpleNamespace(perf_counter=lambda: next(readings)))
-    cfg = TrainConfig(batch_size=8, micro_batch_size=8, learning_rate=0.01, warmup_steps=1, max_epochs=1000,
+    cfg = train_config(batch_size=8, micro_batch_size=8, learning_rate=0.01, warmup_steps=1, max_epochs=1000,
                       max_training_time=5.0, grammar_loss=False)
-    result = train(tiny_lora(tokenizer), sequences, tokenizer.pad_token_id, cfg, PrivacyConfig(), torch.device("cpu"),
+    result = train(tiny_lora(tokenizer), sequences, tokenizer.pad_token_id, cfg, privacy_config(), torch.device("cpu"),
                    progress=False)
     # Step k reads the clock at 0.5 k + 0.25 s before it runs and stops at 5 s: 10 steps. The planned
     # steps are far away (1000 epochs): by steps alone the rate would still be ~0.01.
     assert result.stop_reason == "max_training_time" and result.steps == 10
     expected = [0.01 * max(0.1, 1 - (0.5 * k + 0.25) / 5.0) for k in range(10)]
     assert [e["lr"] for e in result.log] == pytest.approx(expected)
+
+
+def test_early_stopping_keeps_the_best_held_back_loss(tokenizer, sequences, monkeypatch):
+    """Without DP, early stopping holds back a tenth of the rows (never trained on), measures
+    their loss every half epoch and stops after PATIENCE measurements without improvement,
+    keeping the adapter of the best one; under DP it is refused. The held-back losses are
+    scripted (5, 4, 3, then worse), so the test knows which adapter must be kept."""
+    import dplm.train
+
+    seen, measured = set(), []
+    real_step = dplm.train._logical_step
+
+    def spy(model, optimizer, groups, *args, **kwargs):
+        seen.update(r for g in groups for r in g)
+        return real_step(model, optimizer, groups, *args, **kwargs)
+
+    scripted = iter([5.0, 4.0, 3.0, 3.5, 3.6, 3.7, 9.0])
+    monkeypatch.setattr(dplm.train, "_logical_step", spy)
+    monkeypatch.setattr(dplm.train, "mean_loss", lambda model, rows, *a, **k: measured.append(sorted(rows)) or
+                        next(scripted))
+    model = tiny_lora(tokenizer)
+    weights = []
+
+    def log_step(entry):
+        if "validation_loss" in entry:
+            weights.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+
+    cfg = train_config(batch_size=4, micro_batch_size=4, learning_rate=0.05, warmup_steps=1, max_epochs=200,
+                       early_stopping=True)
+    result = train(model, sequences, tokenizer.pad_token_id, cfg, privacy_config(), torch.device("cpu"), progress=False,
+                   log_step=log_step)
+    held = set(range(64)) - seen
+    assert len(held) == 6 and all(rows == sorted(held) for rows in measured)  # 64 // 10 held back, never trained on
+    losses = [e["validation_loss"] for e in result.log if "validation_loss" in e]
+    assert losses == [5.0, 4.0, 3.0, 3.5, 3.6, 3.7] and result.stop_reason == "early_stopping"
+    assert result.steps == 6 * 7  # a measurement every 58 // (2 * 4) = 7 steps
+    kept = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    assert all(torch.equal(kept[n], weights[2][n]) for n in kept)  # the adapter of the best loss (3.0)
+    assert not all(torch.equal(kept[n], weights[-1][n]) for n in kept)
+    with pytest.raises(DplmError, match="early_stopping cannot be used with DP"):
+        train(tiny_lora(tokenizer), sequences, tokenizer.pad_token_id, cfg, privacy_config(enabled=True),
+              torch.device("cpu"), progress=False)

@@ -1,0 +1,544 @@
+"""A subject's history as one token sequence: the codec, its grammar, and the two tables it writes.
+
+With `data.subject` (and `data.mode: histories`, the default), each training unit is one subject
+(a person) and its rows, in `data.order_by` order (default: the table's), are one sequence:
+
+    BOS  s1 s2 ... sk  ROW e1 e2 ... em  ROW e1 e2 ... em  ...  EOS
+
+`s1..sk` are the subject's own columns (a subject table's, written once, first: they condition
+the rows), each `ROW` token starts an event row, and EOS ends the history: the model writes how
+many rows a subject has, and each row knowing the ones before it. The fields are those of
+`serialize.RowCodec` (value tokens, fixed-width digits, separators after fields that do not
+end by themselves; the last field of a row ends at the next ROW or EOS). The `order_by`
+column is written as its first value and then, in later rows, the gap since the row before
+(a number >= 0, in the column's scaled integers: days for dates), so histories come out in
+order; decoding adds the gaps up (clipped at the column's max). A history holds at most
+`max_rows` rows (longer ones are cut at training, and counted) and at least `min_rows`.
+
+The grammar is the codec's automaton (`start_state`, `allowed`, `next_state`, ...), which
+`sample.CompiledGrammar` compiles as it does a row's; the row count is part of the state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+
+from dplm.errors import DplmError
+from dplm.schema import Column, Schema
+from dplm.serialize import ParseError, RowCodec, from_scaled, scaled_bounds, to_scaled
+
+ROW_TOKEN = "<|row|>"
+
+
+def gap_column(col: Column) -> Column:
+    """The column of the gaps between consecutive values of the ordering column `col`: from 0
+    to its span, in its scaled integers (days for dates)."""
+    lo, hi = scaled_bounds(col)
+    return Column(name=f"{col.name}+", kind="integer", min=0, max=hi - lo)
+
+
+class HistoryCodec:
+    """Encode a subject (its own values and its rows) to token ids and back, for a subject
+    schema (possibly empty) and an event schema."""
+
+    def __init__(self, subject_schema: Schema | None, event_schema: Schema, tokenizer, value_tokens: bool,
+                 order_by: str | None, max_rows: int, min_rows: int = 1, output_order: list[str] | None = None):
+        self.subject_schema = subject_schema or Schema([])
+        self.event_schema = event_schema
+        self.order_by = order_by
+        self.max_rows, self.min_rows = max_rows, min_rows
+        gap = [gap_column(event_schema[order_by])] if order_by else []
+        fields_schema = Schema([*self.subject_schema.columns, *event_schema.columns, *gap])
+        from tokenizers import AddedToken
+
+        tokenizer.add_tokens([AddedToken(ROW_TOKEN, special=True, normalized=False)], special_tokens=True)
+        self.rows_codec = RowCodec(fields_schema, tokenizer, value_tokens)  # the fields' token machinery
+        self.tokenizer = tokenizer
+        self.bos_id, self.eos_id, self.sep_id = self.rows_codec.bos_id, self.rows_codec.eos_id, self.rows_codec.sep_id
+        self.row_id = tokenizer.convert_tokens_to_ids(ROW_TOKEN)
+        by_name = {f.col.name: f for f in self.rows_codec.fields}
+        self.fields = [by_name[n] for n in self.subject_schema.names]  # the subject's (GivenValues' columns)
+        self.first_row = [by_name[n] for n in event_schema.names]
+        self.later_rows = [by_name[f"{n}+" if n == order_by else n] for n in event_schema.names]
+        # Every column (the subject's, then the rows'): what the run's schema.yaml holds.
+        self.schema = Schema([*self.subject_schema.columns, *event_schema.columns])
+        self.schema.output_order = output_order
+
+    def layout(self) -> dict:
+        """What `from_layout` needs besides the schema (saved as history.json)."""
+        return {"subject_columns": self.subject_schema.names, "event_columns": self.event_schema.names,
+                "order_by": self.order_by, "max_rows": self.max_rows, "min_rows": self.min_rows}
+
+    @classmethod
+    def from_layout(cls, layout: dict, schema: Schema, tokenizer, value_tokens: bool) -> HistoryCodec:
+        def part(names):
+            return Schema([schema[n] for n in names])
+
+        return cls(part(layout["subject_columns"]), part(layout["event_columns"]), tokenizer, value_tokens,
+                   layout["order_by"], layout["max_rows"], layout["min_rows"], schema.output_order)
+
+    # ---- the fields' tokens -------------------------------------------------------------
+
+    def value_token_texts(self) -> dict[int, list[int]]:
+        return self.rows_codec.value_token_texts()
+
+    def output_token_ids(self) -> list[int]:
+        return sorted(set(self.rows_codec.output_token_ids()) | {self.row_id})
+
+    def values_cut(self) -> dict[str, int]:
+        """Text values cut at their column's `max_tokens` (`RowCodec.values_cut`)."""
+        return self.rows_codec.values_cut()
+
+    def text(self, ids: list[int]) -> str:
+        return self.rows_codec.text(ids)
+
+    def row_fields(self, r: int) -> list:
+        return self.first_row if r == 0 else self.later_rows
+
+    def ending(self, j: int) -> list[int]:
+        """The token after subject field j: the separator unless the field ends by itself."""
+        return [] if self.fields[j].self_delimiting else [self.sep_id]
+
+    # ---- encoding -------------------------------------------------------------------------
+
+    def encode(self, subject: dict, rows: pd.DataFrame) -> list[int]:
+        """One subject's values and its rows (in order, at most `max_rows`) -> token ids."""
+        ids = [self.bos_id]
+        for j, field in enumerate(self.fields):
+            ids += field.encode(subject[field.col.name]) + self.ending(j)
+        previous = None
+        for r, row in enumerate(rows[self.event_schema.names].itertuples(index=False, name=None)):
+            ids.append(self.row_id)
+            fields = self.row_fields(r)
+            for j, (field, value) in enumerate(zip(fields, row)):
+                if self.order_by and field.col.name == f"{self.order_by}+":
+                    col = self.event_schema[self.order_by]
+                    value, previous = to_scaled(col, value) - previous, to_scaled(col, value)
+                elif self.order_by and field.col.name == self.order_by:
+                    previous = to_scaled(field.col, value)
+                ids += field.encode(value)
+                if j < len(fields) - 1 and not field.self_delimiting:
+                    ids.append(self.sep_id)
+        return ids + [self.eos_id]
+
+    # ---- the grammar -----------------------------------------------------------------------
+    # States: ("s", j, inner) in subject field j; ("b", r) after r rows; ("e", r, j, inner) in
+    # field j of row r; None once the history has ended.
+
+    def start_state(self):
+        return ("s", 0, self.fields[0].start()) if self.fields else ("b", 0)
+
+    def _boundary(self, r: int) -> list[int]:
+        """What may follow r complete rows: another row (below the cap), the end (from min_rows)."""
+        return ([self.row_id] if r < self.max_rows else []) + ([self.eos_id] if r >= self.min_rows else [])
+
+    def allowed(self, state) -> list[int]:
+        if state is None:
+            return [self.eos_id]
+        if state[0] == "b":
+            return self._boundary(state[1])
+        if state[0] == "s":
+            _, j, inner = state
+            field = self.fields[j]
+            ids, can_end = field.next_tokens(inner)
+            return list(ids) + ([self.sep_id] if can_end and not field.self_delimiting else [])
+        _, r, j, inner = state
+        fields = self.row_fields(r)
+        ids, can_end = fields[j].next_tokens(inner)
+        if not can_end or fields[j].self_delimiting:
+            return list(ids)
+        return list(ids) + ([self.sep_id] if j < len(fields) - 1 else self._boundary(r + 1))
+
+    def next_state(self, state, token: int):
+        if state is None or token == self.eos_id:
+            return None
+        if state[0] == "b":
+            return ("e", state[1], 0, self.row_fields(state[1])[0].start())  # the ROW token
+        if state[0] == "s":
+            _, j, inner = state
+            field = self.fields[j]
+            if not (token == self.sep_id and not field.self_delimiting):
+                inner = field.advance(inner, token)
+                if not (field.self_delimiting and field.complete(inner)):
+                    return ("s", j, inner)
+            return ("s", j + 1, self.fields[j + 1].start()) if j + 1 < len(self.fields) else ("b", 0)
+        _, r, j, inner = state
+        fields = self.row_fields(r)
+        field = fields[j]
+        last = j == len(fields) - 1
+        if last and not field.self_delimiting and token == self.row_id:
+            return self.next_state(("b", r + 1), token)
+        if not (token == self.sep_id and not field.self_delimiting):
+            inner = field.advance(inner, token)
+            if not (field.self_delimiting and field.complete(inner)):
+                return ("e", r, j, inner)
+        return ("b", r + 1) if last else ("e", r, j + 1, fields[j + 1].start())
+
+    def state_key(self, state):
+        if state is None or state[0] == "b":
+            return state or "done"
+        if state[0] == "s":
+            return ("s", state[1], self.fields[state[1]].state_key(state[2]))
+        return ("e", state[1], state[2], self.row_fields(state[1])[state[2]].state_key(state[3]))
+
+    def mask_key(self, state):
+        if state is None or state[0] == "b":
+            return state or "done"
+        if state[0] == "s":
+            return ("s", state[1], self.fields[state[1]].mask_key(state[2]))
+        return ("e", state[1], state[2], self.row_fields(state[1])[state[2]].mask_key(state[3]))
+
+    def column_of(self, state) -> int:
+        """The subject field a state is in (their number once past them): GivenValues' columns."""
+        return state[1] if state is not None and state[0] == "s" else len(self.fields)
+
+    def max_tokens(self) -> int:
+        """An upper bound on the tokens of one history after BOS."""
+        subject = sum(f.max_value_tokens() + 1 for f in self.fields)
+        row = 1 + sum(max(a.max_value_tokens(), b.max_value_tokens()) + 1
+                      for a, b in zip(self.first_row, self.later_rows))
+        return subject + self.max_rows * row + 1
+
+    # ---- decoding ----------------------------------------------------------------------------
+
+    def decode(self, ids: list[int]) -> tuple[dict, list[dict]]:
+        """Token ids (BOS ... EOS) -> (the subject's values, its rows); ParseError if invalid."""
+        ids = list(ids)
+        if ids and ids[0] == self.bos_id:
+            ids = ids[1:]
+        state, spans, count = self.start_state(), {}, 0
+        for token in ids:
+            if token not in self.allowed(state):
+                raise ParseError("history breaks its grammar")
+            count += token == self.row_id
+            place = (("s", state[1]) if state[0] == "s" else ("e", state[1], state[2]) if state[0] == "e" else None)
+            if place is not None and token not in (self.sep_id, self.row_id, self.eos_id):
+                spans.setdefault(place, []).append(token)
+            state = self.next_state(state, token)
+            if state is None:
+                break
+        if state is not None:
+            raise ParseError("history has no end token")
+        subject = {f.col.name: f.parse(spans.get(("s", j), [])) for j, f in enumerate(self.fields)}
+        rows = [{f.col.name: f.parse(spans.get(("e", r, j), [])) for j, f in enumerate(self.row_fields(r))}
+                for r in range(count)]
+        return subject, self._ordered(rows)
+
+    def _ordered(self, rows: list[dict]) -> list[dict]:
+        """The ordering column's values from the first value and the gaps (clipped at its max)."""
+        if not self.order_by or not rows:
+            return rows
+        col = self.event_schema[self.order_by]
+        hi = scaled_bounds(col)[1]
+        value = to_scaled(col, rows[0][self.order_by])
+        for row in rows[1:]:
+            value = min(hi, value + int(row.pop(f"{self.order_by}+")))
+            row[self.order_by] = from_scaled(col, value)
+        return rows
+
+
+def history_units(events: pd.DataFrame, subject: str, order_by: str | None) -> list[np.ndarray]:
+    """Each subject's row positions in `events`, in order (`order_by`, then the table's order)."""
+    order = np.arange(len(events))
+    if order_by:
+        order = np.lexsort((order, events[order_by].to_numpy()))
+    codes = pd.factorize(events[subject].to_numpy()[order])[0]
+    groups = pd.Series(order).groupby(codes, sort=False).agg(list)
+    return [np.asarray(g) for g in groups]
+
+
+@dataclasses.dataclass
+class Histories:
+    """Synthetic subjects: their own table (key + subject columns) and their rows (key + event
+    columns), with matching fresh keys 1..n."""
+
+    subjects: pd.DataFrame
+    events: pd.DataFrame
+
+    def __len__(self) -> int:
+        return len(self.subjects)
+
+    def with_keys(self, key: str, keys: list) -> Histories:
+        """The same subjects under the keys `keys` (in the order of 1..n)."""
+        mapping = dict(zip(range(1, len(keys) + 1), keys))
+        return Histories(self.subjects.assign(**{key: self.subjects[key].map(mapping)}),
+                         self.events.assign(**{key: self.events[key].map(mapping)}))
+
+    def write(self, path) -> list:
+        """The event table to `path` (CSV, Parquet or JSONL by its extension) and, when the
+        subjects have columns of their own, the subject table beside it (`subjects_path`)."""
+        from dplm.data import write_table
+
+        write_table(self.events, path)
+        if len(self.subjects.columns) > 1:
+            write_table(self.subjects, subjects_path(path))
+            return [path, subjects_path(path)]
+        return [path]
+
+
+def subjects_path(path):
+    """Where the subject table goes beside an event table file: `NAME_subjects.EXT`."""
+    from pathlib import Path
+
+    path = Path(path)
+    return path.with_name(f"{path.stem}_subjects{path.suffix}")
+
+
+# ---- the training tables ---------------------------------------------------------------------
+
+LENGTH_EDGES = np.array([1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 15, 20, 25, 30, 40, 50, 60, 80, 100, 120, 150, 200, 250, 300,
+                         400, 500, 600, 800, 1000, 1500, 2000, 3000, 5000, 10000])
+CAP_QUANTILE = 0.99  # under DP the history cap is this quantile of the rows per subject
+
+
+def check_subject_table(events: pd.DataFrame, subjects: pd.DataFrame, key: str) -> None:
+    """The subject table must hold the key once per subject and every subject of the events."""
+    if key not in subjects.columns:
+        raise DplmError(f"the subject table has no column '{key}' (data.subject); give it the key of the event table")
+    if subjects[key].duplicated().any():
+        dup = subjects[key][subjects[key].duplicated()].iloc[0]
+        raise DplmError(f"the subject table holds subject '{dup}' more than once; give one row per subject")
+    missing = ~events[key].isin(set(subjects[key]))
+    if missing.any():
+        raise DplmError(f"subject '{events[key][missing].iloc[0]}' of the event table is not in the subject table; "
+                        "add it there or drop its rows")
+    shared = [c for c in subjects.columns if c != key and c in events.columns]
+    if shared:
+        raise DplmError(f"column '{shared[0]}' is in both the event and the subject table; rename one")
+
+
+def check_subject_columns_constant(events: pd.DataFrame, key: str, columns: list[str]) -> None:
+    """Columns declared as the subject's must hold one value per subject."""
+    for c in columns:
+        varying = events.groupby(key, sort=False)[c].nunique(dropna=False) > 1
+        if varying.any():
+            raise DplmError(f"column '{c}' is declared a subject column but subject '{varying.idxmax()}' has "
+                            "several values; make it an event column or fix the data")
+
+
+def check_order_by(events: pd.DataFrame, order_by: str, kind: str) -> None:
+    if order_by not in events.columns:
+        raise DplmError(f"data.order_by '{order_by}' is not a column of the event table; choose one of "
+                        f"{list(events.columns)}")
+    if kind not in ("integer", "float", "datetime"):
+        raise DplmError(f"data.order_by '{order_by}' is a {kind} column; histories are ordered by a number or a date")
+    if events[order_by].isna().any():
+        raise DplmError(f"data.order_by column '{order_by}' has missing values; fill them or choose another column")
+
+
+def dp_history_length(lengths: np.ndarray, epsilon: float, rng) -> tuple[int, float]:
+    """(cap, mean rows under the cap) of the rows per subject, epsilon-DP: a histogram over the
+    public `LENGTH_EDGES` with Laplace(1/epsilon) noise on every count (a subject is in one bin),
+    counts below `privacy.range_threshold` taken as empty (noise alone would fill the tail), the
+    cap the upper end of the bin where the noisy share reaches `CAP_QUANTILE`."""
+    from dplm.privacy import range_threshold
+
+    counts = np.histogram(np.clip(lengths, 1, LENGTH_EDGES[-1] - 1), bins=LENGTH_EDGES)[0].astype(float)
+    noisy = counts + rng.laplace(0.0, 1.0 / epsilon, size=len(counts))
+    noisy = np.where(noisy > range_threshold(epsilon, len(counts)), noisy, 0.0)
+    if noisy.sum() <= 0:
+        return 1, 1.0
+    share = np.cumsum(noisy) / noisy.sum()
+    b = int(np.searchsorted(share, CAP_QUANTILE))
+    cap = int(LENGTH_EDGES[b + 1] - 1)
+    middles = np.minimum((LENGTH_EDGES[:-1] + LENGTH_EDGES[1:] - 1) / 2, cap)
+    return cap, float((noisy * middles).sum() / noisy.sum())
+
+
+HISTORY_PLAN_ROWS = 4  # a subject counts as this many rows in the plan's compute budget (public)
+
+
+class TrainingHistories:
+    """The training split's subjects, for `Synthesizer.fit`: `frame` (each event row with its
+    subject's columns beside it, and a row of missing events for a subject without any) is what
+    the schema describes and the DP metadata is estimated from, one random row per subject of
+    `units`; after `type` the typed `events` and `subjects` tables, each subject's event rows
+    in order (`event_units`), and after `bound_length` the history cap."""
+
+    def __init__(self, frame: pd.DataFrame, units: list[list[int]], event_columns: list[str],
+                 subject_columns: list[str], order_by: str | None, lengths: np.ndarray):
+        self.frame, self.units = frame, units
+        self.event_columns, self.subject_columns, self.order_by = event_columns, subject_columns, order_by
+        self.lengths = lengths  # event rows per subject (private; diagnostics and the DP cap's input)
+        self.events = self.subjects = None
+        self.event_units: list[list[int]] = []
+        self.cap: int | None = None
+        self.cut: dict[str, int] = {}
+
+    @classmethod
+    def of(cls, events: pd.DataFrame, subjects: pd.DataFrame | None, key: str, order_by: str | None):
+        """From the training rows of the event table and of the subject table (or None)."""
+        events = events.reset_index(drop=True)
+        if order_by is not None and order_by not in events.columns:
+            raise DplmError(f"data.order_by '{order_by}' is not a column of the event table; choose one of "
+                            f"{[c for c in events.columns if c != key]}")
+        event_columns = [c for c in events.columns if c != key]
+        subject_columns = [c for c in subjects.columns if c != key] if subjects is not None else []
+        keys = np.unique(np.concatenate([events[key].to_numpy(), subjects[key].to_numpy()])) \
+            if subjects is not None else np.unique(events[key].to_numpy())
+        frame = events[event_columns]
+        if subjects is not None:
+            joined = events[[key]].merge(subjects, on=key, how="left")
+            frame = pd.concat([frame, joined[subject_columns]], axis=1)
+            lonely = subjects[~subjects[key].isin(set(events[key]))]
+            frame = pd.concat([frame, lonely[subject_columns].reset_index(drop=True)], ignore_index=True)
+            owners = np.concatenate([events[key].to_numpy(), lonely[key].to_numpy()])
+        else:
+            owners = events[key].to_numpy()
+        position = {k: i for i, k in enumerate(keys.tolist())}
+        codes = np.array([position[k] for k in owners.tolist()])
+        units = pd.Series(np.arange(len(codes))).groupby(codes).agg(list).reindex(range(len(keys))).tolist()
+        lengths = np.bincount(np.array([position[k] for k in events[key].tolist()]), minlength=len(keys))
+        return cls(frame, units, event_columns, subject_columns, order_by, lengths)
+
+    # ---- schema and lengths ------------------------------------------------------------------
+
+    def infer_schema(self, given: Schema | None, text_lengths) -> Schema:
+        """Without DP: event columns from the event rows, subject columns from the subject rows."""
+        from dplm.schema import infer_schema
+
+        real = self.frame.iloc[: int(self.lengths.sum())]
+        subject_rows = self.frame.iloc[[u[0] for u in self.units]] if self.subject_columns else None
+
+        def part(df, names):
+            sub = Schema([given[n] for n in names if n in given.names]) if given else None
+            return infer_schema(df[names], sub if sub and sub.columns else None, text_lengths=text_lengths)
+
+        events = part(real, self.event_columns)
+        subjects = part(subject_rows, self.subject_columns) if subject_rows is not None else Schema([])
+        schema = Schema([*subjects.columns, *events.columns])
+        if given and given.output_order:
+            schema.set_output_order([n for n in given.output_order if n in schema.names] +
+                                    [n for n in schema.names if n not in given.output_order])
+        return schema
+
+    def bound_length(self, max_history: int | None, metadata: dict, epsilon: float | None = None, rng=None) -> dict:
+        """Set the history cap: `max_history` when given (public), else without DP the longest
+        history, under DP a noisy quantile (`dp_history_length`, `epsilon` added to the schema's
+        metadata epsilon). Returns the metadata record (with the cap's spend)."""
+        if max_history is not None:
+            self.cap = int(max_history)
+            return metadata
+        if epsilon is None:
+            self.cap = int(max(1, self.lengths.max()))
+            return metadata
+        self.cap, _ = dp_history_length(self.lengths, epsilon, rng)
+        return {**metadata, "epsilon": metadata["epsilon"] + epsilon,
+                "estimated": {**metadata["estimated"], "(rows per subject)": ["max_history"]},
+                "max_history": self.cap}
+
+    # ---- typed tables ----------------------------------------------------------------------------
+
+    def type(self, schema: Schema) -> None:
+        """Typed event and subject tables, and each subject's event rows in order."""
+        from dplm.schema import coerce_table
+
+        count = int(self.lengths.sum())  # the event rows; after them one empty row per subject without events
+        if self.order_by:
+            check_order_by(self.frame.iloc[:count], self.order_by, schema[self.order_by].kind)
+        self.events = coerce_table(self.frame.iloc[:count][self.event_columns], self.event_schema(schema))
+        self.subjects = coerce_table(self.frame.iloc[[u[0] for u in self.units]][self.subject_columns],
+                                     self.subject_schema(schema)).reset_index(drop=True) if self.subject_columns \
+            else pd.DataFrame(index=range(len(self.units)))
+        by_value = self.events[self.order_by] if self.order_by else None
+        self.event_units = []
+        for unit in self.units:
+            rows = [i for i in unit if i < count]
+            if by_value is not None:
+                rows = sorted(rows, key=lambda i: (by_value.iloc[i], i))
+            self.event_units.append(rows)
+
+    def event_schema(self, schema: Schema) -> Schema:
+        return Schema([schema[n] for n in schema.names if n in self.event_columns])
+
+    def subject_schema(self, schema: Schema) -> Schema:
+        return Schema([schema[n] for n in schema.names if n in self.subject_columns])
+
+    def add_canaries(self, canaries: pd.DataFrame, repeats: int) -> None:
+        """Each canary record as one more subject: its subject values, and `repeats` rows of its event values."""
+        start = len(self.events)
+        rows = pd.concat([canaries[self.event_columns]] * repeats, ignore_index=True)
+        self.events = pd.concat([self.events, rows.astype(self.events.dtypes.to_dict())], ignore_index=True)
+        self.event_units += [[start + i + r * len(canaries) for r in range(repeats)] for i in range(len(canaries))]
+        self.subjects = pd.concat([self.subjects, canaries[self.subject_columns]], ignore_index=True)
+        self.units = self.units + [[-1]] * len(canaries)
+        self.lengths = np.concatenate([self.lengths, np.full(len(canaries), repeats)])
+
+    def codec(self, schema: Schema, tokenizer, value_tokens: bool, metadata: dict) -> HistoryCodec:
+        min_rows = 0 if self.subject_columns else 1  # without a subject table every subject has a row
+        return HistoryCodec(self.subject_schema(schema), self.event_schema(schema), tokenizer, value_tokens,
+                            self.order_by, self.cap, min_rows, schema.output_order)
+
+    def encode(self, codec: HistoryCodec) -> list[list[int]]:
+        """Each subject's token sequence (its first `cap` rows); `cut` counts the histories cut."""
+        sequences, cut = [], 0
+        subject_rows = self.subjects.to_dict("records")
+        for i, rows in enumerate(self.event_units):
+            cut += len(rows) > self.cap
+            sequences.append(codec.encode(subject_rows[i], self.events.iloc[rows[: self.cap]]))
+        self.cut = {"histories cut at data.max_history": cut} if cut else {}
+        return sequences
+
+
+# ---- sampling ------------------------------------------------------------------------------------
+
+def sample_histories(model, codec: HistoryCodec, num: int, key: str, batch_size: int = 64, temperature: float = 1.0,
+                     seed: int = 0, device=None, progress: bool = True, given: pd.DataFrame | None = None,
+                     keep=None, output_order: list[str] | None = None):
+    """`num` synthetic subjects (or one per row of `given`, a table of subject columns whose
+    values they keep), each a whole history drawn under the codec's grammar, as `Histories`
+    with fresh keys 1..num, plus the `SampleStats`. `keep(events) -> bool mask` (the table's
+    rules): a subject with a row it refuses is drawn again, as one that does not parse is."""
+    import time
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from dplm.sample import GivenValues, SampleStats, generate_sequences, output_token_ids, row_grammar, to_frame
+    from dplm.schema import check_given
+
+    device = device or next(model.parameters()).device
+    grammar = row_grammar(codec, output_token_ids(model), device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    model.eval()
+    values = None
+    if given is not None:
+        given = check_given(given, codec.subject_schema)
+        values = GivenValues(codec, grammar, given, 1)
+        num = len(given)
+    drawn: list = [None] * num
+    pending, generated, start = list(range(num)), 0, time.perf_counter()
+    bar = tqdm(total=num, disable=not progress, unit="subject", desc="sampling", dynamic_ncols=True)
+    while pending:
+        if generated >= 10 * num + 10 * batch_size:
+            raise RuntimeError(f"only {num - len(pending)} of {num} subjects were valid after generating {generated}")
+        batch, pending = pending[:batch_size], pending[batch_size:]
+        part = values.select(torch.tensor(batch, device=device)) if values is not None else None
+        for i, ids in zip(batch, generate_sequences(model, grammar, len(batch), temperature, generator, device, part)):
+            generated += 1
+            try:
+                subject, rows = codec.decode(ids)
+            except ParseError:
+                pending.append(i)
+                continue
+            if given is not None:
+                subject.update(given.iloc[i].to_dict())
+            if keep is not None and rows and not keep(to_frame(rows, codec.event_schema, order=False)).all():
+                pending.append(i)
+                continue
+            drawn[i] = (subject, rows)
+            bar.update(1)
+    bar.close()
+    stats = SampleStats(rows_generated=generated, rows_returned=num, seconds=time.perf_counter() - start)
+    keys = np.arange(1, num + 1)
+    subjects = to_frame([d[0] for d in drawn], codec.subject_schema, order=False)
+    subjects.insert(0, key, keys)
+    events = to_frame([row for d in drawn for row in d[1]], codec.event_schema, order=False)
+    events.insert(0, key, np.repeat(keys, [len(d[1]) for d in drawn]))
+    if output_order:
+        events = events[[key] + [c for c in output_order if c in events.columns]]
+        subjects = subjects[[key] + [c for c in output_order if c in subjects.columns]]
+    return Histories(subjects, events), stats

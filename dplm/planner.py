@@ -1,0 +1,262 @@
+"""The training plan: every setting a recipe leaves out, chosen from public quantities only.
+
+A recipe may leave out the batch, the steps or epochs, the learning rate, the warm-up, and
+under DP the noise multiplier and the privacy budget's share for the table's statistics
+(`marginals`); `make_plan` fills them in and says which it chose, and every setting the user
+gives wins. The quantities it reads are public: the number of training units N (also behind
+the sampling rate), the target epsilon and delta, the schema's kinds and sizes (tokens a row),
+and a compute budget in rows (`train.budget_rows`). The rules were measured on tables of
+different sizes (docs/benchmarks.md, issue 19):
+
+* DP: the sampling rate q = B / N is as large as the compute budget allows for
+  `DP_TARGET_STEPS` steps (within [`MIN_SAMPLE_RATE`, `MAX_SAMPLE_RATE`]): at a fixed epsilon
+  the total noise of T steps of batch B is about the same for any B (sigma / (B sqrt(T))
+  ~ 2 / N), so the budget buys large batches, whose steps are less noisy; the steps fill the
+  budget within [`DP_MIN_STEPS`, `DP_MAX_STEPS`]. The table's statistics get a share of the
+  budget that grows as N shrinks (`statistics_share`): below `SGD_MIN_UNITS` units DP-SGD's
+  steps would be mostly noise, so all of it goes to the statistics and the model learns from
+  rows drawn from them alone (post-processing). The noise multiplier is then the smallest
+  that keeps the whole run, statistics and schema metadata included, within the cap.
+* Without DP: batch 64 at rate 0.002 (measured on census), as many epochs as the time budget
+  allows, stopped early when the loss on held-back training rows stops falling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from dplm.config import RunConfig
+from dplm.errors import DplmError
+
+DEFAULT_BUDGET_TOKENS = 9_300_000  # DP-SGD: census 300,000 rows, 150 steps of 2,000 (26 min on 2 cores)
+DP_TARGET_STEPS = 150
+DP_MIN_STEPS, DP_MAX_STEPS = 50, 300
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 0.001, 0.25
+DP_LEARNING_RATE = 0.01
+NODP_BATCH, NODP_LEARNING_RATE = 64, 0.002
+NODP_TIME_BUDGET = 900.0  # seconds
+NODP_MAX_EPOCHS = 100.0
+SGD_MIN_UNITS = 2_000  # below: no DP-SGD steps, the statistics get the whole budget
+STATISTICS_SHARE_LARGE = 0.1  # the statistics' share of rho at >= STATISTICS_LARGE_UNITS units
+STATISTICS_LARGE_UNITS = 20_000
+PRETRAIN_ROWS = 40_000  # rows drawn from the statistics for the first (free) stage of a DP run (census: 2.3 min)
+PRETRAIN_ROWS_PER_UNIT = 20  # ... and at most this many per training unit
+GIVEN_STEPS_STATISTICS_SHARE = 0.5  # the statistics' share at most, when the recipe asks for DP-SGD steps
+DEFAULT_STATISTICS_NOISE = 10.0  # the statistics' noise when the recipe gives DP-SGD's (census: ~0.1 of epsilon 2.5)
+
+
+@dataclass
+class Plan:
+    """What a run will do; `chosen` names the settings the plan chose (the others were given)."""
+
+    dp: bool
+    units: int
+    batch_size: int
+    micro_batch_size: int
+    learning_rate: float
+    warmup_steps: int
+    max_epochs: float | None
+    max_steps: int | None
+    max_training_time: float | None = None
+    early_stopping: bool = False
+    noise_multiplier: float | None = None
+    statistics_share: float = 0.0
+    statistics_noise: float | None = None  # Gaussian noise multiplier of each statistics round
+    pretrain_rows: int = 0
+    budget_rows: int | None = None
+    chosen: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def lines(self) -> list[str]:
+        """The plan as the CLI prints it."""
+        def mark(name, text):
+            return f"{text} ({'auto' if name in self.chosen else 'given'})"
+
+        parts = [mark("batch_size", f"batch {self.batch_size}"),
+                 mark("learning_rate", f"learning rate {self.learning_rate:g}")]
+        if self.max_steps is not None:
+            parts.append(mark("max_steps", f"{self.max_steps} steps"))
+        if self.max_epochs is not None:
+            parts.append(mark("max_epochs", f"at most {self.max_epochs:g} epochs"))
+        if self.max_training_time:
+            parts.append(mark("max_training_time", f"at most {self.max_training_time:g} s"))
+        if self.early_stopping:
+            parts.append(mark("early_stopping", "early stopping on held-back training rows"))
+        out = ["plan: " + ", ".join(parts)]
+        if self.dp:
+            stats = mark("statistics_share", f"table statistics {self.statistics_share:.0%} of the budget"
+                         + (f" (noise {self.statistics_noise:.3g} a round)" if self.statistics_noise else ""))
+            out.append("plan (DP): " + ", ".join([mark("noise_multiplier", f"noise {self.noise_multiplier:.4g}"), stats,
+                                                  mark("pretrain_rows", f"{self.pretrain_rows:,} rows drawn from the "
+                                                                        "statistics to start from")]))
+        out += [f"plan: {note}" for note in self.notes]
+        return out
+
+
+def row_tokens(schema) -> int:
+    """Tokens of one row, about (value tokens: one per category or small-range number, the
+    digits of a wider one, a text's cap; 7 for a number whose bounds are still to estimate)."""
+    from dplm.serialize import fixed_width, token_values
+
+    total = 2
+    for col in schema.columns:
+        if col.kind == "text":
+            total += (col.max_tokens or 32) + 1
+        elif col.kind == "categorical":
+            total += 1
+        elif col.missing_metadata():
+            total += 7
+        else:
+            total += 1 if token_values(col) is not None else fixed_width(col)
+    return total
+
+
+def statistics_share(units: int) -> float:
+    """The share of the privacy budget (as zCDP rho) for the table's statistics: all of it
+    below `SGD_MIN_UNITS` units, `STATISTICS_SHARE_LARGE` from `STATISTICS_LARGE_UNITS`,
+    between them falling linearly in log(units)."""
+    if units < SGD_MIN_UNITS:
+        return 1.0
+    if units >= STATISTICS_LARGE_UNITS:
+        return STATISTICS_SHARE_LARGE
+    t = math.log(units / SGD_MIN_UNITS) / math.log(STATISTICS_LARGE_UNITS / SGD_MIN_UNITS)
+    return 1.0 + t * (STATISTICS_SHARE_LARGE - 1.0)
+
+
+def rho_of(epsilon: float, delta: float) -> float:
+    """The zCDP rho whose (epsilon, delta) conversion gives `epsilon` (for budget shares only;
+    the accountant computes every reported epsilon)."""
+    log = math.log(1 / delta)
+    return (math.sqrt(epsilon + log) - math.sqrt(log)) ** 2
+
+
+def make_plan(config: RunConfig, units: int, schema, metadata_epsilon: float = 0.0,
+              metadata_delta: float = 0.0, unit_rows: int | None = None) -> Plan:
+    """The plan for `units` training units (rows, or subjects) under `schema` (complete, or
+    with metadata still to estimate): every setting `config` leaves unset (None) is chosen,
+    the others are kept. Under DP the noise is calibrated with the accountant so that the whole
+    run (schema metadata, statistics, DP-SGD) stays within `privacy.max_epsilon`. A unit that
+    is a subject's history counts as `unit_rows` rows (`histories.HISTORY_PLAN_ROWS`)."""
+    t, p = config.train, config.privacy
+    chosen: list[str] = []
+
+    def pick(given, auto, name):
+        if given is not None:
+            return given
+        chosen.append(name)
+        return auto
+
+    tokens = row_tokens(schema) * (unit_rows or 1)
+    micro = min(256, max(16, 8192 // tokens))
+    if not p.enabled:
+        batch = pick(t.batch_size, NODP_BATCH, "batch_size")
+        stop_early = t.early_stopping if t.early_stopping is not None else (t.max_epochs is None and t.max_steps is None)
+        if t.early_stopping is None:
+            chosen.append("early_stopping")
+        plan = Plan(False, units, batch, min(batch, pick(t.micro_batch_size, micro, "micro_batch_size")),
+                    pick(t.learning_rate, NODP_LEARNING_RATE, "learning_rate"), pick(t.warmup_steps, 10, "warmup_steps"),
+                    pick(t.max_epochs, NODP_MAX_EPOCHS, "max_epochs"), t.max_steps, t.max_training_time,
+                    early_stopping=stop_early, chosen=chosen)
+        if t.max_epochs is None and t.max_steps is None:
+            plan.max_training_time = pick(t.max_training_time, NODP_TIME_BUDGET, "max_training_time")
+        return plan
+    if p.max_epsilon is None and p.noise_multiplier is None:
+        raise DplmError("DP training needs privacy.max_epsilon (the target: dplm then chooses the noise) or "
+                        "privacy.noise_multiplier; set one, e.g. privacy.max_epsilon: 2.5")
+    budget_rows = pick(t.budget_rows, max(1, DEFAULT_BUDGET_TOKENS // tokens), "budget_rows")
+    target = None if p.max_epsilon is None else p.max_epsilon - metadata_epsilon
+    delta = p.delta - metadata_delta
+    auto_share = statistics_share(units) if target is not None else 0.0
+    if t.max_steps is not None or t.max_epochs is not None:  # steps are asked for: DP-SGD keeps part of the budget
+        auto_share = min(auto_share, GIVEN_STEPS_STATISTICS_SHARE)
+    share = pick(p.statistics_share, auto_share, "statistics_share")
+    rate = min(MAX_SAMPLE_RATE, max(MIN_SAMPLE_RATE, budget_rows / (DP_TARGET_STEPS * units)))
+    batch = pick(t.batch_size, max(1, min(units, round(rate * units))), "batch_size")
+    max_steps = t.max_steps
+    if t.max_steps is None and t.max_epochs is None:
+        auto_steps = int(min(DP_MAX_STEPS, max(DP_MIN_STEPS, budget_rows // batch))) if share < 1 else 0
+        max_steps = pick(None, auto_steps, "max_steps")
+    plan = Plan(True, units, batch, min(batch, pick(t.micro_batch_size, micro, "micro_batch_size")),
+                pick(t.learning_rate, DP_LEARNING_RATE, "learning_rate"), 0, t.max_epochs, max_steps,
+                budget_rows=budget_rows, chosen=chosen)
+    steps = planned_steps(plan)
+    plan.warmup_steps = pick(t.warmup_steps, max(1, min(10, steps // 10)), "warmup_steps")
+    from dplm.marginals import noise_history, statistics_rounds
+    from dplm.privacy import calibrate_noise, epsilon_of_history, statistics_noise_for
+
+    rounds = sum(1 for v in statistics_rounds(schema).values() if v)
+    if share > 0 and rounds and target is not None:
+        if p.noise_multiplier is None:
+            plan.statistics_noise = statistics_noise_for(rho_of(target, delta) * share, rounds)
+        else:  # the noise is given: the statistics at a light default noise, if it fits below the cap
+            sgd = [(p.noise_multiplier, batch / units, steps)] if steps else []
+            history = noise_history({k: DEFAULT_STATISTICS_NOISE for k in ("one_way", "two_way", "both_nonzero")},
+                                    schema)
+            if epsilon_of_history(history + sgd, delta, p.accountant) <= target:
+                plan.statistics_noise = DEFAULT_STATISTICS_NOISE
+                if p.statistics_share is None:
+                    share = min(1.0, rounds / (2 * DEFAULT_STATISTICS_NOISE ** 2) / rho_of(target, delta))
+    if plan.statistics_noise is None:
+        share = 0.0
+        if target is None:
+            plan.notes.append("no table statistics (no privacy.max_epsilon to take a share of): the schema's "
+                              "column order, no rules, no start from the statistics")
+        elif rounds:
+            plan.notes.append("no table statistics: the given noise leaves no room for them below "
+                              "privacy.max_epsilon; the schema's column order, no rules, no start from them")
+    plan.statistics_share = share
+    # Rows drawn from the statistics are single rows without text (the statistics leave text out):
+    # none for text schemas or histories.
+    texts = any(c.kind == "text" for c in schema.columns)
+    plan.pretrain_rows = pick(t.pretrain_rows, min(PRETRAIN_ROWS, PRETRAIN_ROWS_PER_UNIT * units)
+                              if plan.statistics_noise and not texts and not unit_rows else 0, "pretrain_rows")
+    if p.noise_multiplier is not None:
+        plan.noise_multiplier = p.noise_multiplier
+    elif steps == 0:
+        plan.noise_multiplier = 1.0  # unused: no DP-SGD step
+        chosen.append("noise_multiplier")
+        plan.notes.append(f"{units} training units: too few for DP-SGD's steps to add to the DP statistics; the "
+                          "model learns from rows drawn from the statistics alone (post-processing)")
+    else:
+        plan.noise_multiplier = calibrate_noise(target, delta, batch / units, steps, p.accountant,
+                                                statistics_history(plan, schema))
+        chosen.append("noise_multiplier")
+    return plan
+
+
+def statistics_history(plan: Plan, schema) -> list:
+    """The accountant's entries of the plan's statistics rounds (none without statistics)."""
+    from dplm.marginals import noise_history
+
+    if not plan.statistics_noise:
+        return []
+    z = plan.statistics_noise
+    return noise_history({"one_way": z, "two_way": z, "both_nonzero": z}, schema)
+
+
+def planned_steps(plan: Plan) -> int:
+    """DP-SGD steps the plan takes before any epsilon cap (max_steps, or max_epochs' steps if fewer)."""
+    steps = math.ceil(plan.max_epochs * plan.units / plan.batch_size) if plan.max_epochs is not None else None
+    if plan.max_steps is not None and (steps is None or plan.max_steps < steps):
+        return plan.max_steps
+    return steps or 0
+
+
+def resolved(config: RunConfig, plan: Plan) -> RunConfig:
+    """`config` with the plan's settings filled in (what config.yaml records)."""
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train),
+                                 privacy=dataclasses.replace(config.privacy))
+    t, p = config.train, config.privacy
+    t.batch_size, t.micro_batch_size = plan.batch_size, plan.micro_batch_size
+    t.learning_rate, t.warmup_steps = plan.learning_rate, plan.warmup_steps
+    t.max_epochs, t.max_steps, t.max_training_time = plan.max_epochs, plan.max_steps, plan.max_training_time
+    t.early_stopping = plan.early_stopping
+    if plan.dp:
+        p.noise_multiplier, p.statistics_share = plan.noise_multiplier, plan.statistics_share
+        t.budget_rows, t.pretrain_rows = plan.budget_rows, plan.pretrain_rows
+    return config

@@ -1,0 +1,186 @@
+#!/usr/bin/env python
+"""dplm's defaults on every development table, DP and not, beside the reference engine.
+
+    .venv/bin/python scripts/bench_tables.py --out DIR [--tables census,german,diamonds,london]
+        [--systems dplm,engine] [--modes dp,nodp] [--epsilon 2.5] [--engine-python ENV/bin/python]
+        [--set section.key=value ...]
+
+For each table (scripts/dev_tables.py: its schema from the public codebook, nothing else) it
+splits 80/20 by `numpy.random.default_rng(0).permutation` (dplm's own split), trains dplm with
+the defaults only (the schema; under DP `privacy.enabled` and `privacy.max_epsilon`), samples
+as many rows as the holdout has, and scores them with `dplm report` (DIR/TABLE/SYSTEM-MODE/
+report.json). The engine (mostlyai-engine, in its own environment: `--engine-python`) trains on
+the same training rows with its defaults, DP at the same total epsilon. Finished cells are read
+back, so a rerun only runs what is missing. Prints one table: accuracy, discriminator AUC, TSTR
+on the table's target, rule consistency, epsilon and seconds, beside the holdout and the
+shuffled-columns floor. Run one at a time: two CPU-heavy jobs on 2 cores skew both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import pandas as pd
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from dev_tables import ROOT, TABLES  # noqa: E402
+
+
+def split(table):
+    """The table, its training and its holdout rows (by subject for histories)."""
+    from dplm.synthesizer import split_indexes
+
+    df = table.load()
+    train_idx, holdout_idx = split_indexes(len(df), 0.2, 0, df[table.subject] if table.subject else None)
+    return df, df.iloc[train_idx].reset_index(drop=True), df.iloc[holdout_idx].reset_index(drop=True)
+
+
+def run_dplm(table, df, holdout, dp: bool, epsilon: float, overrides: list[str], out: Path) -> dict:
+    from dplm.config import RunConfig, apply_overrides, from_dict
+    from dplm.synthesizer import Synthesizer
+
+    values = {"data": {"schema": str(table.schema_path), "source": None}}
+    if table.subject:
+        values["data"].update(subject=table.subject, order_by=table.order_by)
+    if dp:
+        values["privacy"] = {"enabled": True, "max_epsilon": epsilon}
+    config = from_dict(RunConfig, apply_overrides(values, overrides))
+    start = time.perf_counter()
+    synth = Synthesizer.fit(df, config, progress=False)
+    rows = synth.sample(count(table, holdout), progress=False)
+    synth.save(out / "run", synthetic=rows)
+    if synth.is_history:
+        rows.write(out / "synthetic.csv")
+    else:
+        rows.to_csv(out / "synthetic.csv", index=False)
+    return {"seconds": time.perf_counter() - start, "train_seconds": synth.training.seconds,
+            "epsilon": synth.privacy_record.get("epsilon"), "plan": synth.plan_record}
+
+
+def count(table, holdout) -> int:
+    """Synthetic rows to draw: as many as the holdout has (subjects, for histories)."""
+    return holdout[table.subject].nunique() if table.subject else len(holdout)
+
+
+def run_engine(python: str, table, train, holdout, dp: bool, epsilon: float, out: Path, minutes: float | None) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    train.to_csv(out / "train.csv", index=False)
+    command = [python, str(ROOT / "scripts" / "engine_run.py"), "--train", str(out / "train.csv"),
+               "--rows", str(count(table, holdout)), "--out", str(out)]
+    if table.subject:
+        command += ["--subject", table.subject]
+    if minutes:
+        command += ["--minutes", str(minutes)]
+    if dp:
+        command += ["--dp-epsilon", str(epsilon)]
+    subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    (out / "train.csv").unlink()
+    return json.loads((out / "engine.json").read_text())
+
+
+def score(table, train, holdout, synthetic_csv: Path, out: Path) -> dict:
+    from dplm.data import load_table
+    from dplm.report import align_types, write_report
+    from dplm.schema import Schema
+
+    schema = Schema.from_yaml(str(table.schema_path))
+    fake = load_table(synthetic_csv, schema.names_of("categorical", "text"))
+    histories = None
+    if table.subject:
+        from dplm.histories import Histories
+        from dplm.report import _typed
+
+        def subjects(df):
+            return Histories(pd.DataFrame({table.subject: df[table.subject].unique()}), _typed(df, table.subject, schema))
+
+        histories = ({"training": subjects(train), "holdout": subjects(holdout), "synthetic": subjects(fake)},
+                     table.subject, table.order_by)
+    paths = write_report(align_types(train[schema.names], schema), align_types(holdout[schema.names], schema),
+                         align_types(fake[schema.names], schema), out, target=table.target,
+                         categorical=schema.names_of("categorical"), histories=histories)
+    return json.loads(paths[1].read_text())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--tables", default="census,german,diamonds,london")
+    parser.add_argument("--systems", default="dplm,engine")
+    parser.add_argument("--modes", default="dp,nodp")
+    parser.add_argument("--epsilon", type=float, default=2.5)
+    parser.add_argument("--engine-minutes", type=float, help="the engine's training time limit (default: its own)")
+    parser.add_argument("--engine-python", default=str(ROOT.parent / "refenv" / "bin" / "python"))
+    parser.add_argument("--set", nargs="*", default=[], help="section.key=value for dplm's runs (probes only)")
+    parser.add_argument("--no-score", action="store_true", help="train and sample only (score later)")
+    parser.add_argument("--rescore", action="store_true", help="score every finished cell again")
+    args = parser.parse_args()
+    out = Path(args.out)
+    results = []
+    for name in args.tables.split(","):
+        table = TABLES[name]
+        df, train, holdout = split(table)
+        for system in args.systems.split(","):
+            for mode in args.modes.split(","):
+                cell = out / name / f"{system}-{mode}"
+                done, ran = cell / "cell.json", cell / "info.json"
+                if done.exists() and not args.rescore:
+                    results.append(json.loads(done.read_text()))
+                    continue
+                cell.mkdir(parents=True, exist_ok=True)
+                dp = mode == "dp"
+                if not ran.exists():
+                    info = (run_dplm(table, df, holdout, dp, args.epsilon, args.set, cell) if system == "dplm"
+                            else run_engine(args.engine_python, table, train, holdout, dp, args.epsilon, cell,
+                                            args.engine_minutes))
+                    ran.write_text(json.dumps(info, indent=2, default=str))
+                if args.no_score:
+                    continue
+                info = json.loads(ran.read_text())
+                report = score(table, train, holdout, cell / "synthetic.csv", cell)
+                record = {"table": name, "system": system, "mode": mode, **info, **summary(report)}
+                done.write_text(json.dumps(record, indent=2, default=str))
+                results.append(record)
+                print(line(record), flush=True)
+    print(f"\n| table | system | mode | accuracy | AUC | TSTR | rules kept | epsilon | train s | holdout acc / AUC | "
+          f"shuffled acc / AUC |\n| {' | '.join(['---'] * 11)} |")
+    for record in results:
+        print(line(record))
+    return 0
+
+
+def summary(report: dict) -> dict:
+    acc, auc = report["accuracy"], report["embedding"]["discriminator_auc"]
+    out = {"accuracy": acc["synthetic"]["overall"], "auc": auc["synthetic"],
+           "holdout_accuracy": acc["holdout"]["overall"], "holdout_auc": auc["holdout"],
+           "shuffled_accuracy": acc.get("shuffled", {}).get("overall"), "shuffled_auc": auc.get("shuffled"),
+           "tstr": report.get("utility", {}).get("tstr", {}).get("accuracy"),
+           "trtr": report.get("utility", {}).get("trtr", {}).get("accuracy"),
+           "rules_kept": report.get("rules", {}).get("synthetic", {}).get("all_rules")}
+    if "histories" in report:
+        h = report["histories"]
+        out["histories"] = {name: {k: v for k, v in h[name].items() if k not in ("coherence_per_column",)}
+                            for name in ("synthetic", "holdout")}
+    return out
+
+
+def line(r: dict) -> str:
+    def f(v, d=3):
+        return "-" if v is None else f"{v:.{d}f}"
+
+    return (f"| {r['table']} | {r['system']} | {r['mode']} | {f(r['accuracy'], 4)} | {f(r['auc'])} | {f(r['tstr'])} | "
+            f"{f(r.get('rules_kept'))} | {f(r.get('epsilon') or r.get('epsilon_training'), 3)} | "
+            f"{f(r.get('train_seconds'), 0)} | {f(r['holdout_accuracy'], 4)} / {f(r['holdout_auc'])} | "
+            f"{f(r.get('shuffled_accuracy'), 4)} / {f(r.get('shuffled_auc'))} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

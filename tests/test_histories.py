@@ -1,0 +1,205 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import dplm
+from dplm.config import RunConfig, from_dict
+from dplm.histories import HistoryCodec, Histories, dp_history_length, history_units
+from dplm.sample import CompiledGrammar, LazyGrammar, generate_sequences
+from dplm.schema import Schema, coerce_table
+from conftest import ROOT, shared_file
+
+CDNOW_SCHEMA = ROOT / "recipes" / "cdnow_schema.yaml"
+
+
+@pytest.fixture(scope="module")
+def cdnow():
+    return pd.read_csv(shared_file("cdnow_purchases.csv.gz"), nrows=6000)
+
+
+def shop(num: int = 60, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Customers (a country, a signup year) and their visits (a day, a spend): rows per
+    customer 1-5, days increasing, spend higher in one country; some customers never visit."""
+    rng = np.random.default_rng(seed)
+    customers = pd.DataFrame({"cid": np.arange(100, 100 + num), "country": rng.choice(["fr", "de"], num),
+                              "since": rng.integers(2000, 2010, num)})
+    rows = []
+    for cid, country in zip(customers["cid"], customers["country"]):
+        day = pd.Timestamp("2020-01-01") + pd.Timedelta(days=int(rng.integers(0, 30)))
+        for _ in range(0 if cid % 7 == 0 else int(rng.integers(1, 6))):
+            rows.append({"cid": cid, "day": day, "spend": float(rng.integers(10, 50) + (30 if country == "fr" else 0))})
+            day += pd.Timedelta(days=int(rng.integers(0, 20)))
+    return pd.DataFrame(rows).sample(frac=1, random_state=0).reset_index(drop=True), customers
+
+
+SHOP_SCHEMA = {"columns": {
+    "country": {"kind": "categorical", "categories": ["fr", "de"]}, "since": {"kind": "integer", "min": 2000, "max": 2010},
+    "day": {"kind": "datetime", "min": "2020-01-01", "max": "2021-12-31"},
+    "spend": {"kind": "float", "min": 0, "max": 200, "precision": 1}}}
+
+
+@pytest.mark.parametrize("value_tokens", [True, False])
+def test_histories_round_trip(cdnow, tokenizer, value_tokens):
+    """A customer's purchases, in date order, are one sequence: the first date, then the gaps;
+    decoding gives every row back exactly."""
+    schema = Schema.from_yaml(str(CDNOW_SCHEMA))
+    events = coerce_table(cdnow.drop(columns=["users_id"]), schema)
+    events["users_id"] = cdnow["users_id"]
+    codec = HistoryCodec(None, schema, tokenizer, value_tokens, "date", max_rows=40)
+    for unit in history_units(events, "users_id", "date")[:500]:
+        rows = events.iloc[unit[:40]]
+        ids = codec.encode({}, rows)
+        assert ids.count(codec.row_id) == len(rows) and ids[0] == codec.bos_id and ids[-1] == codec.eos_id
+        subject, decoded = codec.decode(ids)
+        assert subject == {}
+        pd.testing.assert_frame_equal(pd.DataFrame(decoded)[schema.names].astype(str),
+                                      rows[schema.names].reset_index(drop=True).astype(str))
+    assert codec.fields == [] and codec.max_tokens() >= max(len(codec.encode({}, events.iloc[u[:40]]))
+                                                          for u in history_units(events, "users_id", "date")[:500])
+
+
+def test_history_grammar_counts_rows_and_keeps_dates_in_order(tokenizer):
+    """Sampling under the grammar (here from a random model) gives histories of min_rows to
+    max_rows rows whose dates never go back, from the compiled and the lazy automaton alike."""
+    from dplm.model import load_base_model, restrict_output_vocab
+
+    events, customers = shop()
+    schema = Schema.from_dict(SHOP_SCHEMA)
+    subject_schema, event_schema = Schema([schema["country"], schema["since"]]), Schema([schema["day"], schema["spend"]])
+    codec = HistoryCodec(subject_schema, event_schema, tokenizer, True, "day", max_rows=4, min_rows=2)
+    model = load_base_model("tiny-random", len(tokenizer))
+    restrict_output_vocab(model, codec.output_token_ids())
+    token_ids = codec.output_token_ids()
+    for grammar in (CompiledGrammar.build(codec, token_ids, torch.device("cpu")),
+                    LazyGrammar(codec, token_ids, torch.device("cpu"))):
+        assert grammar is not None
+        generator = torch.Generator().manual_seed(0)
+        for ids in generate_sequences(model, grammar, 40, 1.0, generator, torch.device("cpu")):
+            subject, rows = codec.decode(ids)
+            assert subject["country"] in ("fr", "de") and 2000 <= subject["since"] <= 2010
+            assert 2 <= len(rows) <= 4
+            days = [r["day"] for r in rows]
+            assert days == sorted(days) and all(pd.Timestamp("2020-01-01") <= d <= pd.Timestamp("2021-12-31")
+                                                for d in days)
+
+
+def test_dp_history_cap_is_a_noisy_quantile():
+    lengths = np.r_[np.ones(9000, dtype=int), np.full(950, 5), np.full(50, 40)]  # 99th percentile: 5
+    results = [dp_history_length(lengths, 0.5, np.random.default_rng(seed)) for seed in range(20)]
+    assert all(cap == 5 for cap, _ in results)  # the bin [5, 6) holds the quantile (shares 0.90..0.995)
+    exact_mean = (9000 + 950 * 5 + 50 * 5) / 10000  # rows under the cap of 5
+    assert all(abs(mean - exact_mean) < 0.01 for _, mean in results)
+    assert dp_history_length(np.ones(3, dtype=int), 0.1, np.random.default_rng(0))[0] == 1  # too few: the smallest
+
+
+def tiny(dp: bool, **data) -> RunConfig:
+    return from_dict(RunConfig, {
+        "data": {"subject": "cid", "order_by": "day", **data}, "model": {"base": "tiny-random", "lora_r": 4, "lora_alpha": 8},
+        "train": {"batch_size": 8, "micro_batch_size": 8, "max_steps": 3, "learning_rate": 0.01},
+        "privacy": {"enabled": dp, "max_epsilon": 4.0}, "sample": {"batch_size": 16}})
+
+
+def test_two_tables_fit_sample_save_load(tmp_path):
+    """An event table and a subject table: the subject's columns come first in its sequence and
+    condition its rows; the output is both tables with matching fresh keys; given subject rows
+    get histories of their own (and keep their keys)."""
+    events, customers = shop()
+    synth = dplm.fit(events, tiny(False), schema=Schema.from_dict(SHOP_SCHEMA), subjects=customers, progress=False)
+    assert synth.is_history and synth.codec.subject_schema.names == ["country", "since"]
+    assert synth.split["num_training_subjects"] == 48  # 80 % of the 60 customers, those without visits too
+    out = synth.sample(10, seed=1, progress=False)
+    assert isinstance(out, Histories) and list(out.subjects.columns) == ["cid", "country", "since"]
+    assert list(out.subjects["cid"]) == list(range(1, 11)) and set(out.events["cid"]) <= set(range(1, 11))
+    assert list(out.events.columns) == ["cid", "day", "spend"]
+    for _, rows in out.events.groupby("cid"):
+        assert rows["day"].is_monotonic_increasing and len(rows) <= synth.codec.max_rows
+    run = synth.save(tmp_path / "run", synthetic=out)
+    assert (run / "synthetic.csv").exists() and (run / "synthetic_subjects.csv").exists()
+    layout = json.loads((run / "history.json").read_text())
+    assert layout["subject_columns"] == ["country", "since"] and layout["order_by"] == "day"
+    assert layout["min_rows"] == 0 and layout["max_rows"] == 5  # the longest training history
+    again = dplm.load(run).sample(10, seed=1, progress=False)
+    pd.testing.assert_frame_equal(out.events, again.events)
+    given = pd.DataFrame({"cid": ["a", "b", "c"], "country": ["fr", "fr", "de"], "since": [2001, 2002, 2003]})
+    completed = synth.sample(given=given, progress=False)
+    assert completed.subjects.drop(columns="cid").to_dict("list") == {"country": ["fr", "fr", "de"],
+                                                                       "since": [2001, 2002, 2003]}
+    assert list(completed.subjects["cid"]) == ["a", "b", "c"] and set(completed.events["cid"]) <= {"a", "b", "c"}
+
+
+def test_subject_columns_of_the_event_table(tmp_path):
+    events, customers = shop()
+    joined = events.merge(customers, on="cid")
+    synth = dplm.fit(joined, tiny(False, subject_columns=["country", "since"]), schema=Schema.from_dict(SHOP_SCHEMA),
+                     progress=False)
+    assert synth.codec.subject_schema.names == ["country", "since"]
+    joined.loc[0, "country"] = "de" if joined.loc[0, "country"] == "fr" else "fr"
+    with pytest.raises(dplm.DplmError, match="column 'country' is declared a subject column but subject"):
+        dplm.fit(joined, tiny(False, subject_columns=["country"]), schema=Schema.from_dict(SHOP_SCHEMA), progress=False)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda e, c: (e, c[c["cid"] != e["cid"].iloc[0]]), "of the event table is not in the subject table"),
+    (lambda e, c: (e, pd.concat([c, c.head(1)])), "holds subject '100' more than once"),
+    (lambda e, c: (e.assign(day=e["day"].astype(object).where(e.index != 3, None)), c),
+     "data.order_by column 'day' has missing values"),
+    (lambda e, c: (e.assign(day=e["day"].astype(str).where(e.index != 3, "someday")), c), "'someday' is not a date"),
+])
+def test_bad_history_input_is_one_line(change, message):
+    events, customers = shop()
+    events, customers = change(events, customers)
+    with pytest.raises(dplm.DplmError, match=message):
+        dplm.fit(events, tiny(False), schema=Schema.from_dict(SHOP_SCHEMA), subjects=customers, progress=False)
+
+
+def test_dp_per_subject_histories(cdnow, tmp_path):
+    """Under DP one subject's whole history is one unit: Poisson sampling over subjects, one
+    clipped sequence each; the history cap is a DP estimate counted in epsilon, longer
+    histories are cut and counted; plan() says what the run reports."""
+    from test_privacy import independent_epsilon
+
+    config = tiny(True, schema=str(CDNOW_SCHEMA))
+    config.data.subject, config.data.order_by = "users_id", "date"
+    config.privacy.noise_multiplier, config.privacy.statistics_share, config.privacy.accountant = 1.5, 0.0, "rdp"
+    config.privacy.max_epsilon = None
+    synth = dplm.fit(cdnow, config, progress=False)
+    record = synth.privacy_record
+    subjects = record["num_training_subjects"]
+    assert subjects == len(set(cdnow["users_id"].iloc[synth.split["train"]]))
+    assert record["privacy_unit"] == "subject (column 'users_id')" and record["sample_rate"] == pytest.approx(8 / subjects)
+    assert record["metadata_estimated_under_dp"] == {"(rows per subject)": ["max_history"]}
+    assert record["epsilon"] == pytest.approx(0.2 + independent_epsilon(1.5, 8 / subjects, 3, 1e-5), rel=1e-4)
+    lengths = cdnow.iloc[synth.split["train"]].groupby("users_id").size()
+    assert synth.values_cut["histories cut at data.max_history"] == int((lengths > synth.codec.max_rows).sum()) > 0
+    planned = dplm.plan(config, cdnow)
+    assert planned["epsilon"] == pytest.approx(record["epsilon"], rel=1e-9) and planned["units"] == subjects
+
+
+def test_history_report_and_audit(tmp_path):
+    """`dplm report` scores histories beside the holdout subjects, `dplm audit` attacks whole subjects."""
+    from dplm.audit import audit_run
+    from dplm.report import report_run
+
+    events, customers = shop(120)
+    joined = events.merge(customers, on="cid")
+    joined.to_csv(tmp_path / "shop.csv", index=False)
+    config = tiny(False, subject_columns=["country", "since"], source=str(tmp_path / "shop.csv"))
+    config.audit.canaries, config.audit.canary_repeats = 2, 2
+    synth = dplm.fit(config=config, schema=Schema.from_dict(SHOP_SCHEMA), progress=False)
+    run = synth.save(tmp_path / "run", synthetic=synth.sample(30, progress=False))
+    _, report = report_run(run, out_dir=tmp_path / "report", progress=False)
+    h = json.loads(report.read_text())["histories"]
+    visitors = events["cid"].nunique()  # the subjects: customers with a visit (no subject table)
+    assert h["subjects"] == {"training": round(0.8 * visitors), "holdout": visitors - round(0.8 * visitors),
+                             "synthetic": 30}
+    hol = h["holdout"]
+    assert 0.5 < hol["overall"] <= 1 and 0 <= h["synthetic"]["overall"] <= 1
+    assert set(hol["per_subject"]) == {"rows", "spend per subject", "spend mean", "day span"}
+    assert set(hol["coherence_per_column"]) == {"day", "spend"} and hol["copied_subject_share"] == 0.0
+    assert "Histories" in (tmp_path / "report" / "report.html").read_text()
+    audit = audit_run(run, num_records=20, num_references=20)
+    assert audit["unit"] == "subject" and audit["membership_inference"]["members"] == 20
+    assert audit["canaries"]["count"] == 2
