@@ -233,7 +233,9 @@ class Marginals:
             if not (self.column(a).single_values() and self.column(b).single_values()):
                 continue  # merged bins hide what pairs with what: a rule between them would be made up
             t = self.table(a, b)
-            visible = np.where(t > 3 * sigma2, t, 0.0) if sigma2 else t
+            # 4 sigma: a cell of pure noise passes with probability 3e-5, and one such cell in a
+            # rare value's row or column would hide the rule (3 sigma: about one table in three).
+            visible = np.where(t > 4 * sigma2, t, 0.0) if sigma2 else t
             mass = visible.sum()
             rows, cols = np.flatnonzero(visible.sum(1)), np.flatnonzero(visible.sum(0))
             if mass < self.units / 2 or len(rows) < 2 or len(rows) != len(cols):

@@ -171,7 +171,9 @@ def make_plan(config: RunConfig, units: int, schema, metadata_epsilon: float = 0
     budget_rows = pick(t.budget_rows, max(1, DEFAULT_BUDGET_TOKENS // tokens), "budget_rows")
     target = None if p.max_epsilon is None else p.max_epsilon - metadata_epsilon
     delta = p.delta - metadata_delta
-    auto_share = statistics_share(units) if target is not None else 0.0
+    # Histories: the statistics would only order the event columns (no first stage on their
+    # rows), so by default the whole budget goes to DP-SGD.
+    auto_share = statistics_share(units) if target is not None and not unit_rows else 0.0
     if t.max_steps is not None or t.max_epochs is not None:  # steps are asked for: DP-SGD keeps part of the budget
         auto_share = min(auto_share, GIVEN_STEPS_STATISTICS_SHARE)
     share = pick(p.statistics_share, auto_share, "statistics_share")
@@ -187,11 +189,16 @@ def make_plan(config: RunConfig, units: int, schema, metadata_epsilon: float = 0
     steps = planned_steps(plan)
     plan.warmup_steps = pick(t.warmup_steps, max(1, min(10, steps // 10)), "warmup_steps")
     from dplm.marginals import noise_history, statistics_rounds
-    from dplm.privacy import calibrate_noise, epsilon_of_history, statistics_noise_for
+    from dplm.privacy import calibrate_noise, epsilon_of_history, smallest_noise, statistics_noise_for
 
     rounds = sum(1 for v in statistics_rounds(schema).values() if v)
     if share > 0 and rounds and target is not None:
-        if p.noise_multiplier is None:
+        if p.noise_multiplier is None and share >= 1 and steps == 0:
+            # The statistics are the whole run: their noise fills the cap by the accountant's own figure.
+            plan.statistics_noise = smallest_noise(lambda z: epsilon_of_history(
+                noise_history({k: z for k in ("one_way", "two_way", "both_nonzero")}, schema), delta, p.accountant),
+                target, "for the table's statistics")
+        elif p.noise_multiplier is None:
             plan.statistics_noise = statistics_noise_for(rho_of(target, delta) * share, rounds)
         else:  # the noise is given: the statistics at a light default noise, if it fits below the cap
             sgd = [(p.noise_multiplier, batch / units, steps)] if steps else []
@@ -202,13 +209,16 @@ def make_plan(config: RunConfig, units: int, schema, metadata_epsilon: float = 0
                 if p.statistics_share is None:
                     share = min(1.0, rounds / (2 * DEFAULT_STATISTICS_NOISE ** 2) / rho_of(target, delta))
     if plan.statistics_noise is None:
-        share = 0.0
         if target is None:
             plan.notes.append("no table statistics (no privacy.max_epsilon to take a share of): the schema's "
                               "column order, no rules, no start from the statistics")
-        elif rounds:
+        elif unit_rows and p.statistics_share is None:
+            plan.notes.append("histories: no table statistics (they would only order the event columns); the "
+                              "schema's column order, the whole budget for DP-SGD")
+        elif rounds and share > 0:
             plan.notes.append("no table statistics: the given noise leaves no room for them below "
                               "privacy.max_epsilon; the schema's column order, no rules, no start from them")
+        share = 0.0
     plan.statistics_share = share
     # Rows drawn from the statistics are single rows without text (the statistics leave text out):
     # none for text schemas or histories.

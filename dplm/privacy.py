@@ -136,18 +136,21 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
     if target_epsilon <= 0 or epsilon_of_history(prior, delta, accountant) >= target_epsilon:
         raise DplmError(f"the target epsilon {target_epsilon:.4g} leaves nothing for DP-SGD's steps after the schema's "
                         "and the statistics' share; raise privacy.max_epsilon or lower privacy.statistics_share")
+    return smallest_noise(lambda sigma: epsilon_of_history(prior + [(sigma, sample_rate, steps)], delta, accountant),
+                          target_epsilon, f"in {steps} steps")
 
-    def epsilon(sigma):
-        return epsilon_of_history(prior + [(sigma, sample_rate, steps)], delta, accountant)
 
+def smallest_noise(epsilon_of_noise, target_epsilon: float, what: str = "") -> float:
+    """The smallest noise multiplier (to 0.1 %) for which `epsilon_of_noise` (decreasing in the
+    noise) stays at or below `target_epsilon`: bisection on the accountant's own figure."""
     lo, hi = 0.1, 1.0
-    while epsilon(hi) > target_epsilon:
+    while epsilon_of_noise(hi) > target_epsilon:
         lo, hi = hi, hi * 2
         if hi > 1e4:
-            raise DplmError(f"no noise multiplier reaches epsilon {target_epsilon:.4g} in {steps} steps")
+            raise DplmError(f"no noise multiplier reaches epsilon {target_epsilon:.4g} {what}".rstrip())
     while hi / lo > 1.001:
         mid = math.sqrt(lo * hi)
-        lo, hi = (mid, hi) if epsilon(mid) > target_epsilon else (lo, mid)
+        lo, hi = (mid, hi) if epsilon_of_noise(mid) > target_epsilon else (lo, mid)
     return hi
 
 

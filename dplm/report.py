@@ -300,6 +300,8 @@ def render_html(metrics: dict, charts: dict, run_info: dict | None) -> str:
                  "one below it has lost even the marginals.</p>")
     parts.append("<h2>Summary</h2>" + _table(summary_rows(metrics), ("metric", "synthetic", "holdout (reference)",
                                                                      "shuffled columns (floor)")))
+    if metrics.get("yardstick"):
+        parts.append(f"<p>{html.escape(metrics['yardstick'])}</p>")
     rules = metrics.get("rules", {})
     if rules.get("rules"):
         parts.append("<h2>Hard rules of the training rows</h2><p>Pairs of columns the training rows tie together "

@@ -39,6 +39,7 @@ from dplm.privacy import (
 
 MAX_VALIDATION_ROWS = 5000  # early stopping: rows held back to measure the loss on
 MAX_MICRO_TOKENS = 16384  # padded tokens of one micro-batch at most (long histories: memory of attention)
+MAX_PADDING, MIN_PADDED_TOKENS = 1.5, 1024  # padded / real tokens of a micro-batch past 1,024 padded tokens
 EVAL_EVERY_STEPS = 250  # early stopping: at most this many steps between measurements
 PATIENCE = 3  # early stopping: measurements without improvement before stopping
 
@@ -421,18 +422,20 @@ def _cap_rows(rows: list[int], cap: int, generator: torch.Generator | None) -> l
 
 def _pack(groups: list[list[int]], size: int, sequences=None) -> list[list[list[int]]]:
     """Consecutive groups into micro-batches of at most `size` rows and (given the `sequences`;
-    groups come sorted by length) at most `MAX_MICRO_TOKENS` padded tokens, so long histories
-    share a micro-batch with few others; a group is never split."""
-    chunks, current, rows, longest = [], [], 0, 0
+    groups come sorted by length) at most `MAX_MICRO_TOKENS` padded tokens, and no more than
+    `MAX_PADDING` times their real tokens once past `MIN_PADDED_TOKENS`: histories of 1 to 200
+    rows in one batch would otherwise pad the short ones to the longest. A group is never split."""
+    chunks, current, rows, longest, real = [], [], 0, 0, 0
     for group in groups:
-        group_longest = max(len(sequences[r]) for r in group) if sequences is not None else 0
-        wide = max(longest, group_longest) * (rows + len(group)) > MAX_MICRO_TOKENS
-        if current and (rows + len(group) > size or (sequences is not None and wide)):
+        lengths = [len(sequences[r]) for r in group] if sequences is not None else [0]
+        padded = max(longest, max(lengths)) * (rows + len(group))
+        wasteful = padded > MIN_PADDED_TOKENS and padded > MAX_PADDING * (real + sum(lengths))
+        if current and (rows + len(group) > size or (sequences is not None and (padded > MAX_MICRO_TOKENS or wasteful))):
             chunks.append(current)
-            current, rows, longest = [], 0, 0
+            current, rows, longest, real = [], 0, 0, 0
         current.append(group)
         rows += len(group)
-        longest = max(longest, group_longest)
+        longest, real = max(longest, max(lengths)), real + sum(lengths)
     if current:
         chunks.append(current)
     return chunks

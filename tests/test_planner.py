@@ -1,6 +1,10 @@
+import math
+
 import dp_accounting
 import pytest
 from dp_accounting import rdp
+from scipy.optimize import brentq
+from scipy.stats import norm
 
 from dplm.config import RunConfig, from_dict
 from dplm.errors import DplmError
@@ -92,6 +96,17 @@ def test_small_tables_spend_everything_on_the_statistics():
     plan = make_plan(config(privacy={"enabled": True, "max_epsilon": 2.5}), 800, CENSUS_LIKE)
     assert plan.statistics_share == 1.0 and plan.max_steps == 0 and plan.pretrain_rows == 800 * 20
     assert any("too few for DP-SGD" in note for note in plan.notes)
+    # The statistics are the whole run: their noise fills the cap, by an independent computation
+    # (dp-accounting's RDP; PRV against the exact epsilon of composed Gaussian mechanisms).
+    rdp_plan = make_plan(config(privacy={"enabled": True, "max_epsilon": 2.5, "accountant": "rdp"}), 800, CENSUS_LIKE)
+    rounds = noise_history({k: rdp_plan.statistics_noise for k in ("one_way", "two_way", "both_nonzero")}, CENSUS_LIKE)
+    assert 2.49 < composed_epsilon(rounds, 1e-5) <= 2.5
+    mu = math.sqrt(len(rounds)) / plan.statistics_noise  # k Gaussian rounds of noise z compose to one of mu = sqrt(k)/z
+
+    def exact_delta(eps):
+        return norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * norm.cdf(-eps / mu - mu / 2)
+    exact_epsilon = brentq(lambda eps: exact_delta(eps) - 1e-5, 0.01, 20)
+    assert 2.47 < exact_epsilon <= 2.5 + 1e-3
     asked = make_plan(config(train={"max_steps": 30}, privacy={"enabled": True, "max_epsilon": 2.5}), 800, CENSUS_LIKE)
     assert asked.statistics_share == 0.5 and asked.max_steps == 30  # steps asked for: DP-SGD keeps half
 
@@ -112,3 +127,13 @@ def test_given_dp_settings_win():
     assert no_cap.statistics_noise is None and any("no privacy.max_epsilon" in n for n in no_cap.notes)
     with pytest.raises(DplmError, match="privacy.max_epsilon"):
         make_plan(config(privacy={"enabled": True}), 39074, CENSUS_LIKE)
+
+
+def test_histories_spend_the_whole_budget_on_dp_sgd():
+    """A unit that is a subject's history: no statistics by default (they would only order the
+    event columns), and the noise alone fills the cap."""
+    plan = make_plan(config(privacy={"enabled": True, "max_epsilon": 4.0, "accountant": "rdp"}), 18856, CENSUS_LIKE,
+                     unit_rows=4)
+    assert plan.statistics_share == 0 and plan.statistics_noise is None and plan.pretrain_rows == 0
+    assert any(note.startswith("histories: no table statistics") for note in plan.notes)
+    assert 3.99 < composed_epsilon([(plan.noise_multiplier, plan.batch_size / 18856, plan.max_steps)], 1e-5) <= 4.0

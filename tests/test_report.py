@@ -51,6 +51,7 @@ def test_report_renders_in_a_real_browser(tmp_path, census):
     assert [r["columns"] for r in rules["rules"]] == [["education", "education_num"], ["capital_gain", "capital_loss"]]
     assert rules["holdout"]["all_rules"] == 1.0 and rules["synthetic"]["all_rules"] < 0.95
     assert set(metrics["utility"]) >= {"tstr", "trtr"} and metrics["run"]["steps"] == 10
+    assert "potion-base-8M" in metrics["yardstick"] and "Not mostlyai-qa 1.10" in html_path.read_text()
     pixels = screenshot(html_path, tmp_path / "shot.png")
     # The charts draw real data in blue (#1f77b4) and synthetic in orange (#ff7f0e): a page whose
     # images failed to render would show neither.

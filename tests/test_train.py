@@ -285,3 +285,19 @@ def test_early_stopping_keeps_the_best_held_back_loss(tokenizer, sequences, monk
     with pytest.raises(DplmError, match="early_stopping cannot be used with DP"):
         train(tiny_lora(tokenizer), sequences, tokenizer.pad_token_id, cfg, privacy_config(enabled=True),
               torch.device("cpu"), progress=False)
+
+
+def test_micro_batches_of_mixed_lengths_pad_little():
+    """A batch of histories of 14 to 250 tokens: micro-batches of similar lengths, each padded
+    to at most 1.5 times its real tokens (past 1,024 tokens); even lengths keep one micro-batch."""
+    from dplm.train import MAX_PADDING, MIN_PADDED_TOKENS, _pack
+
+    lengths = [14] * 30 + [20] * 15 + [30] * 10 + [60] * 5 + [250] * 4
+    sequences = {i: [0] * n for i, n in enumerate(lengths)}
+    chunks = _pack([[i] for i in range(len(lengths))], 64, sequences)
+    assert sum(len(c) for c in chunks) == 64 and len(chunks) > 1
+    for chunk in chunks:
+        padded = max(lengths[g[0]] for g in chunk) * len(chunk)
+        assert padded <= max(MIN_PADDED_TOKENS, MAX_PADDING * sum(lengths[g[0]] for g in chunk))
+    even = {i: [0] * 31 for i in range(256)}
+    assert len(_pack([[i] for i in range(256)], 256, even)) == 1
