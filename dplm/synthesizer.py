@@ -49,7 +49,7 @@ from dplm.histories import (
     sample_histories,
 )
 from dplm.marginals import Marginals, Rules, measure
-from dplm.planner import Plan, make_plan, resolved, statistics_history
+from dplm.planner import Plan, make_plan, resolved, row_tokens, statistics_history
 from dplm.privacy import secret_rng
 from dplm.sample import SampleStats, grammar_masks, output_token_ids, sample_rows
 from dplm.schema import Schema, coerce_table, dp_metadata_spend, estimate_schema_dp, infer_schema, require_kinds
@@ -306,7 +306,8 @@ class Synthesizer:
                                    progress=progress, subjects=flat_units, checkpoints=checkpoints,
                                    metadata_epsilon=metadata["epsilon"], metadata_delta=metadata["delta"], masks=masks,
                                    log_step=None if trackers is None else lambda entry: trackers.log(entry, entry["step"]),
-                                   prior=statistics_history(plan, _statistics_schema(given, history)))
+                                   prior=statistics_history(plan, _statistics_schema(given, history)),
+                                   unit_tokens=float(row_tokens(schema) * HISTORY_PLAN_ROWS) if history else None)
         finally:
             if trackers:
                 synth.tracking_ids = trackers.run_ids

@@ -96,9 +96,10 @@ class GrammarMasks:
 
 def row_losses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                target_index: torch.Tensor | None = None, allowed: torch.Tensor | None = None,
-               scored: torch.Tensor | None = None) -> torch.Tensor:
+               scored: torch.Tensor | None = None, unit_tokens: float | None = None) -> torch.Tensor:
     """Mean next-token loss of each row over its real tokens (padding excluded), or over the
-    tokens `scored` marks (a 0/1 mask like `input_ids`).
+    tokens `scored` marks (a 0/1 mask like `input_ids`); with `unit_tokens` the sum of its
+    token losses over that constant instead, so every token weighs the same in every row.
 
     `target_index` maps token ids to logit positions when the model's output layer scores
     only some tokens (see `model.RestrictedHead`). `allowed` (see `GrammarMasks.of`) limits
@@ -109,7 +110,7 @@ def row_losses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     targets = input_ids[:, 1:] if target_index is None else target_index[input_ids[:, 1:]]
     mask = (attention_mask if scored is None else scored)[:, 1:].to(torch.float32)
     token_loss = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
-    return (token_loss * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return (token_loss * mask).sum(1) / (mask.sum(1).clamp(min=1) if unit_tokens is None else unit_tokens)
 
 
 def planned_steps(num_units: int, cfg: TrainConfig) -> tuple[int, str]:
@@ -192,7 +193,8 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
           device: torch.device, progress: bool = True, subjects: list[list[int]] | None = None,
           checkpoints: Checkpoints | None = None, metadata_epsilon: float = 0.0,
           metadata_delta: float = 0.0, masks: GrammarMasks | None = None,
-          log_step: Callable[[dict], None] | None = None, prior: list | None = None) -> TrainResult:
+          log_step: Callable[[dict], None] | None = None, prior: list | None = None,
+          unit_tokens: float | None = None) -> TrainResult:
     """Train the trainable (LoRA) parameters of `model` in place; returns what was done.
 
     `subjects` lists the row indexes of each privacy unit (default: every row is its own).
@@ -205,7 +207,10 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
     accounts at `privacy.delta - metadata_delta`, so the total stays at `privacy.delta`.
     With `masks` each token's loss is over the tokens the grammar allows there. `log_step`
     receives each step's log entry (experiment trackers). `prior` are the accountant's entries
-    of the table's statistics rounds, spent before training (`PrivacyBudget`).
+    of the table's statistics rounds, spent before training (`PrivacyBudget`). With `unit_tokens`
+    (histories) a sequence's loss is its token losses' sum over that public constant, not their
+    mean: a mean would weigh the end of a 1-row history as much as the whole of a 20-row one, and
+    the model would learn to end histories early.
 
     With `cfg.early_stopping` (without DP only) a tenth of the rows (at most
     `MAX_VALIDATION_ROWS`) is held back: their mean loss is measured every half epoch (and at
@@ -318,7 +323,8 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
                 break
             batch_rows = sum(len(g) for g in groups)
             loss = _logical_step(forward_model, optimizer, groups[rank::world], batch_rows, sequences, pad_id,
-                                 cfg.micro_batch_size, device, private, params, target_index, world, masks)
+                                 cfg.micro_batch_size, device, private, params, target_index, world, masks,
+                                 unit_tokens)
             scheduler.step()
             if budget:
                 budget.step()
@@ -332,7 +338,7 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
                 entry["epsilon"] = budget.epsilon()
             if validation and step % eval_every == 0:
                 entry["validation_loss"] = mean_loss(model, validation, sequences, pad_id, cfg.micro_batch_size,
-                                                     device, target_index, masks)
+                                                     device, target_index, masks, unit_tokens)
                 if entry["validation_loss"] < early["best"]:
                     early.update(best=entry["validation_loss"], weights=trainable_snapshot(model), since=0)
                 else:
@@ -355,7 +361,8 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
     if private:
         forward_model._close()  # remove Opacus hooks and per-sample buffers
     if early["weights"] is not None:  # the adapter of the best held-back loss
-        final = mean_loss(model, validation, sequences, pad_id, cfg.micro_batch_size, device, target_index, masks)
+        final = mean_loss(model, validation, sequences, pad_id, cfg.micro_batch_size, device, target_index, masks,
+                          unit_tokens)
         if final > early["best"]:
             with torch.no_grad():
                 for name, p in model.named_parameters():
@@ -386,7 +393,7 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
 
 @torch.no_grad()
 def mean_loss(model, rows: list[int], sequences, pad_id: int, micro_batch_size: int, device, target_index=None,
-              masks: GrammarMasks | None = None) -> float:
+              masks: GrammarMasks | None = None, unit_tokens: float | None = None) -> float:
     """The mean row loss of these rows (the held-back rows of early stopping)."""
     total = 0.0
     for groups in _pack([[r] for r in sorted(rows, key=lambda r: len(sequences[r]))], micro_batch_size, sequences):
@@ -394,7 +401,7 @@ def mean_loss(model, rows: list[int], sequences, pad_id: int, micro_batch_size: 
         ids, mask = pad_batch([sequences[r] for r in chunk], pad_id, device)
         allowed = masks.of(chunk, ids.shape[1], device) if masks else None
         with models.training_attention(device):
-            total += float(row_losses(model, ids, mask, target_index, allowed).sum())
+            total += float(row_losses(model, ids, mask, target_index, allowed, unit_tokens=unit_tokens).sum())
     return total / max(1, len(rows))
 
 
@@ -442,7 +449,8 @@ def _pack(groups: list[list[int]], size: int, sequences=None) -> list[list[list[
 
 
 def _logical_step(model, optimizer, groups, batch_rows, sequences, pad_id, micro_batch_size, device, dp: bool,
-                  params, target_index, world: int, masks: GrammarMasks | None = None) -> float | None:
+                  params, target_index, world: int, masks: GrammarMasks | None = None,
+                  unit_tokens: float | None = None) -> float | None:
     """One optimizer step. This process computes the rows of `groups` (its share of a
     logical batch of `batch_rows` rows; one group per privacy unit) in micro-batches.
     Returns the mean row loss over the whole logical batch."""
@@ -458,7 +466,7 @@ def _logical_step(model, optimizer, groups, batch_rows, sequences, pad_id, micro
         ids, mask = pad_batch([sequences[r] for r in rows], pad_id, device)
         allowed = masks.of(rows, ids.shape[1], device) if masks else None
         with models.training_attention(device):
-            losses = row_losses(model, ids, mask, target_index, allowed)
+            losses = row_losses(model, ids, mask, target_index, allowed, unit_tokens=unit_tokens)
         total += float(losses.detach().sum())
         if dp:
             # Opacus wants the micro-batch mean; it rescales per-row gradients by the batch size.

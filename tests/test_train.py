@@ -301,3 +301,18 @@ def test_micro_batches_of_mixed_lengths_pad_little():
         assert padded <= max(MIN_PADDED_TOKENS, MAX_PADDING * sum(lengths[g[0]] for g in chunk))
     even = {i: [0] * 31 for i in range(256)}
     assert len(_pack([[i] for i in range(256)], 256, even)) == 1
+
+
+def test_history_losses_weigh_every_token_alike():
+    """With `unit_tokens` a sequence's loss is the sum of its token losses over that constant:
+    a history of 2 predicted tokens weighs twice one of 1 (a mean would weigh them alike)."""
+    from types import SimpleNamespace
+
+    def uniform(input_ids, attention_mask):  # every next token has probability 1/5
+        return SimpleNamespace(logits=torch.zeros(*input_ids.shape, 5))
+
+    ids = torch.tensor([[1, 2, 3, 0], [1, 2, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    log5 = torch.log(torch.tensor(5.0))
+    assert torch.allclose(row_losses(uniform, ids, mask), torch.stack([log5, log5]))
+    assert torch.allclose(row_losses(uniform, ids, mask, unit_tokens=4.0), torch.stack([2 * log5 / 4, log5 / 4]))
