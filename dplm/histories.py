@@ -178,18 +178,18 @@ class HistoryCodec:
         return ("b", r + 1) if last else ("e", r, j + 1, fields[j + 1].start())
 
     def state_key(self, state):
-        if state is None or state[0] == "b":
-            return state or "done"
-        if state[0] == "s":
-            return ("s", state[1], self.fields[state[1]].state_key(state[2]))
-        return ("e", state[1], state[2], self.row_fields(state[1])[state[2]].state_key(state[3]))
+        return self._key(state, "state_key")
 
     def mask_key(self, state):
+        return self._key(state, "mask_key")
+
+    def _key(self, state, method: str):
+        """A hashable key of `state`, its field's part from that field's `method` (state_key or mask_key)."""
         if state is None or state[0] == "b":
             return state or "done"
         if state[0] == "s":
-            return ("s", state[1], self.fields[state[1]].mask_key(state[2]))
-        return ("e", state[1], state[2], self.row_fields(state[1])[state[2]].mask_key(state[3]))
+            return ("s", state[1], getattr(self.fields[state[1]], method)(state[2]))
+        return ("e", state[1], state[2], getattr(self.row_fields(state[1])[state[2]], method)(state[3]))
 
     def column_of(self, state) -> int:
         """The subject field a state is in (their number once past them): GivenValues' columns."""
