@@ -8,7 +8,7 @@ With `data.subject` (and `data.mode: histories`, the default), each training uni
 `s1..sk` are the subject's own columns (a subject table's, written once, first: they condition
 the rows), each `ROW` token starts an event row, and EOS ends the history: the model writes how
 many rows a subject has, and each row knowing the ones before it. The fields are those of
-`serialize.RowCodec` (value tokens, fixed-width digits, separators after fields that do not
+`serialize.RowCodec` (value tokens, place tokens, separators after fields that do not
 end by themselves; the last field of a row ends at the next ROW or EOS). The `order_by`
 column is written as its first value and then, in later rows, the gap since the row before
 (a number >= 0, in the column's scaled integers: days for dates), so histories come out in

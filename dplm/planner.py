@@ -100,8 +100,9 @@ class Plan:
 
 def row_tokens(schema) -> int:
     """Tokens of one row, about (value tokens: one per category or small-range number, the
-    digits of a wider one, a text's cap; 7 for a number whose bounds are still to estimate)."""
-    from dplm.serialize import fixed_width, token_values
+    place tokens of a wider one (`serialize.place_layout`), a text's cap; 7 for a number whose
+    bounds are still to estimate)."""
+    from dplm.serialize import place_layout, token_values
 
     total = 2
     for col in schema.columns:
@@ -112,7 +113,7 @@ def row_tokens(schema) -> int:
         elif col.missing_metadata():
             total += 7
         else:
-            total += 1 if token_values(col) is not None else fixed_width(col)
+            total += 1 if token_values(col) is not None else place_layout(col)[0]
     return total
 
 

@@ -17,13 +17,14 @@ split on the separator id:
 With value tokens (`model.value_tokens`), a column whose values are few (the categories,
 or a number or date column of at most `MAX_VALUE_TOKENS` values) gets one new token per
 value, `<|column=value|>` (and `<|column|>` for a missing value), and a wider number or date
-column is written in fixed-width digits of its scaled integer (`scaled_bounds`: an integer
-itself, a float times 10**precision, a date as days after its column's min; less the lowest
-value when that is negative): `0132485` for fnlwgt <= 2,000,000, `023` for a carat of 0.23
-<= 5.01. The digit's position then says its place value and where the number ends. Such fields end by themselves,
-so no separator follows them: a census row is 31 tokens, none of them separators (57 without
-value tokens). The new tokens come from the schema alone; `model.init_value_embeddings`
-starts each from its text's embedding.
+column is written by place value (`place_layout`): its scaled integer (`scaled_bounds`: an
+integer itself, a float times 10**precision, a date as days after its column's min) less the
+column's lowest, in the fewest places of a base of at most `MAX_VALUE_TOKENS`, each place a
+token of its own per column (`<|price#0=12|><|price#1=40|>` for a price of 326 + 12 * 137 +
+40). A token then says its column, its place and its digit, and where the number ends; such
+fields end by themselves, so no separator follows them: a census row is 23 tokens, none of
+them separators (57 without value tokens), a diamonds row 19. The new tokens come from the
+schema alone; `model.init_value_embeddings` starts each from its text's embedding.
 
 The same token sequences are used for training and as the grammar's language, so a
 constrained sampler can produce exactly the sequences the model was trained on.
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import bisect
 import datetime as dt
+import math
 import re
 
 import pandas as pd
@@ -79,13 +81,21 @@ def _value_text(col: Column, value) -> str:
     return format_number(value, col.precision)
 
 
-def fixed_width(col: Column) -> int | None:
-    """Digits of a number or date column too wide for a token per value (value tokens): its
-    scaled integers (`scaled_bounds`), less the lowest when that is negative, zero-padded."""
+def place_layout(col: Column) -> tuple[int, int] | None:
+    """(places, base) of a number or date column too wide for a token per value (value tokens):
+    its scaled integer less the lowest (`scaled_bounds`) is written in base `base` as `places`
+    tokens, each a token of its own per column and place (`<|price#0=12|>`), the fewest places
+    whose base stays within `MAX_VALUE_TOKENS` (price 326-18,823: 2 places of base 137). None
+    for the other columns."""
     bounds = scaled_bounds(col)
     if bounds is None or token_values(col) is not None:
         return None
-    return len(str(bounds[1] - min(0, bounds[0])))
+    values = bounds[1] - bounds[0] + 1
+    places = math.ceil(math.log(values) / math.log(MAX_VALUE_TOKENS))
+    base = max(2, math.ceil(values ** (1 / places) - 1e-9))
+    while base**places < values:
+        base += 1
+    return places, base
 
 
 def token_values(col: Column) -> list[str] | None:
@@ -147,7 +157,8 @@ class RowCodec:
         if value_tokens:
             from tokenizers import AddedToken
 
-            names = [name for col in schema.columns for name in value_token_names(col).values()]
+            names = [name for col in schema.columns
+                     for name in [*value_token_names(col).values(), *sum(place_token_names(col), [])]]
             tokenizer.add_tokens([AddedToken(n, special=True, normalized=False) for n in names], special_tokens=True)
         self.fields = [FieldGrammar(col, self) for col in schema.columns]
         if any(col.kind == "text" for col in schema.columns):
@@ -167,6 +178,8 @@ class RowCodec:
             name = self.tokenize(escape(field.col.name))
             for value, token in field.value_ids.items():
                 out[token] = name if value is None else self.tokenize(escape(value)) or name
+            for place in field.place_ids:
+                out.update({token: self.tokenize(str(digit)) for digit, token in enumerate(place)})
         return out
 
     def output_token_ids(self) -> list[int]:
@@ -177,7 +190,7 @@ class RowCodec:
             if field.single:
                 continue
             if field.width:
-                ids.update(self.char_ids[d] for d in "0123456789")
+                ids.update(t for place in field.place_ids for t in place)
             elif field.kind == "categorical":
                 ids.update(t for tokens in field.category_ids.values() for t in tokens)
             elif field.kind == "text":
@@ -324,25 +337,28 @@ class FieldGrammar:
         self.codec = codec
         self.kind = col.kind
         self._digit_bounds = None
-        # Value tokens: one token per value (`single`), or fixed-width digits (`width`); both
-        # end by themselves (`self_delimiting`). value_ids: value text (None: missing) -> token.
+        # Value tokens: one token per value (`single`), or `width` place tokens; both end by
+        # themselves (`self_delimiting`). value_ids: value text (None: missing) -> token;
+        # place_ids[place][digit] -> token.
         self.single = codec.value_tokens and token_values(col) is not None
-        self.width = fixed_width(col) if codec.value_tokens else None
+        layout = place_layout(col) if codec.value_tokens else None
+        self.width, self.base = layout or (None, None)
         self.self_delimiting = self.single or bool(self.width)
         names = value_token_names(col) if codec.value_tokens else {}
         self.value_ids = {v: codec.tokenizer.convert_tokens_to_ids(n) for v, n in names.items()}
         self._value_of = {t: v for v, t in self.value_ids.items()}
+        self.place_ids = [codec.tokenizer.convert_tokens_to_ids(place) for place in place_token_names(col)
+                          ] if layout else []
+        self._place_of = {t: (i, d) for i, place in enumerate(self.place_ids) for d, t in enumerate(place)}
         self.values_cut = 0  # texts cut at max_tokens (see RowCodec.encode_table)
         if col.kind == "text":
             self.missing_ids = codec.tokenize(MISSING_TEXT) if col.nullable else None
             self.max_tokens = max(col.max_tokens, len(self.missing_ids or []))  # room for the missing marker
         if self.single:
             return  # its value tokens say everything
-        if self.width:  # digits of the scaled value less `offset` (the lowest, when negative)
-            lo, hi = scaled_bounds(col)
-            self.offset = min(0, lo)
-            self.lo, self.hi = lo - self.offset, hi - self.offset
-            self._digit_bounds = (str(self.lo).zfill(self.width), str(self.hi).zfill(self.width))  # digit DP
+        if self.width:  # the places of the scaled value less the lowest
+            self.offset, hi = scaled_bounds(col)
+            self.top = self._places(hi - self.offset)  # the highest value's places: the bound
         elif col.kind == "categorical":
             self.category_ids = {c: codec.tokenize(escape(c)) for c in col.categories}
             self._category_of = {tuple(ids): c for c, ids in self.category_ids.items()}
@@ -361,8 +377,12 @@ class FieldGrammar:
             self.dates = [(lo + dt.timedelta(days=d)).strftime(DATE_FORMAT) for d in range((hi - lo).days + 1)]
 
     def token_ids(self) -> list[int]:
-        """The field's own new tokens (value tokens; empty without them)."""
-        return list(self.value_ids.values())
+        """The field's own new tokens (value and place tokens; empty without them)."""
+        return list(self.value_ids.values()) + list(self._place_of)
+
+    def _places(self, n: int) -> tuple[int, ...]:
+        """The digits of n in the field's base, `width` of them from the highest place."""
+        return tuple(n // self.base**i % self.base for i in reversed(range(self.width)))
 
     def max_value_tokens(self) -> int:
         """The most tokens one value of the field takes."""
@@ -383,7 +403,7 @@ class FieldGrammar:
         if self.single:
             return [self.value_ids[str(value) if self.kind == "categorical" else _value_text(self.col, value)]]
         if self.width:
-            return [self.codec.char_ids[c] for c in str(to_scaled(self.col, value) - self.offset).zfill(self.width)]
+            return [self.place_ids[i][d] for i, d in enumerate(self._places(to_scaled(self.col, value) - self.offset))]
         if self.kind == "text":
             return self._encode_text(value)
         if _is_missing(value):
@@ -417,17 +437,21 @@ class FieldGrammar:
     # ---- the grammar ------------------------------------------------------------------
 
     def start(self):
+        if self.width:
+            return ()
         return 0 if self.single or self.kind in ("categorical", "text") else ""
 
     def next_tokens(self, state) -> tuple[list[int], bool]:
         """(token ids allowed next inside the value, whether the value may end here)."""
         if self.single:  # state 0: before the value token, 1: after it
             return (list(self.value_ids.values()), False) if state == 0 else ([], True)
-        if self.width:  # state: the digits so far, or None after the missing-value token
+        if self.width:  # state: the places so far, or None after the missing-value token
             if self.complete(state):
                 return [], True
-            digits = [self.codec.char_ids[d] for d in "0123456789" if self._fixed_ok(state + d)]
-            return digits + ([self.value_ids[None]] if state == "" and None in self.value_ids else []), False
+            k = len(state)
+            highest = self.top[k] if state == self.top[:k] else self.base - 1  # at the bound, or below it
+            missing = [self.value_ids[None]] if state == () and None in self.value_ids else []
+            return self.place_ids[k][: highest + 1] + missing, False
         if self.kind == "categorical":
             node = self.trie[state]
             return list(node["next"]), node["end"] or (state == 0 and self.col.nullable)
@@ -455,8 +479,8 @@ class FieldGrammar:
         """A key that determines the allowed tokens and every later transition: states with
         equal keys are one state of the field's finite automaton (a trie node, a token count,
         the digit-DP summary of a non-negative integer, else the prefix itself)."""
-        if self.width and state is None:  # after the missing-value token
-            return "missing"
+        if self.width:  # the places so far and whether they are at the bound; "missing" after its token
+            return "missing" if state is None else (len(state), state == self.top[: len(state)])
         return self._digit_key(state) if self._digit_bounds else state
 
     def complete(self, state) -> bool:
@@ -464,11 +488,6 @@ class FieldGrammar:
         if self.single:
             return state == 1
         return state is None or len(state) == self.width
-
-    def _fixed_ok(self, prefix: str) -> bool:
-        """Can these fixed-width digits be completed to a value in [lo, hi]?"""
-        rest = self.width - len(prefix)
-        return int(prefix + "9" * rest) >= self.lo and int(prefix + "0" * rest) <= self.hi
 
     def _digit_key(self, prefix: str):
         """For a non-negative integer the allowed next digits depend only on the prefix's
@@ -482,8 +501,8 @@ class FieldGrammar:
     def advance(self, state, token: int):
         if self.single:
             return 1
-        if self.width and token == self.value_ids.get(None):
-            return None
+        if self.width:
+            return None if token == self.value_ids.get(None) else state + (self._place_of[token][1],)
         if self.kind == "categorical":
             return self.trie[state]["next"][token]
         if self.kind == "text":
@@ -535,10 +554,10 @@ class FieldGrammar:
         if self.width:
             if ids == [self.value_ids.get(None)]:
                 return None
-            digits = "".join(self.codec.id_chars.get(t, "x") for t in ids)
-            if len(digits) != self.width or not digits.isdigit() or not self.lo <= int(digits) <= self.hi:
-                raise ParseError(f"column '{col.name}': {digits!r} is not a {self.width}-digit value in range")
-            return from_scaled(col, int(digits) + self.offset)
+            places = [self._place_of.get(t) for t in ids]
+            if [p[0] if p else None for p in places] != list(range(self.width)) or tuple(d for _, d in places) > self.top:
+                raise ParseError(f"column '{col.name}': not its {self.width} place tokens of a value in range")
+            return from_scaled(col, sum(d * self.base**(self.width - 1 - i) for i, d in places) + self.offset)
         if col.kind == "text":
             text = self.codec.tokenizer.decode(ids, skip_special_tokens=False)
             return None if col.nullable and text == MISSING_TEXT else unescape(text)
@@ -569,11 +588,18 @@ class FieldGrammar:
 def value_token_names(col: Column) -> dict:
     """A column's new token strings under value tokens: value text -> `<|column=value|>` for
     a one-token column, and None -> `<|column|>` for a missing value of a nullable one-token
-    or fixed-width column; empty for the others."""
+    or place-value column; empty for the others."""
     names = {v: f"<|{col.name}={v}|>" for v in token_values(col) or []}
-    if col.nullable and (names or fixed_width(col)):
+    if col.nullable and (names or place_layout(col)):
         names[None] = f"<|{col.name}|>"
     return names
+
+
+def place_token_names(col: Column) -> list[list[str]]:
+    """A place-value column's digit tokens (`place_layout`), per place from the highest:
+    `<|column#place=digit|>`; empty for the others."""
+    places, base = place_layout(col) or (0, 0)
+    return [[f"<|{col.name}#{i}={d}|>" for d in range(base)] for i in range(places)]
 
 
 def _compare(a: str, b: str) -> int:

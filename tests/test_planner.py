@@ -36,8 +36,8 @@ def composed_epsilon(history: list, delta: float) -> float:
 
 
 def test_row_tokens_from_the_schema():
-    # age and the categories: a token each; fnlwgt 7 digits, gain and loss 5; BOS and EOS
-    assert row_tokens(CENSUS_LIKE) == 2 + 1 + 7 + 1 + 5 + 5
+    # age and the categories: a token each; fnlwgt, gain and loss 3 place tokens each; BOS and EOS
+    assert row_tokens(CENSUS_LIKE) == 2 + 1 + 3 + 1 + 3 + 3
 
 
 def test_without_dp_the_defaults_train_to_a_time_budget_and_stop_early():

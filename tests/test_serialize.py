@@ -24,8 +24,8 @@ def test_census_round_trip_every_row(census, census_schema, tokenizer):
 
 
 def test_value_tokens_round_trip_every_census_row(census, census_schema, tmp_path):
-    """One token per category and per small-range integer, fixed-width digits for the wide
-    integers, no separators: every census row round-trips in 31 tokens (57 without), and a
+    """One token per category and per small-range integer, place tokens for the wide integers,
+    no separators: every census row round-trips in 23 tokens (57 without), and a
     tokenizer saved with the new tokens gives them the same ids (a run directory samples
     what it trained on)."""
     from dplm.model import load_tokenizer
@@ -35,15 +35,18 @@ def test_value_tokens_round_trip_every_census_row(census, census_schema, tmp_pat
     table = coerce_table(census, census_schema)
     codec = RowCodec(census_schema, tokenizer, value_tokens=True)
     # 9 category columns (104 values) + age, education_num and hours_per_week (74 + 16 + 99 values);
-    # no column is nullable, so no missing-value token.
-    assert len(tokenizer) - base == 104 + 74 + 16 + 99
+    # fnlwgt (1-2,000,000) in 3 places of base 126, capital gain and loss (0-99,999) in 3 of base
+    # 47; no column is nullable, so no missing-value token.
+    assert len(tokenizer) - base == 104 + 74 + 16 + 99 + 3 * 126 + 2 * 3 * 47
     sequences = codec.encode_table(table)
     for ids, row in zip(sequences, table.to_dict("records")):
         assert codec.decode(ids) == row
-    # BOS, 12 value tokens, fnlwgt in 7 digits, capital gain and loss in 5 each, EOS.
-    assert {len(s) for s in sequences} == {31} and not any(codec.sep_id in s for s in sequences)
-    assert sum(t >= base for t in sequences[0]) == 12
-    assert codec.decode(sequences[0])["fnlwgt"] == 77516 and codec.text(sequences[0]).count("0077516") == 1
+    # BOS, 12 value tokens, fnlwgt, capital gain and loss in 3 places each, EOS.
+    assert {len(s) for s in sequences} == {23} and not any(codec.sep_id in s for s in sequences)
+    assert sum(t >= base for t in sequences[0]) == 21
+    # 77516 - 1 = 4 * 126**2 + 111 * 126 + 25
+    assert codec.decode(sequences[0])["fnlwgt"] == 77516
+    assert "<|fnlwgt#0=4|><|fnlwgt#1=111|><|fnlwgt#2=25|>" in codec.text(sequences[0])
     tokenizer.save_pretrained(tmp_path)
     again = RowCodec(census_schema, load_tokenizer(str(tmp_path)), value_tokens=True)
     assert again.encode_table(table.head(50)) == sequences[:50]
@@ -153,10 +156,10 @@ def test_empty_and_missing_text_differ_and_long_text_is_cut_between_escapes(toke
 
 
 def test_float_columns_round_trip_as_scaled_integers(tokenizer):
-    """Floats with public bounds and a precision are written as the fixed-width digits of their
-    scaled integer (carat 0.23 <= 5.01 as `023`), or a token per value when few; a negative
-    range is shifted by its lowest value; dates are days after their column's min. Every
-    diamonds row comes back exactly (issue 19's float check)."""
+    """Floats with public bounds and a precision are written by the place values of their
+    scaled integer less the lowest (carat 0.20-5.01: 482 values, 2 places of base 22), or a
+    token per value when few; dates are days after their column's min. Every diamonds row
+    comes back exactly (issue 19's float check)."""
     import sys
 
     sys.path.insert(0, str(ROOT / "scripts"))
@@ -166,11 +169,11 @@ def test_float_columns_round_trip_as_scaled_integers(tokenizer):
     schema = Schema.from_yaml(str(table.schema_path))
     rows = coerce_table(table.load().sample(5000, random_state=0), schema).reset_index(drop=True)
     codec = RowCodec(schema, tokenizer, value_tokens=True)
-    widths = {f.col.name: f.width for f in codec.fields}
-    assert widths == {"carat": 3, "cut": None, "color": None, "clarity": None, "depth": 3, "table": 3, "price": 5,
-                      "x": 4, "y": 4, "z": 4}
+    layouts = {f.col.name: (f.width, f.base) for f in codec.fields if f.width}
+    assert layouts == {"carat": (2, 22), "depth": (2, 19), "table": (2, 23), "price": (2, 137), "x": (2, 33),
+                       "y": (2, 77), "z": (2, 57)}
     encoded = codec.encode_table(rows)
-    assert {len(ids) for ids in encoded} == {31}  # BOS + 3 value tokens + 26 digits + EOS, no separators
+    assert {len(ids) for ids in encoded} == {19}  # BOS + 3 value tokens + 7 x 2 places + EOS, no separators
     back = pd.DataFrame([codec.decode(ids) for ids in encoded])
     for name in schema.names:
         if schema[name].kind == "float":
@@ -184,7 +187,44 @@ def test_float_columns_round_trip_as_scaled_integers(tokenizer):
     small = pd.DataFrame({"t": [-40.0, 0.0, 59.9], "d": ["1997-01-01", None, "1998-06-30"], "s": [-1.0, 0.3, 1.0]})
     codec = RowCodec(signed, tokenizer, value_tokens=True)
     encoded = codec.encode_table(coerce_table(small, signed))
-    assert codec.text(encoded[0]).startswith("<|im_start|>0000000") and "<|s=-1.0|>" in codec.text(encoded[0])
+    # t: 1,001 values in 2 places of base 32; d: 546 days in 2 places of base 24.
+    assert codec.text(encoded[0]).startswith("<|im_start|><|t#0=0|><|t#1=0|><|d#0=0|><|d#1=0|><|s=-1.0|>")
+    assert "<|t#0=31|><|t#1=7|><|d#0=22|><|d#1=17|>" in codec.text(encoded[2])  # 999 = 31*32+7, 545 = 22*24+17
     decoded = pd.DataFrame([codec.decode(ids) for ids in encoded])
     assert decoded["t"].tolist() == [-40.0, 0.0, 59.9] and decoded["s"].tolist() == [-1.0, 0.3, 1.0]
     assert decoded["d"].isna().tolist() == [False, True, False] and decoded["d"].iloc[2] == pd.Timestamp("1998-06-30")
+
+
+@pytest.mark.parametrize("spec", [{"kind": "integer", "min": 30, "max": 5000, "nullable": True},
+                                  {"kind": "integer", "min": -70000, "max": 70000},
+                                  {"kind": "float", "min": 0.2, "max": 5.01, "precision": 2}])
+def test_place_value_grammar_draws_exactly_the_values_in_range(tokenizer, spec):
+    """Walking a place-value field's grammar by every allowed token gives each value in range
+    once (and the missing-value token when nullable), each the value's own encoding."""
+    schema = Schema.from_dict({"columns": {"n": spec}})
+    field = RowCodec(schema, tokenizer, value_tokens=True).fields[0]
+    lo, hi = round(spec["min"] * 10 ** spec.get("precision", 0)), round(spec["max"] * 10 ** spec.get("precision", 0))
+    assert field.base**field.width >= hi - lo + 1 > (field.base - 1) ** field.width and field.base <= 256
+    paths, frontier = [], [(field.start(), [])]
+    while frontier:
+        state, ids = frontier.pop()
+        if field.complete(state):
+            paths.append(ids)
+            continue
+        allowed, can_end = field.next_tokens(state)
+        assert not can_end and allowed
+        frontier += [(field.advance(state, t), ids + [t]) for t in allowed]
+    values = [field.parse(ids) for ids in paths]
+    assert len(values) == hi - lo + 1 + bool(spec.get("nullable"))
+    present = sorted(v for v in values if v is not None)
+    assert present[0] == spec["min"] and present[-1] == spec["max"] and len(set(present)) == len(present)
+    assert all(field.encode(v) == ids for v, ids in zip(values, paths) if v is not None)
+    keys = {}  # the mask key determines the allowed tokens
+    for ids in paths[:3000]:
+        state = field.start()
+        for t in ids:
+            assert keys.setdefault(field.mask_key(state), field.next_tokens(state)) == field.next_tokens(state)
+            state = field.advance(state, t)
+    assert len(keys) <= 2 * field.width + 1
+    with pytest.raises(ParseError):
+        field.parse(list(reversed(field.encode(spec["max"]))))
