@@ -1,5 +1,7 @@
 """A few short runs with the real SmolLM2-135M (about a minute on 2 CPU cores); CI runs them."""
 
+import math
+
 import pytest
 
 import dplm
@@ -26,6 +28,6 @@ def test_smollm2_dp_run(tmp_path, census, seeded_secrets):
     assert synth.last_sample_stats.valid_rate == 1.0
     for col in synth.schema.columns:
         assert all(value_fits(col, v) for v in rows[col.name])
-    # The pretrained model already knows the format's pieces: its loss is far below the
-    # uniform 10.8 nats of a random model.
-    assert synth.training.final_loss < 6.0
+    # After 3 noisy steps the loss is already below a uniform guess over the tokens the output
+    # layer scores (about 950 for census: value and place tokens, separator, EOS; ln 950 = 6.9).
+    assert synth.training.final_loss < math.log(len(synth.codec.output_token_ids())) - 0.5
