@@ -75,7 +75,10 @@ class TrainConfig:
     # Without DP: stop when the loss on held-back training rows stops falling (default: on when
     # neither max_epochs nor max_steps is given); refused under DP (it would read the private rows)
     early_stopping: bool | None = None
-    budget_rows: int | None = None  # DP: rows DP-SGD may process, its compute budget (default: ~10M tokens' worth)
+    budget_rows: int | None = None  # DP: rows DP-SGD may process, its compute budget (default: from dp_time_budget)
+    # DP: seconds of training (first stage and DP-SGD) the plan sizes budget_rows to, at this
+    # machine's speed measured on dummy rows (train.measure_speed); None: a fixed 9.3M tokens
+    dp_time_budget: float | None = 1500.0
     pretrain_rows: int | None = None  # DP: rows drawn from the DP statistics to train on first (free: post-processing)
     seed: int = 0
     threads: int | None = None  # torch CPU threads; None keeps torch's default
@@ -161,6 +164,7 @@ class RunConfig:
             (not (p.enabled and t.early_stopping), "train.early_stopping cannot be used with DP: it would read the "
              "private rows' loss; set train.max_steps or train.max_epochs (or leave them to the plan)"),
             (t.budget_rows is None or t.budget_rows >= 1, "train.budget_rows must be >= 1 (or unset)"),
+            (t.dp_time_budget is None or t.dp_time_budget > 0, "train.dp_time_budget must be > 0 seconds (or null)"),
             (t.pretrain_rows is None or t.pretrain_rows >= 0, "train.pretrain_rows must be >= 0 (or unset)"),
             (p.max_grad_norm > 0, "privacy.max_grad_norm must be > 0 (e.g. 1.0)"),
             (0 < p.delta < 1, "privacy.delta must be in (0, 1) (e.g. 1e-5)"),

@@ -115,19 +115,25 @@ def coherence(train: pd.DataFrame, other: pd.DataFrame, key: str, columns: list[
     return out
 
 
+def _as_text(values: pd.Series) -> pd.Series:
+    """Each value as text, a missing one too ("nan", "<NA>"): a nullable column's astype(str)
+    keeps its missing values missing, and they would drop whole subjects from the text."""
+    return values.astype(object).map(str)
+
+
 def subject_texts(h: Histories, events: pd.DataFrame, key: str, columns: list[str],
                   max_rows: int | None = SUBJECT_TEXT_ROWS) -> pd.Series:
     """Each subject as text (indexed by key): its own values, then (the first `max_rows` of)
     its rows' values, in order."""
     kept = events if max_rows is None else events[events["_index"] < max_rows]
-    line = kept[columns[0]].astype(str)
+    line = _as_text(kept[columns[0]])
     for c in columns[1:]:
-        line = line + ", " + kept[c].astype(str)
+        line = line + ", " + _as_text(kept[c])
     rows = line.groupby(kept[key].to_numpy(), sort=False).agg("; ".join)
     own = h.subjects.set_index(key)
     head = pd.Series("", index=own.index)
     for i, c in enumerate(own.columns):
-        head = head + (", " if i else "") + own[c].astype(str)
+        head = head + (", " if i else "") + _as_text(own[c])
     texts = head.str.cat(rows.reindex(own.index).fillna(""), sep=" | ")
     return texts
 

@@ -17,6 +17,10 @@ different sizes (docs/benchmarks.md, issue 19):
   steps would be mostly noise, so all of it goes to the statistics and the model learns from
   rows drawn from them alone (post-processing). The noise multiplier is then the smallest
   that keeps the whole run, statistics and schema metadata included, within the cap.
+  The compute budget is the rows DP-SGD can process in `train.dp_time_budget` seconds (less the
+  first stage's) at this machine's speed, measured once on dummy rows (`machine_speed`: public,
+  no data; cached per machine and setting, so `dplm plan` and the run agree), or, with
+  `dp_time_budget: null` or under several processes, `DEFAULT_BUDGET_TOKENS` tokens.
 * Without DP: batch 64 at rate 0.002 (measured on census), as many epochs as the time budget
   allows, stopped early when the loss on held-back training rows stops falling.
 """
@@ -24,13 +28,19 @@ different sizes (docs/benchmarks.md, issue 19):
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+import platform
+import time
 from dataclasses import dataclass, field
 
 from dplm.config import RunConfig
 from dplm.errors import DplmError
 
 DEFAULT_BUDGET_TOKENS = 9_300_000  # DP-SGD: census 300,000 rows, 150 steps of 2,000 (26 min on 2 cores)
+SPEED_VALID_SECONDS = 86_400  # a machine's measured speed is reused for a day
+PROBE_OUTPUT_TOKENS = 1024  # the speed probe's output layer, for a schema without text (census: ~800 tokens)
 DP_TARGET_STEPS = 150
 DP_MIN_STEPS, DP_MAX_STEPS = 50, 300
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 0.001, 0.25
@@ -45,6 +55,15 @@ PRETRAIN_ROWS = 40_000  # rows drawn from the statistics for the first (free) st
 PRETRAIN_ROWS_PER_UNIT = 20  # ... and at most this many per training unit
 GIVEN_STEPS_STATISTICS_SHARE = 0.5  # the statistics' share at most, when the recipe asks for DP-SGD steps
 DEFAULT_STATISTICS_NOISE = 10.0  # the statistics' noise when the recipe gives DP-SGD's (census: ~0.1 of epsilon 2.5)
+
+
+@dataclass
+class MachineSpeed:
+    """Training rows a second on this machine, measured on dummy rows of the run's length."""
+
+    dp_rows_per_second: float  # DP-SGD, in the plan's micro-batches
+    rows_per_second: float  # without DP (the first stage)
+    key: str  # the machine and settings it was measured for
 
 
 @dataclass
@@ -66,11 +85,17 @@ class Plan:
     statistics_noise: float | None = None  # Gaussian noise multiplier of each statistics round
     pretrain_rows: int = 0
     budget_rows: int | None = None
+    speed: MachineSpeed | None = None  # what sized budget_rows (None: given, or the fixed token budget)
     chosen: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> Plan:
+        speed = values.get("speed")
+        return cls(**{**values, "speed": MachineSpeed(**speed) if speed else None})
 
     def lines(self) -> list[str]:
         """The plan as the CLI prints it."""
@@ -96,6 +121,50 @@ class Plan:
                                                                         "statistics to start from")]))
         out += [f"plan: {note}" for note in self.notes]
         return out
+
+
+def micro_batch_size(tokens: int) -> int:
+    """Rows a forward pass takes at once: about 8,192 tokens, within [16, 256] rows."""
+    return min(256, max(16, 8192 // tokens))
+
+
+def machine_speed(config: RunConfig, schema, vocab_size: int, device, unit_rows: int | None = None
+                  ) -> MachineSpeed | None:
+    """This machine's training speed for `config`'s model on rows as long as `schema`'s (a
+    unit of `unit_rows` rows for histories), DP-SGD and without, for the DP compute budget:
+    None where it does not apply (no DP, `train.budget_rows` given, `train.dp_time_budget`
+    null, several processes). Measured once (~10 s) with the base model, LoRA and an output
+    layer of `PROBE_OUTPUT_TOKENS` tokens (all of them for text), then read from
+    `cache_dir()/speed.json` for `SPEED_VALID_SECONDS`, so a plan and its run see the same
+    figure (delete the file to measure again, e.g. after measuring on busy cores)."""
+    from dplm import model as models
+    from dplm.train import measure_speed, process_rank
+
+    t, m = config.train, config.model
+    if not config.privacy.enabled or t.budget_rows is not None or t.dp_time_budget is None or process_rank()[1] > 1:
+        return None
+    import torch
+
+    tokens = row_tokens(schema) * (unit_rows or 1)
+    texts = any(c.kind == "text" for c in schema.columns)
+    key = json.dumps([platform.node(), platform.processor(), str(device), torch.get_num_threads(), m.base, m.layers,
+                      m.precision, m.lora_r, sorted(m.target_modules), m.prune_vocab and not texts, tokens])
+    path = models.cache_dir() / "speed.json"
+    cached = json.loads(path.read_text()) if path.exists() else {}
+    cached = {k: v for k, v in cached.items() if time.time() - v[2] < SPEED_VALID_SECONDS}
+    if key not in cached:
+        model = models.load_base_model(m.base, vocab_size, models.weight_dtype(m.precision, device), m.layers)
+        if m.prune_vocab and not texts:
+            models.restrict_output_vocab(model, list(range(min(PROBE_OUTPUT_TOKENS, vocab_size))))
+        model = models.add_lora(model.to(device), m.lora_r, m.lora_alpha, m.lora_dropout, m.target_modules)
+        micro = micro_batch_size(tokens)
+        cached[key] = [measure_speed(model, tokens, micro, device, dp=True),
+                       measure_speed(model, tokens, min(64, micro), device, dp=False), time.time()]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fresh = path.with_suffix(f".{os.getpid()}.tmp")
+        fresh.write_text(json.dumps(cached, indent=1))
+        fresh.replace(path)  # atomic: a reader never sees half a file
+    return MachineSpeed(*cached[key][:2], key)
 
 
 def row_tokens(schema) -> int:
@@ -137,12 +206,13 @@ def rho_of(epsilon: float, delta: float) -> float:
 
 
 def make_plan(config: RunConfig, units: int, schema, metadata_epsilon: float = 0.0,
-              metadata_delta: float = 0.0, unit_rows: int | None = None) -> Plan:
+              metadata_delta: float = 0.0, unit_rows: int | None = None, speed: MachineSpeed | None = None) -> Plan:
     """The plan for `units` training units (rows, or subjects) under `schema` (complete, or
     with metadata still to estimate): every setting `config` leaves unset (None) is chosen,
     the others are kept. Under DP the noise is calibrated with the accountant so that the whole
     run (schema metadata, statistics, DP-SGD) stays within `privacy.max_epsilon`. A unit that
-    is a subject's history counts as `unit_rows` rows (`histories.HISTORY_PLAN_ROWS`)."""
+    is a subject's history counts as `unit_rows` rows (`histories.HISTORY_PLAN_ROWS`). With the
+    machine's `speed` the DP compute budget fills `train.dp_time_budget`."""
     t, p = config.train, config.privacy
     chosen: list[str] = []
 
@@ -153,7 +223,7 @@ def make_plan(config: RunConfig, units: int, schema, metadata_epsilon: float = 0
         return auto
 
     tokens = row_tokens(schema) * (unit_rows or 1)
-    micro = min(256, max(16, 8192 // tokens))
+    micro = micro_batch_size(tokens)
     if not p.enabled:
         batch = pick(t.batch_size, NODP_BATCH, "batch_size")
         stop_early = t.early_stopping if t.early_stopping is not None else (t.max_epochs is None and t.max_steps is None)
@@ -169,7 +239,16 @@ def make_plan(config: RunConfig, units: int, schema, metadata_epsilon: float = 0
     if p.max_epsilon is None and p.noise_multiplier is None:
         raise DplmError("DP training needs privacy.max_epsilon (the target: dplm then chooses the noise) or "
                         "privacy.noise_multiplier; set one, e.g. privacy.max_epsilon: 2.5")
-    budget_rows = pick(t.budget_rows, max(1, DEFAULT_BUDGET_TOKENS // tokens), "budget_rows")
+    texts = any(c.kind == "text" for c in schema.columns)
+    if speed is not None and t.budget_rows is None:
+        # The first stage (rows drawn from the statistics, without DP) comes out of the same time.
+        first = t.pretrain_rows if t.pretrain_rows is not None else \
+            0 if texts or unit_rows else min(PRETRAIN_ROWS, PRETRAIN_ROWS_PER_UNIT * units)
+        seconds = max(0.1 * t.dp_time_budget, t.dp_time_budget - first / speed.rows_per_second)
+        auto_budget = max(1, int(seconds * speed.dp_rows_per_second))
+    else:
+        speed, auto_budget = None, max(1, DEFAULT_BUDGET_TOKENS // tokens)
+    budget_rows = pick(t.budget_rows, auto_budget, "budget_rows")
     target = None if p.max_epsilon is None else p.max_epsilon - metadata_epsilon
     delta = p.delta - metadata_delta
     # Histories: the statistics would only order the event columns (no first stage on their
@@ -186,7 +265,11 @@ def make_plan(config: RunConfig, units: int, schema, metadata_epsilon: float = 0
         max_steps = pick(None, auto_steps, "max_steps")
     plan = Plan(True, units, batch, min(batch, pick(t.micro_batch_size, micro, "micro_batch_size")),
                 pick(t.learning_rate, DP_LEARNING_RATE, "learning_rate"), 0, t.max_epochs, max_steps,
-                budget_rows=budget_rows, chosen=chosen)
+                budget_rows=budget_rows, speed=speed, chosen=chosen)
+    if speed:
+        plan.notes.append(f"compute budget {budget_rows:,} rows: DP-SGD's share of train.dp_time_budget "
+                          f"{t.dp_time_budget:g} s at {speed.dp_rows_per_second:.0f} rows/s (first stage "
+                          f"{speed.rows_per_second:.0f} rows/s), measured on dummy rows on this machine")
     steps = planned_steps(plan)
     plan.warmup_steps = pick(t.warmup_steps, max(1, min(10, steps // 10)), "warmup_steps")
     from dplm.marginals import noise_history, statistics_rounds
@@ -223,7 +306,6 @@ def make_plan(config: RunConfig, units: int, schema, metadata_epsilon: float = 0
     plan.statistics_share = share
     # Rows drawn from the statistics are single rows without text (the statistics leave text out):
     # none for text schemas or histories.
-    texts = any(c.kind == "text" for c in schema.columns)
     plan.pretrain_rows = pick(t.pretrain_rows, min(PRETRAIN_ROWS, PRETRAIN_ROWS_PER_UNIT * units)
                               if plan.statistics_noise and not texts and not unit_rows else 0, "pretrain_rows")
     if p.noise_multiplier is not None:

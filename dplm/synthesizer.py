@@ -49,7 +49,7 @@ from dplm.histories import (
     sample_histories,
 )
 from dplm.marginals import Marginals, Rules, measure
-from dplm.planner import Plan, make_plan, resolved, row_tokens, statistics_history
+from dplm.planner import MachineSpeed, Plan, machine_speed, make_plan, resolved, row_tokens, statistics_history
 from dplm.privacy import secret_rng
 from dplm.sample import SampleStats, grammar_masks, output_token_ids, sample_rows
 from dplm.schema import Schema, coerce_table, dp_metadata_spend, estimate_schema_dp, infer_schema, require_kinds
@@ -252,8 +252,11 @@ class Synthesizer:
         units = history.event_units if history else flat_units if flat_units is not None else \
             [[i] for i in range(len(rows))]
         plan_units = len(history.units) if history else len(units)
-        plan = make_plan(config, plan_units, given, metadata["epsilon"], metadata["delta"],
-                         unit_rows=HISTORY_PLAN_ROWS if history else None)
+        unit_rows = HISTORY_PLAN_ROWS if history else None
+        # A resumed run keeps the speed its plan was sized by (another machine would measure another).
+        speed = resumed["run_state"]["speed"] if resumed else machine_speed(config, given, len(tokenizer), device, unit_rows)
+        plan = make_plan(config, plan_units, given, metadata["epsilon"], metadata["delta"], unit_rows=unit_rows,
+                         speed=MachineSpeed(**speed) if isinstance(speed, dict) else speed)
         config = resolved(config, plan)
         stats_schema = history.event_schema(schema) if history else schema
         if resumed:  # measured once, with the checkpoint (never charged twice)
@@ -289,7 +292,8 @@ class Synthesizer:
         if checkpoints:
             checkpoints.run_state = {"schema": schema.to_dict(), "given_schema": given.to_dict(), "metadata": metadata,
                                      "canaries": None if canaries is None else canaries.to_dict("list"),
-                                     "marginals": marginals.to_dict() if marginals else None}
+                                     "marginals": marginals.to_dict() if marginals else None,
+                                     "speed": plan.speed and dataclasses.asdict(plan.speed)}
         token_ids = output_token_ids(model)
         masks = grammar_masks(codec, token_ids, sequences, device) if config.train.grammar_loss else None
         if plan.pretrain_rows and not resumed:  # free: rows drawn from the DP statistics (post-processing)
@@ -465,7 +469,7 @@ class Synthesizer:
         synth = cls(config, codec, model, device)
         synth.privacy_record = json.loads((run_dir / "privacy.json").read_text())
         if (run_dir / "plan.json").exists():
-            synth.plan = Plan(**json.loads((run_dir / "plan.json").read_text()))
+            synth.plan = Plan.from_dict(json.loads((run_dir / "plan.json").read_text()))
         if (run_dir / "statistics.json").exists():
             synth.marginals = Marginals.from_dict(json.loads((run_dir / "statistics.json").read_text())["marginals"])
             synth.rules = synth.marginals.rules()
@@ -592,7 +596,9 @@ def plan(config: RunConfig, data=None, schema: Schema | str | None = None) -> di
     if history and config.data.max_history is None:  # the history cap's DP estimate
         metadata["epsilon"] += p.metadata_epsilon
         metadata["estimated"]["(rows per subject)"] = ["max_history"]
-    chosen = make_plan(config, units, schema, metadata["epsilon"], metadata["delta"], unit_rows=unit_rows)
+    speed = machine_speed(config, schema, len(models.load_tokenizer(config.model.base)), models.default_device(),
+                          unit_rows)
+    chosen = make_plan(config, units, schema, metadata["epsilon"], metadata["delta"], unit_rows=unit_rows, speed=speed)
     t = resolved(config, chosen).train
     sample_rate = t.batch_size / units
     steps_per_epoch = math.ceil(units / t.batch_size)

@@ -40,6 +40,7 @@ from dplm.privacy import (
 MAX_VALIDATION_ROWS = 5000  # early stopping: rows held back to measure the loss on
 MAX_MICRO_TOKENS = 16384  # padded tokens of one micro-batch at most (long histories: memory of attention)
 MAX_PADDING, MIN_PADDED_TOKENS = 1.5, 1024  # padded / real tokens of a micro-batch past 1,024 padded tokens
+SPEED_STEPS = 3  # timed steps of a speed measurement, after one warm-up step
 EVAL_EVERY_STEPS = 250  # early stopping: at most this many steps between measurements
 PATIENCE = 3  # early stopping: measurements without improvement before stopping
 
@@ -389,6 +390,44 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
                        seconds=time.perf_counter() - start, stop_reason=stop_reason, final_loss=loss,
                        privacy=budget.record() if budget else None, log=log, resumed_from_step=resumed_from,
                        processes=world)
+
+
+def measure_speed(model, tokens: int, micro_batch_size: int, device, dp: bool) -> float:
+    """Rows a second this machine trains `model` at, on dummy rows of `tokens` random tokens
+    (public: no data), `micro_batch_size` rows a step, with DP-SGD's per-row gradients and
+    noise or without, and a grammar-masked loss; the mean of `SPEED_STEPS` steps after a warm-up step. The trainable
+    weights are left as they were."""
+    before = trainable_snapshot(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    head = models.output_head(model)
+    vocab = head.token_ids if head is not None else torch.arange(model.get_output_embeddings().weight.shape[0])
+    generator = torch.Generator().manual_seed(0)
+    sequences = vocab[torch.randint(len(vocab), (micro_batch_size, tokens), generator=generator)].tolist()
+    groups = [[i] for i in range(micro_batch_size)]
+    # A grammar that allows every token: its masked loss costs what the run's does.
+    masks = GrammarMasks(torch.ones(tokens, len(vocab), dtype=torch.bool), [list(range(tokens))] * micro_batch_size,
+                         tokens - 1)
+    optimizer = torch.optim.AdamW(params, lr=0.0)
+    forward = model
+    if dp:
+        forward, optimizer = make_private(model, optimizer, 1.0, 1.0, micro_batch_size)
+    model.train()
+    seconds = 0.0
+    try:
+        for step in range(SPEED_STEPS + 1):
+            start = time.perf_counter()
+            _logical_step(forward, optimizer, groups, micro_batch_size, sequences, 0, micro_batch_size, device, dp,
+                          params, models.target_index(model), 1, masks)
+            seconds += (time.perf_counter() - start) if step else 0.0
+    finally:
+        if dp:
+            forward._close()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    p.copy_(before[name])
+        model.eval()
+    return SPEED_STEPS * micro_batch_size / seconds
 
 
 @torch.no_grad()

@@ -37,7 +37,7 @@ def child(args) -> dict:
         "model": {"base": args.model, "precision": args.precision, "prune_vocab": not args.full_vocab},
         "train": {"batch_size": args.batch_size, "micro_batch_size": args.micro_batch_size,
                   "max_steps": args.steps + 1},
-        "privacy": {"enabled": dp},
+        "privacy": {"enabled": dp, "noise_multiplier": 1.0},
     })
     synth = dplm.fit(dplm.load_census(), config, progress=False)
     log = synth.training.log[1:]  # the first step warms up

@@ -203,3 +203,13 @@ def test_history_report_and_audit(tmp_path):
     audit = audit_run(run, num_records=20, num_references=20)
     assert audit["unit"] == "subject" and audit["membership_inference"]["members"] == 20
     assert audit["canaries"]["count"] == 2
+
+
+def test_subject_texts_keep_subjects_with_missing_values():
+    from dplm.evaluate_histories import subject_texts
+
+    subjects = pd.DataFrame({"id": [1, 2], "country": pd.Series(["uk", None], dtype="string")})
+    events = pd.DataFrame({"id": [1, 1, 2], "_index": [0, 1, 0], "team": pd.Series(["a", None, "b"], dtype="string"),
+                           "hr": pd.Series([3, 4, None], dtype="Int64")})
+    texts = subject_texts(Histories(subjects, events), events, "id", ["team", "hr"])
+    assert texts.to_dict() == {1: "uk | a, 3; <NA>, 4", 2: "<NA> | b, <NA>"}

@@ -10,7 +10,8 @@ from dplm.config import RunConfig, from_dict
 from dplm.errors import DplmError
 from dplm.marginals import noise_history
 from dplm.planner import (
-    DEFAULT_STATISTICS_NOISE, DP_LEARNING_RATE, MAX_SAMPLE_RATE, NODP_BATCH, NODP_TIME_BUDGET, SGD_MIN_UNITS, STATISTICS_SHARE_LARGE, make_plan, planned_steps,
+    DEFAULT_BUDGET_TOKENS, DEFAULT_STATISTICS_NOISE, DP_LEARNING_RATE, MAX_SAMPLE_RATE, NODP_BATCH, NODP_TIME_BUDGET,
+    SGD_MIN_UNITS, STATISTICS_SHARE_LARGE, MachineSpeed, Plan, machine_speed, make_plan, micro_batch_size, planned_steps,
     resolved, rho_of, row_tokens, statistics_share,
 )
 from dplm.schema import Schema
@@ -137,3 +138,37 @@ def test_histories_spend_the_whole_budget_on_dp_sgd():
     assert plan.statistics_share == 0 and plan.statistics_noise is None and plan.pretrain_rows == 0
     assert any(note.startswith("histories: no table statistics") for note in plan.notes)
     assert 3.99 < composed_epsilon([(plan.noise_multiplier, plan.batch_size / 18856, plan.max_steps)], 1e-5) <= 4.0
+
+
+def test_dp_budget_fills_the_time_budget_at_the_measured_speed():
+    speed = MachineSpeed(dp_rows_per_second=100.0, rows_per_second=400.0, key="test")
+    dp = {"enabled": True, "max_epsilon": 2.5}
+    plan = make_plan(config(privacy=dp), 39074, CENSUS_LIKE, speed=speed)
+    # 1,500 s less the first stage's 40,000 rows at 400 rows/s: 1,400 s of DP-SGD at 100 rows/s
+    assert plan.budget_rows == 140_000 and plan.speed == speed and "budget_rows" in plan.chosen
+    assert any("140,000 rows" in note and "100 rows/s" in note for note in plan.notes)
+    given = make_plan(config(train={"budget_rows": 5000}, privacy=dp), 39074, CENSUS_LIKE, speed=speed)
+    assert given.budget_rows == 5000 and given.speed is None and "budget_rows" not in given.chosen
+    fixed = make_plan(config(privacy=dp), 39074, CENSUS_LIKE)  # no speed: the fixed token budget
+    assert fixed.budget_rows == DEFAULT_BUDGET_TOKENS // row_tokens(CENSUS_LIKE)
+    assert Plan.from_dict(plan.to_dict()) == plan
+
+
+def test_machine_speed_is_measured_once_and_only_where_it_sizes_a_budget(monkeypatch, tmp_path):
+    import torch
+
+    import dplm.train
+
+    monkeypatch.setenv("DPLM_CACHE", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(dplm.train, "measure_speed", lambda model, tokens, micro, device, dp:
+                        calls.append((tokens, micro, dp)) or (50.0 if dp else 200.0))
+    dp = config(model={"base": "tiny-random"}, privacy={"enabled": True, "max_epsilon": 2.5})
+    first = machine_speed(dp, CENSUS_LIKE, 300, torch.device("cpu"))
+    assert (first.dp_rows_per_second, first.rows_per_second) == (50.0, 200.0)
+    tokens = row_tokens(CENSUS_LIKE)
+    assert calls == [(tokens, micro_batch_size(tokens), True), (tokens, min(64, micro_batch_size(tokens)), False)]
+    assert machine_speed(dp, CENSUS_LIKE, 300, torch.device("cpu")) == first and len(calls) == 2  # the cache
+    assert machine_speed(config(privacy={"enabled": True, "max_epsilon": 2.5}, train={"budget_rows": 9}),
+                         CENSUS_LIKE, 300, torch.device("cpu")) is None
+    assert machine_speed(config(), CENSUS_LIKE, 300, torch.device("cpu")) is None  # no DP

@@ -6,7 +6,7 @@ from conftest import privacy_config, train_config
 from dplm.errors import DplmError
 from dplm.schema import coerce_table
 from dplm.serialize import RowCodec
-from dplm.train import _cap_rows, pad_batch, row_losses, train
+from dplm.train import _cap_rows, measure_speed, pad_batch, row_losses, train
 from test_privacy import independent_epsilon
 
 
@@ -316,3 +316,11 @@ def test_history_losses_weigh_every_token_alike():
     log5 = torch.log(torch.tensor(5.0))
     assert torch.allclose(row_losses(uniform, ids, mask), torch.stack([log5, log5]))
     assert torch.allclose(row_losses(uniform, ids, mask, unit_tokens=4.0), torch.stack([2 * log5 / 4, log5 / 4]))
+
+
+def test_speed_is_measured_on_dummy_rows_and_leaves_the_weights(tokenizer):
+    model = tiny_lora(tokenizer)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    for dp in (True, False):
+        assert measure_speed(model, 12, 8, torch.device("cpu"), dp) > 0
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
