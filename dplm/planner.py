@@ -132,8 +132,8 @@ def machine_speed(config: RunConfig, schema, vocab_size: int, device, unit_rows:
                   ) -> MachineSpeed | None:
     """This machine's training speed for `config`'s model on rows as long as `schema`'s (a
     unit of `unit_rows` rows for histories), DP-SGD and without, for the DP compute budget:
-    None where it does not apply (no DP, `train.budget_rows` given, `train.dp_time_budget`
-    null, several processes). Measured once (~10 s) with the base model, LoRA and an output
+    None where it does not apply (no DP, `train.budget_rows` given, or the batch and the steps,
+    `train.dp_time_budget` null, several processes). Measured once (~10 s) with the base model, LoRA and an output
     layer of `PROBE_OUTPUT_TOKENS` tokens (all of them for text), then read from
     `cache_dir()/speed.json` for `SPEED_VALID_SECONDS`, so a plan and its run see the same
     figure (delete the file to measure again, e.g. after measuring on busy cores)."""
@@ -141,7 +141,9 @@ def machine_speed(config: RunConfig, schema, vocab_size: int, device, unit_rows:
     from dplm.train import measure_speed, process_rank
 
     t, m = config.train, config.model
-    if not config.privacy.enabled or t.budget_rows is not None or t.dp_time_budget is None or process_rank()[1] > 1:
+    sized = t.batch_size is not None and (t.max_steps is not None or t.max_epochs is not None)  # no budget needed
+    if not config.privacy.enabled or sized or t.budget_rows is not None or t.dp_time_budget is None \
+            or process_rank()[1] > 1:
         return None
     import torch
 

@@ -172,3 +172,5 @@ def test_machine_speed_is_measured_once_and_only_where_it_sizes_a_budget(monkeyp
     assert machine_speed(config(privacy={"enabled": True, "max_epsilon": 2.5}, train={"budget_rows": 9}),
                          CENSUS_LIKE, 300, torch.device("cpu")) is None
     assert machine_speed(config(), CENSUS_LIKE, 300, torch.device("cpu")) is None  # no DP
+    assert machine_speed(config(privacy={"enabled": True, "max_epsilon": 2.5}, train={"batch_size": 8, "max_steps": 3}),
+                         CENSUS_LIKE, 300, torch.device("cpu")) is None  # the batch and steps given: no budget
