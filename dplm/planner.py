@@ -128,8 +128,7 @@ def micro_batch_size(tokens: int) -> int:
     return min(256, max(16, 8192 // tokens))
 
 
-def machine_speed(config: RunConfig, schema, vocab_size: int, device, unit_rows: int | None = None
-                  ) -> MachineSpeed | None:
+def machine_speed(config: RunConfig, schema, device, unit_rows: int | None = None) -> MachineSpeed | None:
     """This machine's training speed for `config`'s model on rows as long as `schema`'s (a
     unit of `unit_rows` rows for histories), DP-SGD and without, for the DP compute budget:
     None where it does not apply (no DP, `train.budget_rows` given, or the batch and the steps,
@@ -155,6 +154,7 @@ def machine_speed(config: RunConfig, schema, vocab_size: int, device, unit_rows:
     cached = json.loads(path.read_text()) if path.exists() else {}
     cached = {k: v for k, v in cached.items() if time.time() - v[2] < SPEED_VALID_SECONDS}
     if key not in cached:
+        vocab_size = len(models.load_tokenizer(m.base))
         model = models.load_base_model(m.base, vocab_size, models.weight_dtype(m.precision, device), m.layers)
         if m.prune_vocab and not texts:
             models.restrict_output_vocab(model, list(range(min(PROBE_OUTPUT_TOKENS, vocab_size))))

@@ -348,6 +348,14 @@ def trainable_snapshot(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+@torch.no_grad()
+def restore_trainable(model, snapshot: dict[str, torch.Tensor]) -> None:
+    """Copy a `trainable_snapshot` back into the model's trainable parameters."""
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            p.copy_(snapshot[name])
+
+
 def assert_weights_changed(model, before: dict[str, torch.Tensor]) -> None:
     """Fail loudly if training left every adapter weight as it was (a known Opacus/peft pitfall:
     parameters created after Opacus hooks are registered never receive gradients)."""

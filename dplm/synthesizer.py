@@ -254,7 +254,7 @@ class Synthesizer:
         plan_units = len(history.units) if history else len(units)
         unit_rows = HISTORY_PLAN_ROWS if history else None
         # A resumed run keeps the speed its plan was sized by (another machine would measure another).
-        speed = resumed["run_state"]["speed"] if resumed else machine_speed(config, given, len(tokenizer), device, unit_rows)
+        speed = resumed["run_state"]["speed"] if resumed else machine_speed(config, given, device, unit_rows)
         plan = make_plan(config, plan_units, given, metadata["epsilon"], metadata["delta"], unit_rows=unit_rows,
                          speed=MachineSpeed(**speed) if isinstance(speed, dict) else speed)
         config = resolved(config, plan)
@@ -596,8 +596,7 @@ def plan(config: RunConfig, data=None, schema: Schema | str | None = None) -> di
     if history and config.data.max_history is None:  # the history cap's DP estimate
         metadata["epsilon"] += p.metadata_epsilon
         metadata["estimated"]["(rows per subject)"] = ["max_history"]
-    speed = machine_speed(config, schema, len(models.load_tokenizer(config.model.base)), models.default_device(),
-                          unit_rows)
+    speed = machine_speed(config, schema, models.default_device(), unit_rows)
     chosen = make_plan(config, units, schema, metadata["epsilon"], metadata["delta"], unit_rows=unit_rows, speed=speed)
     t = resolved(config, chosen).train
     sample_rate = t.batch_size / units

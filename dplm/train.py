@@ -33,7 +33,7 @@ from dplm.config import PrivacyConfig, TrainConfig
 from dplm.errors import DplmError
 from dplm.privacy import (
     PrivacyBudget, assert_weights_changed, make_private, poisson_sample, prepare_empty_step, sum_grad_samples_by_group,
-    secure_uniform, trainable_snapshot, unseeded_generator,
+    restore_trainable, secure_uniform, trainable_snapshot, unseeded_generator,
 )
 
 
@@ -277,10 +277,7 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
     log = []
     saved = checkpoints.load() if checkpoints else None
     if saved:
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if p.requires_grad:
-                    p.copy_(saved["trainable"][name])
+        restore_trainable(model, saved["trainable"])
         base_optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["torch_rng"])
@@ -365,10 +362,7 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
         final = mean_loss(model, validation, sequences, pad_id, cfg.micro_batch_size, device, target_index, masks,
                           unit_tokens)
         if final > early["best"]:
-            with torch.no_grad():
-                for name, p in model.named_parameters():
-                    if p.requires_grad:
-                        p.copy_(early["weights"][name])
+            restore_trainable(model, early["weights"])
     if step == 0 and total_steps == 0 and privacy.enabled:  # the statistics alone (planner: too few units)
         model.eval()
         return TrainResult(steps=0, epochs=0.0, rows_seen=0, tokens_seen=0, seconds=time.perf_counter() - start,
@@ -422,10 +416,7 @@ def measure_speed(model, tokens: int, micro_batch_size: int, device, dp: bool) -
     finally:
         if dp:
             forward._close()
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if p.requires_grad:
-                    p.copy_(before[name])
+        restore_trainable(model, before)
         model.eval()
     return SPEED_STEPS * micro_batch_size / seconds
 

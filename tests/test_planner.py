@@ -164,13 +164,13 @@ def test_machine_speed_is_measured_once_and_only_where_it_sizes_a_budget(monkeyp
     monkeypatch.setattr(dplm.train, "measure_speed", lambda model, tokens, micro, device, dp:
                         calls.append((tokens, micro, dp)) or (50.0 if dp else 200.0))
     dp = config(model={"base": "tiny-random"}, privacy={"enabled": True, "max_epsilon": 2.5})
-    first = machine_speed(dp, CENSUS_LIKE, 300, torch.device("cpu"))
+    first = machine_speed(dp, CENSUS_LIKE, torch.device("cpu"))
     assert (first.dp_rows_per_second, first.rows_per_second) == (50.0, 200.0)
     tokens = row_tokens(CENSUS_LIKE)
     assert calls == [(tokens, micro_batch_size(tokens), True), (tokens, min(64, micro_batch_size(tokens)), False)]
-    assert machine_speed(dp, CENSUS_LIKE, 300, torch.device("cpu")) == first and len(calls) == 2  # the cache
+    assert machine_speed(dp, CENSUS_LIKE, torch.device("cpu")) == first and len(calls) == 2  # the cache
     assert machine_speed(config(privacy={"enabled": True, "max_epsilon": 2.5}, train={"budget_rows": 9}),
-                         CENSUS_LIKE, 300, torch.device("cpu")) is None
-    assert machine_speed(config(), CENSUS_LIKE, 300, torch.device("cpu")) is None  # no DP
+                         CENSUS_LIKE, torch.device("cpu")) is None
+    assert machine_speed(config(), CENSUS_LIKE, torch.device("cpu")) is None  # no DP
     assert machine_speed(config(privacy={"enabled": True, "max_epsilon": 2.5}, train={"batch_size": 8, "max_steps": 3}),
-                         CENSUS_LIKE, 300, torch.device("cpu")) is None  # the batch and steps given: no budget
+                         CENSUS_LIKE, torch.device("cpu")) is None  # the batch and steps given: no budget
