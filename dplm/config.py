@@ -115,6 +115,10 @@ class SampleConfig:
     temperature: float = 1.0
     seed: int = 0
     given_candidates: int = 16  # particles per row when given columns follow free ones (sample.GivenValues)
+    # Draw this many times the rows asked for and keep those that bring each column nearest the
+    # statistics' one-way counts (marginals.calibrated; under DP the noisy ones: post-processing,
+    # no epsilon); 1: off.
+    calibration: float = 2.0
 
 
 @dataclass
@@ -198,6 +202,7 @@ class RunConfig:
             (self.sample.num_rows >= 1 and self.sample.batch_size >= 1, "sample.num_rows and sample.batch_size must be >= 1"),
             (self.sample.temperature > 0, "sample.temperature must be > 0"),
             (self.sample.given_candidates >= 1, "sample.given_candidates must be >= 1"),
+            (self.sample.calibration >= 1, "sample.calibration must be >= 1 (1: off)"),
             (self.audit.canaries >= 0 and self.audit.canary_repeats >= 1,
              "audit.canaries must be >= 0 and audit.canary_repeats >= 1"),
             (all(r in TRACKERS for r in t.report_to),

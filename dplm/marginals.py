@@ -46,6 +46,8 @@ RETENTION = {1: 1.0, 2: 0.5, 3: 0.5, 4: 0.33, 5: 0.33, 6: 0.33}
 FAR_RETENTION = 0.3
 RULE_SHARE = 0.99  # a one-to-one pair: this share of the visible mass on one partner per bin
 EXCLUSIVE_SHARE = 0.02  # an exclusive pair: both non-zero at most this share of independence's count
+RAKING_ROUNDS = 10  # passes over the columns when sampled rows are calibrated to the statistics
+RAKING_LIMIT = 4.0  # the most one pass may raise or lower a row's weight
 
 
 @dataclass
@@ -275,6 +277,22 @@ class Marginals:
                 break
         return pd.DataFrame({name: rows[name][:n] for name in names})
 
+    def calibrated(self, rows: pd.DataFrame, schema: Schema, n: int, rng: np.random.Generator) -> pd.DataFrame:
+        """`n` of `rows` (drawn from the model, more than `n`) chosen so that each column's coarse
+        bins come near the statistics' one-way counts: raking weights (`RAKING_ROUNDS` passes over
+        the columns, each factor within [1 / RAKING_LIMIT, RAKING_LIMIT]), then `n` distinct rows
+        drawn with chances in proportion to their weights (`_proportional_draw`). Post-processing of
+        the model and the statistics: no epsilon."""
+        bins = {c.name: np.asarray(c.coarse)[c.fine_index(rows[c.name], schema[c.name])] for c in self.columns}
+        targets = {c.name: _smooth(self.coarse_one_way(c.name), self.noise["one_way"]) for c in self.columns}
+        weights = np.ones(len(rows))
+        for _ in range(RAKING_ROUNDS):
+            for name, b in bins.items():
+                share = np.bincount(b, weights=weights, minlength=len(targets[name])) / weights.sum()
+                factor = np.clip(targets[name] / np.maximum(share, 1e-12), 1 / RAKING_LIMIT, RAKING_LIMIT)
+                weights *= factor[b]
+        return rows.iloc[_proportional_draw(weights, n, rng)].reset_index(drop=True)
+
     def _tree_draw(self, n: int, order: list[str], parent: dict, rng, schema: Schema) -> pd.DataFrame:
         coarse = {}
         for name in order:
@@ -481,6 +499,20 @@ def _plugin_mi(t: np.ndarray) -> float:
     outer = np.outer(p.sum(1), p.sum(0))
     nz = p > 0
     return float((p[nz] * np.log(p[nz] / outer[nz])).sum())
+
+
+def _proportional_draw(weights: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """`n` distinct indexes, each drawn with a chance in proportion to its weight (capped at 1):
+    systematic sampling over a random order (successive draws without replacement would favour
+    the light rows once the heavy ones run out)."""
+    chance = weights * n / weights.sum()
+    while (chance > 1 + 1e-9).any():  # cap at 1, spread the rest over the others
+        capped = chance >= 1
+        chance[capped] = 1.0
+        chance[~capped] *= (n - capped.sum()) / chance[~capped].sum()
+    order = rng.permutation(len(weights))
+    picks = np.searchsorted(np.cumsum(chance[order]), rng.random() + np.arange(n))
+    return np.sort(order[np.minimum(picks, len(order) - 1)])
 
 
 def _smooth(counts: np.ndarray, sigma: float) -> np.ndarray:

@@ -31,8 +31,9 @@ from dplm.train import GrammarMasks
 @dataclass
 class SampleStats:
     rows_generated: int
-    rows_returned: int
+    rows_returned: int  # valid rows
     seconds: float
+    rows_kept: int | None = None  # of the valid rows, those kept by the calibration (Synthesizer.sample)
 
     @property
     def generated_per_returned(self) -> float:

@@ -10,7 +10,8 @@ split on the separator id:
 * categories and text are escaped (`\\` -> `\\\\`, `|` -> `\\s`, newline -> `\\n`) so
   the separator character never occurs inside a value, then tokenized normally; a text
   longer than its column's `max_tokens` is cut there (between escapes) and counted
-  (`RowCodec.values_cut`);
+  (`RowCodec.values_cut`); the grammar tracks an escape across tokens (`escape_walk`), so
+  sampled text never holds a bad one;
 * a missing value is an empty field, except in a nullable text column, where the empty
   field is the empty text and a missing one is written `\\0` (an escape no text produces).
 
@@ -135,6 +136,19 @@ def unescape(text: str) -> str:
     return "".join(out)
 
 
+def escape_walk(text: str, open_: bool) -> bool | None:
+    """After `text`, written where an escape is open (`open_`: the text so far ends in an
+    unpaired backslash) or not: whether one is open, or None for a bad escape."""
+    for ch in text:
+        if open_:
+            if ch not in _UNESCAPE:
+                return None
+            open_ = False
+        else:
+            open_ = ch == "\\"
+    return open_
+
+
 def _is_missing(value) -> bool:
     return value is None or value is pd.NaT or (isinstance(value, float) and value != value) or value is pd.NA
 
@@ -165,10 +179,17 @@ class RowCodec:
             # Text may use any ordinary token that cannot contain the separator: no special or
             # added token (SmolLM2's <issue_comment> and the like, the value tokens).
             special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
-            self.text_token_ids = [
-                i for i, tok in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
-                if i not in special and SEPARATOR not in tokenizer.convert_tokens_to_string([tok])
-            ]
+            texts = {i: tokenizer.convert_tokens_to_string([tok])
+                     for i, tok in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
+                     if i not in special}
+            texts = {i: text for i, text in texts.items() if SEPARATOR not in text}
+            self.text_token_ids = list(texts)
+            # Escapes span tokens (a token may end in an open backslash): per token, whether it
+            # continues a text with (1) or without (0) an open backslash, and whether it leaves one.
+            self.text_escapes = {i: (escape_walk(t, False), escape_walk(t, True)) for i, t in texts.items()}
+            self.text_ids_by = {(open_, last): [i for i, walks in self.text_escapes.items()
+                                                if walks[open_] is not None and not (last and walks[open_])]
+                                for open_ in (0, 1) for last in (False, True)}
 
     def value_token_texts(self) -> dict[int, list[int]]:
         """Each value token's id -> the ordinary tokens of its text (the column name for the
@@ -439,7 +460,9 @@ class FieldGrammar:
     def start(self):
         if self.width:
             return ()
-        return 0 if self.single or self.kind in ("categorical", "text") else ""
+        if self.kind == "text":  # (tokens so far, an escape open, still the missing marker's prefix)
+            return (0, 0, self.missing_ids is not None)
+        return 0 if self.single or self.kind == "categorical" else ""
 
     def next_tokens(self, state) -> tuple[list[int], bool]:
         """(token ids allowed next inside the value, whether the value may end here)."""
@@ -455,8 +478,16 @@ class FieldGrammar:
         if self.kind == "categorical":
             node = self.trie[state]
             return list(node["next"]), node["end"] or (state == 0 and self.col.nullable)
-        if self.kind == "text":  # any text, the empty one included, up to its cap
-            return (self.codec.text_token_ids if state < self.max_tokens else []), True
+        if self.kind == "text":  # any validly escaped text, the empty one included, up to its cap
+            count, open_, missing = state
+            marker = missing and count < len(self.missing_ids)
+            if count >= self.max_tokens or open_ is None:  # at the cap, or inside the missing marker
+                ids = []
+            else:  # the last token may not leave an escape open
+                ids = self.codec.text_ids_by[(open_, count == self.max_tokens - 1)]
+            if marker and self.missing_ids[count] not in ids:
+                ids = ids + [self.missing_ids[count]]
+            return ids, open_ == 0 or (missing and count == len(self.missing_ids))
         chars = [c for c in NUMBER_CHARS if self._prefix_ok(state + c)]
         can_end = self._complete(state) or (state == "" and self.col.nullable)
         return [self.codec.char_ids[c] for c in chars], can_end
@@ -469,7 +500,8 @@ class FieldGrammar:
         if self.width:
             return self.state_key(state)
         if self.kind == "text":
-            return state < self.max_tokens
+            count, open_, missing = state
+            return (min(self.max_tokens - count, 2), open_, count if missing else -1)
         if self._digit_bounds:
             return self._digit_key(state)
         ids, can_end = self.next_tokens(state)
@@ -477,8 +509,9 @@ class FieldGrammar:
 
     def state_key(self, state):
         """A key that determines the allowed tokens and every later transition: states with
-        equal keys are one state of the field's finite automaton (a trie node, a token count,
-        the digit-DP summary of a non-negative integer, else the prefix itself)."""
+        equal keys are one state of the field's finite automaton (a trie node, a text's token
+        count and open escape, the digit-DP summary of a non-negative integer, else the prefix
+        itself)."""
         if self.width:  # the places so far and whether they are at the bound; "missing" after its token
             return "missing" if state is None else (len(state), state == self.top[: len(state)])
         return self._digit_key(state) if self._digit_bounds else state
@@ -506,7 +539,11 @@ class FieldGrammar:
         if self.kind == "categorical":
             return self.trie[state]["next"][token]
         if self.kind == "text":
-            return state + 1
+            count, open_, missing = state
+            missing = missing and count < len(self.missing_ids) and token == self.missing_ids[count]
+            walks = self.codec.text_escapes.get(token)
+            open_ = walks[open_] if walks and open_ is not None else None  # None: only the marker goes on
+            return (count + 1, int(open_) if open_ is not None else None, missing)
         return state + self.codec.id_chars[token]
 
     def _build_trie(self):

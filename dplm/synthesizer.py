@@ -89,7 +89,8 @@ RELEASE = {
     "plan.json": "the training plan: the settings dplm chose, from public quantities only (planner.py)",
     "statistics.json": ("the table's binned one- and two-way counts and the rules and column order read from them: "
                         "Gaussian-noised under DP (covered by epsilon: their rounds are in the accountant)"),
-    "synthetic.csv": "rows sampled from the adapter and the schema: post-processing (covered by epsilon under DP)",
+    "synthetic.csv": ("rows sampled from the adapter and the schema, kept by the statistics' one-way counts "
+                      "(sample.calibration): post-processing (covered by epsilon under DP)"),
     "synthetic_subjects.csv": "histories: the sampled subjects' own columns (post-processing, like synthetic.csv)",
     "history.json": ("histories: which columns are the subject's and which its rows', the ordering column and the "
                      "history cap (given, or DP-estimated and counted in epsilon)"),
@@ -389,9 +390,15 @@ class Synthesizer:
             if keys is not None:  # the given subjects keep their keys
                 out = out.with_keys(key, keys)
             return out
+        num_rows = num_rows or s.num_rows
+        calibrate = given is None and self.marginals is not None and s.calibration > 1
         df, self.last_sample_stats = sample_rows(
-            self.model, self.codec, num_rows or s.num_rows, s.batch_size, temperature or s.temperature,
-            s.seed if seed is None else seed, self.device, progress, given, s.given_candidates, keep)
+            self.model, self.codec, math.ceil(num_rows * s.calibration) if calibrate else num_rows, s.batch_size,
+            temperature or s.temperature, s.seed if seed is None else seed, self.device, progress, given,
+            s.given_candidates, keep)
+        if calibrate:
+            df = self.marginals.calibrated(df, self.schema, num_rows, np.random.default_rng(s.seed if seed is None else seed))
+            self.last_sample_stats = dataclasses.replace(self.last_sample_stats, rows_kept=len(df))
         return df
 
     # ---- save / load ------------------------------------------------------------------

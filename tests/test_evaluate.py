@@ -5,7 +5,7 @@ import pytest
 from conftest import shared_file
 from dplm.errors import DplmError
 from dplm.evaluate import (
-    accuracy, check_inputs, discriminator_auc, embed, evaluate, privacy_scores, record_texts, utility,
+    accuracy, check_inputs, discriminator_auc, embed, evaluate, privacy_scores, record_texts, text_scores, utility,
 )
 
 
@@ -101,20 +101,17 @@ def test_text_section_scores_real_titles_as_real_and_shuffled_titles_as_uninform
         ["room_type", "neighbourhood", "price", "title"]]
     train, holdout, fresh = table.iloc[:2500], table.iloc[2500:3250], table.iloc[3250:]
     shuffled = fresh.assign(title=fresh["title"].sample(frac=1, random_state=1).to_numpy())
-    scores = {}
-    for name, synthetic in (("fresh", fresh), ("shuffled", shuffled)):
-        metrics = evaluate(train, holdout, synthetic, embed_sample=600, text_columns=["title"],
-                           categorical=["room_type", "neighbourhood"])
-        scores[name] = metrics["text"]["title"]
-    fresh_t, shuffled_t = scores["fresh"], scores["shuffled"]
+    fresh_t = evaluate(train, holdout, fresh, embed_sample=600, text_columns=["title"],
+                       categorical=["room_type", "neighbourhood"])["text"]["title"]
     assert fresh_t["context"] == "room_type" and fresh_t["texts_scored"] == 600
+    # The other sets score the text section alone (the record-level scores are tested above).
+    shuffled_t = text_scores(train, holdout, shuffled, "title", "room_type", 600)
     assert fresh_t["synthetic"]["discriminator_auc"] < 0.6 and fresh_t["holdout"]["discriminator_auc"] < 0.6
     assert fresh_t["synthetic"]["context_accuracy"] > fresh_t["context_majority_share"] + 0.15
     assert shuffled_t["synthetic"]["context_accuracy"] < fresh_t["synthetic"]["context_accuracy"] - 0.15
     assert fresh_t["synthetic"]["length_accuracy"] > 0.9
     assert fresh_t["synthetic"]["verbatim_training_share"] < 0.1
-    copies = evaluate(train, holdout, train.iloc[:750], embed_sample=300, text_columns=["title"],
-                      categorical=["room_type"])["text"]["title"]
+    copies = text_scores(train, holdout, train.iloc[:750], "title", "room_type", 300)
     assert copies["synthetic"]["verbatim_training_share"] == 1.0
     assert copies["synthetic"]["nearest_training_distance_median"] < copies["holdout"]["nearest_training_distance_median"]
 

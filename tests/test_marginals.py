@@ -142,3 +142,20 @@ def test_tree_rows_follow_the_tables():
 def test_coarse_bins_follow_noise():
     assert coarse_bin_count(39074, 0.0) == 20 and coarse_bin_count(39074, 100.0) == 19
     assert coarse_bin_count(800, 0.0) == 8 and coarse_bin_count(800, 50.0) == 4 and coarse_bin_count(10, 0) == 2
+
+
+def test_calibrated_rows_follow_the_statistics_one_way_counts():
+    """Rows whose marginals drifted (a model that favours a's majority, as noisy DP training
+    does) are brought back to the statistics' one-way shares by choosing half of them."""
+    df, schema = toy(6000)
+    m = measure(df, schema, [[i] for i in range(len(df))], None)
+    drawn, _ = toy(8000, seed=1)
+    drifted = pd.concat([drawn, drawn[drawn["a"] == "x"]]).reset_index(drop=True)  # x: 0.67 instead of 0.5
+    rows = m.calibrated(drifted, schema, 4000, np.random.default_rng(0))
+    assert len(rows) == 4000
+    real = df["a"].value_counts(normalize=True)
+    before = drifted["a"].value_counts(normalize=True)
+    after = rows["a"].value_counts(normalize=True)
+    assert abs(before["x"] - real["x"]) > 0.15 and abs(after["x"] - real["x"]) < 0.02
+    assert abs(rows["d"].eq(1).mean() - real["x"]) < 0.02  # its one-to-one partner too
+    assert (rows["gain"].gt(0) & rows["loss"].gt(0)).sum() == 0  # the rows themselves, unchanged

@@ -155,6 +155,44 @@ def test_empty_and_missing_text_differ_and_long_text_is_cut_between_escapes(toke
     assert cut and set(cut) == {"\n"} and len(codec.fields[0].encode(long)) <= 5
 
 
+def test_text_grammar_writes_only_valid_escapes(tokenizer):
+    """Escapes span tokens (`\\` may end one token and `n` start the next): the grammar lets a
+    text open an escape only where a token can close it, never ends it open, and keeps the
+    missing marker `\\0` for the whole value. Random walks that favour backslashes all decode,
+    and every training text (escapes, the marker, a cut) walks the grammar token by token."""
+    schema = Schema.from_dict({"columns": {"t": {"kind": "text", "max_tokens": 6, "nullable": True},
+                                           "u": {"kind": "text", "max_tokens": 4}}})
+    codec = RowCodec(schema, tokenizer)
+    rows = [{"t": None, "u": "\\"}, {"t": "a\\|b", "u": "\n\n\n\n\n"}, {"t": "\\0", "u": ""}]
+    for ids in codec.encode_table(pd.DataFrame(rows)):
+        state = codec.start_state()
+        for token in ids[1:]:
+            assert token in codec.allowed(state), codec.text(ids)
+            state = codec.next_state(state, token)
+        assert state is None
+    rng = random.Random(0)
+    favoured = {i for i in codec.text_token_ids if "\\" in tokenizer.decode([i])}
+    favoured = set(sorted(favoured)[:200]) | set(codec.fields[0].missing_ids) | {codec.sep_id, codec.eos_id}
+    picked = {}
+    for _ in range(300):
+        state, ids = codec.start_state(), [codec.bos_id]
+        while state is not None:
+            allowed = codec.allowed(state)
+            key = codec.mask_key(state)
+            if key not in picked:
+                picked[key] = list(favoured & set(allowed))
+            picks = picked[key]
+            token = rng.choice(picks if picks and rng.random() < 0.7 else allowed)
+            ids.append(token)
+            state = codec.next_state(state, token)
+        codec.decode(ids)  # never a bad escape
+    state = codec.start_state()
+    for token in codec.fields[0].missing_ids:  # the marker is a whole value, never the start of a text
+        assert token in codec.allowed(state)
+        state = codec.next_state(state, token)
+    assert codec.allowed(state) == [codec.sep_id]
+
+
 def test_float_columns_round_trip_as_scaled_integers(tokenizer):
     """Floats with public bounds and a precision are written by the place values of their
     scaled integer less the lowest (carat 0.20-5.01: 482 values, 2 places of base 22), or a
