@@ -376,6 +376,7 @@ class Synthesizer:
         `histories.Histories` (the subject table and the event table, fresh keys 1..n); `given`
         then holds subject columns, one subject per given row."""
         s = self.config.sample
+        num_rows, seed, temperature = num_rows or s.num_rows, s.seed if seed is None else seed, temperature or s.temperature
         # The table's rules, except those between given columns (their values are the user's).
         rules = self.rules.without(list(given.columns) if given is not None else []) if self.rules else None
         keep = (lambda rows: rules.kept(rows, self.schema)) if rules else None
@@ -383,21 +384,18 @@ class Synthesizer:
             key = self.config.data.subject
             keys = given[key].tolist() if given is not None and key in given.columns else None
             out, self.last_sample_stats = sample_histories(
-                self.model, self.codec, num_rows or s.num_rows, key, s.batch_size, temperature or s.temperature,
-                s.seed if seed is None else seed, self.device, progress,
+                self.model, self.codec, num_rows, key, s.batch_size, temperature, seed, self.device, progress,
                 given.drop(columns=[key]) if keys is not None else given, keep,
                 self.schema.output_order or self.schema.names)
             if keys is not None:  # the given subjects keep their keys
                 out = out.with_keys(key, keys)
             return out
-        num_rows = num_rows or s.num_rows
         calibrate = given is None and self.marginals is not None and s.calibration > 1
         df, self.last_sample_stats = sample_rows(
             self.model, self.codec, math.ceil(num_rows * s.calibration) if calibrate else num_rows, s.batch_size,
-            temperature or s.temperature, s.seed if seed is None else seed, self.device, progress, given,
-            s.given_candidates, keep)
+            temperature, seed, self.device, progress, given, s.given_candidates, keep)
         if calibrate:
-            df = self.marginals.calibrated(df, self.schema, num_rows, np.random.default_rng(s.seed if seed is None else seed))
+            df = self.marginals.calibrated(df, self.schema, num_rows, np.random.default_rng(seed))
             self.last_sample_stats = dataclasses.replace(self.last_sample_stats, rows_kept=len(df))
         return df
 
