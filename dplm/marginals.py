@@ -228,7 +228,12 @@ class Marginals:
 
     def rules(self) -> Rules:
         """The one-to-one and mutually exclusive pairs the counts show (see `Rules`)."""
-        sigma2, sigma3 = self.noise["two_way"], self.noise["both_nonzero"]
+        sigma1, sigma2, sigma3 = self.noise["one_way"], self.noise["two_way"], self.noise["both_nonzero"]
+
+        def covers(name: str, bins: np.ndarray) -> bool:  # the bins outside the rule hold (near) nothing
+            outside = np.delete(self.coarse_one_way(name), bins)
+            return outside.sum() <= (1 - RULE_SHARE) * self.units + 4 * sigma1 * np.sqrt(len(outside))
+
         one_to_one = []
         for key in self.two_way:
             a, b = key.split("|")
@@ -240,7 +245,10 @@ class Marginals:
             visible = np.where(t > 4 * sigma2, t, 0.0) if sigma2 else t
             mass = visible.sum()
             rows, cols = np.flatnonzero(visible.sum(1)), np.flatnonzero(visible.sum(0))
-            if mass < self.units / 2 or len(rows) < 2 or len(rows) != len(cols):
+            # Noisy cells under the threshold are hidden: a pair of columns whose visible cells pair
+            # up but whose hidden values hold real mass is no rule (German credit under DP).
+            if mass < self.units / 2 or len(rows) < 2 or len(rows) != len(cols) or not (covers(a, rows) and
+                                                                                         covers(b, cols)):
                 continue
             partner_of_a, partner_of_b = visible.argmax(1), visible.argmax(0)
             if (visible.max(1).sum() >= RULE_SHARE * mass and visible.max(0).sum() >= RULE_SHARE * mass
@@ -281,23 +289,23 @@ class Marginals:
         """`n` of `rows` (drawn from the model, more than `n`) chosen so that each column's coarse
         bins come near the statistics' one-way counts: raking weights (`RAKING_ROUNDS` passes over
         the columns, each factor within [1 / RAKING_LIMIT, RAKING_LIMIT]), then `n` distinct rows
-        drawn with chances in proportion to their weights (`_proportional_draw`). Post-processing of
+        drawn with chances in proportion to their weights (`proportional_draw`). Post-processing of
         the model and the statistics: no epsilon."""
         bins = {c.name: np.asarray(c.coarse)[c.fine_index(rows[c.name], schema[c.name])] for c in self.columns}
-        targets = {c.name: _smooth(self.coarse_one_way(c.name), self.noise["one_way"]) for c in self.columns}
+        targets = {c.name: smoothed(self.coarse_one_way(c.name), self.noise["one_way"]) for c in self.columns}
         weights = np.ones(len(rows))
         for _ in range(RAKING_ROUNDS):
             for name, b in bins.items():
                 share = np.bincount(b, weights=weights, minlength=len(targets[name])) / weights.sum()
                 factor = np.clip(targets[name] / np.maximum(share, 1e-12), 1 / RAKING_LIMIT, RAKING_LIMIT)
                 weights *= factor[b]
-        return rows.iloc[_proportional_draw(weights, n, rng)].reset_index(drop=True)
+        return rows.iloc[proportional_draw(weights, n, rng)].reset_index(drop=True)
 
     def _tree_draw(self, n: int, order: list[str], parent: dict, rng, schema: Schema) -> pd.DataFrame:
         coarse = {}
         for name in order:
             col = self.column(name)
-            marginal = _smooth(self.coarse_one_way(name), self.noise["one_way"])
+            marginal = smoothed(self.coarse_one_way(name), self.noise["one_way"])
             if parent.get(name) is None:
                 coarse[name] = rng.choice(col.num_coarse, size=n, p=marginal)
                 continue
@@ -501,7 +509,7 @@ def _plugin_mi(t: np.ndarray) -> float:
     return float((p[nz] * np.log(p[nz] / outer[nz])).sum())
 
 
-def _proportional_draw(weights: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+def proportional_draw(weights: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     """`n` distinct indexes, each drawn with a chance in proportion to its weight (capped at 1):
     systematic sampling over a random order (successive draws without replacement would favour
     the light rows once the heavy ones run out)."""
@@ -515,7 +523,8 @@ def _proportional_draw(weights: np.ndarray, n: int, rng: np.random.Generator) ->
     return np.sort(order[np.minimum(picks, len(order) - 1)])
 
 
-def _smooth(counts: np.ndarray, sigma: float) -> np.ndarray:
+def smoothed(counts: np.ndarray, sigma: float) -> np.ndarray:
+    """Noisy counts as shares: negatives to 0, a tenth of the noise's scale added to every bin."""
     p = np.clip(counts, 0, None) + max(sigma, 1e-9) * 0.1
     return p / p.sum()
 

@@ -127,6 +127,23 @@ def test_rules_found_exactly_and_under_dp():
         assert roundtrip.rules().to_dict() == rules.to_dict()
 
 
+def test_no_rule_where_hidden_values_hold_mass():
+    """Under heavy noise (800 units, the German credit table's DP statistics) only the largest
+    cells pass the 4-sigma threshold; that they pair up is no rule while the values they leave
+    out hold a third of the rows (the one-way counts show it)."""
+    def column(name, categories):
+        return ColumnBins(name, "categorical", False, categories, None, list(range(len(categories))))
+
+    table = [[140, 75], [70, 80], [40, 65], [20, 310]]  # visible at 4 x 33.6: 140 and 310 only
+    m = Marginals([column("s", ["p", "q", "r", "t"]), column("c", ["bad", "good"])], 800,
+                  {"s": [215, 150, 105, 330], "c": [270, 530]}, {"s|c": table},
+                  noise={"one_way": 10.6, "two_way": 33.6, "both_nonzero": 0.0})
+    assert m.rules().one_to_one == []
+    paired = Marginals(m.columns, 800, {"s": [360, 3, 2, 435], "c": [362, 438]},
+                       {"s|c": [[358, 2], [3, 0], [1, 1], [0, 435]]}, noise=m.noise)
+    assert paired.rules().to_dict()["one_to_one"] == [{"columns": ["s", "c"], "pairs": [["p", "bad"], ["t", "good"]]}]
+
+
 def test_tree_rows_follow_the_tables():
     df, schema = toy(20000)
     m = measure(df, schema, [[i] for i in range(len(df))], None)
