@@ -53,8 +53,9 @@ def summary(synth, df=None) -> str:
         lines.append(f"sampling: {s.rows_returned} valid {what} from {s.rows_generated} generated "
                      f"(valid-row rate {s.valid_rate:.1%}, {s.generated_per_returned:.2f} generated per returned), "
                      f"{s.rows_returned / s.seconds:.1f} rows/s"
-                     + (f"; kept {s.rows_kept} of them, nearest the statistics' one-way counts (sample.calibration)"
-                        if s.rows_kept is not None else ""))
+                     + (f"; kept {s.rows_kept} of them, nearest the "
+                        f"{'rows-per-subject counts' if synth.is_history else 'statistics' one-way counts'} "
+                        "(sample.calibration)" if s.rows_kept is not None else ""))
     return "\n".join(lines)
 
 

@@ -267,6 +267,14 @@ class Histories:
         return Histories(self.subjects.assign(**{key: self.subjects[key].map(mapping)}),
                          self.events.assign(**{key: self.events[key].map(mapping)}))
 
+    def subset(self, indexes, key: str) -> Histories:
+        """The subjects at positions `indexes`, with fresh keys 1..len(indexes)."""
+        chosen = self.subjects.iloc[indexes]
+        mapping = dict(zip(chosen[key], range(1, len(chosen) + 1)))
+        events = self.events[self.events[key].isin(mapping)]
+        return Histories(chosen.assign(**{key: chosen[key].map(mapping)}).reset_index(drop=True),
+                         events.assign(**{key: events[key].map(mapping)}).reset_index(drop=True))
+
     def write(self, path) -> list:
         """The event table to `path` (CSV, Parquet or JSONL by its extension) and, when the
         subjects have columns of their own, the subject table beside it (`subjects_path`)."""
@@ -329,23 +337,42 @@ def check_order_by(events: pd.DataFrame, order_by: str, kind: str) -> None:
         raise DplmError(f"data.order_by column '{order_by}' has missing values; fill them or choose another column")
 
 
-def dp_history_length(lengths: np.ndarray, epsilon: float, rng) -> tuple[int, float]:
-    """(cap, mean rows under the cap) of the rows per subject, epsilon-DP: a histogram over the
-    public `LENGTH_EDGES` with Laplace(1/epsilon) noise on every count (a subject is in one bin),
-    counts below `privacy.range_threshold` taken as empty (noise alone would fill the tail), the
-    cap the upper end of the bin where the noisy share reaches `CAP_QUANTILE`."""
+def length_counts(lengths: np.ndarray) -> np.ndarray:
+    """How many subjects have each number of rows, over the public `LENGTH_EDGES` bins."""
+    return np.histogram(np.clip(lengths, 1, LENGTH_EDGES[-1] - 1), bins=LENGTH_EDGES)[0].astype(float)
+
+
+def dp_history_length(lengths: np.ndarray, epsilon: float, rng) -> tuple[int, np.ndarray]:
+    """(cap, noisy `length_counts`) of the rows per subject, epsilon-DP: Laplace(1/epsilon) noise
+    on every count (a subject is in one bin), counts below `privacy.range_threshold` taken as
+    empty (noise alone would fill the tail), the cap the upper end of the bin where the noisy
+    share reaches `CAP_QUANTILE`."""
     from dplm.privacy import range_threshold
 
-    counts = np.histogram(np.clip(lengths, 1, LENGTH_EDGES[-1] - 1), bins=LENGTH_EDGES)[0].astype(float)
-    noisy = counts + rng.laplace(0.0, 1.0 / epsilon, size=len(counts))
-    noisy = np.where(noisy > range_threshold(epsilon, len(counts)), noisy, 0.0)
+    noisy = length_counts(lengths) + rng.laplace(0.0, 1.0 / epsilon, size=len(LENGTH_EDGES) - 1)
+    noisy = np.where(noisy > range_threshold(epsilon, len(noisy)), noisy, 0.0)
     if noisy.sum() <= 0:
-        return 1, 1.0
-    share = np.cumsum(noisy) / noisy.sum()
-    b = int(np.searchsorted(share, CAP_QUANTILE))
-    cap = int(LENGTH_EDGES[b + 1] - 1)
-    middles = np.minimum((LENGTH_EDGES[:-1] + LENGTH_EDGES[1:] - 1) / 2, cap)
-    return cap, float((noisy * middles).sum() / noisy.sum())
+        return 1, noisy
+    b = int(np.searchsorted(np.cumsum(noisy) / noisy.sum(), CAP_QUANTILE))
+    return int(LENGTH_EDGES[b + 1] - 1), noisy
+
+
+def calibrated_subjects(drawn: Histories, key: str, counts, cap: int, n: int, rng) -> Histories:
+    """`n` of the `drawn` subjects (more than `n`), chosen so that their rows per subject come
+    near `counts` (`length_counts` of the training subjects, noisy under DP, the bins past
+    `cap` folded into the cap's): each subject weighted by its bin's target share over its
+    drawn share (within [1 / RAKING_LIMIT, RAKING_LIMIT]), then drawn in proportion to the
+    weights. Post-processing of the model and the counts: no epsilon."""
+    from dplm.marginals import RAKING_LIMIT, proportional_draw, smoothed
+
+    last = int(np.searchsorted(LENGTH_EDGES, cap, side="right")) - 1
+    target = np.asarray(counts, dtype=float)[: last + 1].copy()
+    target[last] += float(np.sum(counts[last + 1:]))
+    rows = drawn.events.groupby(key).size().reindex(drawn.subjects[key], fill_value=0).to_numpy()
+    bins = np.minimum(np.searchsorted(LENGTH_EDGES, np.maximum(rows, 1), side="right") - 1, last)
+    share = np.bincount(bins, minlength=last + 1) / len(bins)
+    factor = np.clip(smoothed(target, 1.0) / np.maximum(share, 1e-12), 1 / RAKING_LIMIT, RAKING_LIMIT)
+    return drawn.subset(proportional_draw(factor[bins], n, rng), key)
 
 
 HISTORY_PLAN_ROWS = 4  # a subject counts as this many rows in the plan's compute budget (public)
@@ -366,6 +393,7 @@ class TrainingHistories:
         self.events = self.subjects = None
         self.event_units: list[list[int]] = []
         self.cap: int | None = None
+        self.counts: np.ndarray | None = None  # subjects per LENGTH_EDGES bin (noisy under DP)
         self.cut: dict[str, int] = {}
 
     @classmethod
@@ -416,19 +444,27 @@ class TrainingHistories:
         return schema
 
     def bound_length(self, max_history: int | None, metadata: dict, epsilon: float | None = None, rng=None) -> dict:
-        """Set the history cap: `max_history` when given (public), else without DP the longest
-        history, under DP a noisy quantile (`dp_history_length`, `epsilon` added to the schema's
-        metadata epsilon). Returns the metadata record (with the cap's spend)."""
-        if max_history is not None:
-            self.cap = int(max_history)
-            return metadata
+        """Set the history cap and the rows-per-subject counts that calibrated sampling follows
+        (`calibrated_subjects`): the cap is `max_history` when given (public), else without DP the
+        longest history; under DP both come from `dp_history_length` (`epsilon` added to the
+        schema's metadata epsilon), and with a given cap under DP there are no counts. Returns the
+        metadata record, which holds both (a resumed run restores them: `restore_length`)."""
         if epsilon is None:
-            self.cap = int(max(1, self.lengths.max()))
-            return metadata
-        self.cap, _ = dp_history_length(self.lengths, epsilon, rng)
-        return {**metadata, "epsilon": metadata["epsilon"] + epsilon,
-                "estimated": {**metadata["estimated"], "(rows per subject)": ["max_history"]},
-                "max_history": self.cap}
+            self.cap = int(max_history or max(1, self.lengths.max()))
+            self.counts = length_counts(self.lengths)
+        elif max_history is not None:
+            self.cap, self.counts = int(max_history), None
+        else:
+            self.cap, self.counts = dp_history_length(self.lengths, epsilon, rng)
+            metadata = {**metadata, "epsilon": metadata["epsilon"] + epsilon,
+                        "estimated": {**metadata["estimated"], "(rows per subject)": ["max_history"]}}
+        return {**metadata, "max_history": self.cap,
+                "rows_per_subject": None if self.counts is None else self.counts.tolist()}
+
+    def restore_length(self, metadata: dict) -> None:
+        """The cap and counts a checkpoint's run was trained with (never drawn again)."""
+        self.cap = metadata["max_history"]
+        self.counts = None if metadata["rows_per_subject"] is None else np.array(metadata["rows_per_subject"])
 
     # ---- typed tables ----------------------------------------------------------------------------
 

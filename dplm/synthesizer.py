@@ -45,8 +45,8 @@ from dplm.config import RunConfig, TrainConfig, from_dict
 from dplm.data import load_table
 from dplm.errors import DplmError
 from dplm.histories import (
-    HISTORY_PLAN_ROWS, HistoryCodec, Histories, TrainingHistories, check_subject_columns_constant, check_subject_table,
-    sample_histories,
+    HISTORY_PLAN_ROWS, HistoryCodec, Histories, TrainingHistories, calibrated_subjects, check_subject_columns_constant,
+    check_subject_table, sample_histories,
 )
 from dplm.marginals import Marginals, Rules, measure
 from dplm.planner import MachineSpeed, Plan, machine_speed, make_plan, resolved, row_tokens, statistics_history
@@ -90,10 +90,11 @@ RELEASE = {
     "statistics.json": ("the table's binned one- and two-way counts and the rules and column order read from them: "
                         "Gaussian-noised under DP (covered by epsilon: their rounds are in the accountant)"),
     "synthetic.csv": ("rows sampled from the adapter and the schema, kept by the statistics' one-way counts "
-                      "(sample.calibration): post-processing (covered by epsilon under DP)"),
+                      "(histories: by the rows-per-subject counts; sample.calibration): post-processing (covered by "
+                      "epsilon under DP)"),
     "synthetic_subjects.csv": "histories: the sampled subjects' own columns (post-processing, like synthetic.csv)",
     "history.json": ("histories: which columns are the subject's and which its rows', the ordering column and the "
-                     "history cap (given, or DP-estimated and counted in epsilon)"),
+                     "history cap and the rows-per-subject counts (given, or DP-estimated and counted in epsilon)"),
 }
 # What stays in the run directory: for the data owner, not covered by epsilon.
 PRIVATE_DIAGNOSTICS = {
@@ -153,6 +154,7 @@ class Synthesizer:
         self.marginals: Marginals | None = None  # the table's statistics (DP under DP)
         self.rules: Rules | None = None  # pairs sampling keeps tied (marginals.Rules)
         self.pretraining: TrainResult | None = None  # the first stage on rows drawn from the statistics
+        self.rows_per_subject: list | None = None  # histories: subjects per LENGTH_EDGES bin (noisy under DP)
 
     @property
     def plan_record(self) -> dict | None:
@@ -228,6 +230,8 @@ class Synthesizer:
                 infer_schema(train_df, schema, text_lengths=text_lengths)
             if history:
                 metadata = history.bound_length(config.data.max_history, metadata)
+        if history:  # every rank, and a resumed run: the cap and counts the metadata holds (drawn once, on rank 0)
+            history.restore_length(metadata)
         if schema.output_order is None and set(train_df.columns) == set(schema.names):
             schema.set_output_order(list(train_df.columns))  # the rows come out in the table's column order
         if history:
@@ -290,6 +294,7 @@ class Synthesizer:
         synth.values_cut = codec.values_cut()
         if history:
             synth.values_cut = {**synth.values_cut, **history.cut}
+            synth.rows_per_subject = metadata["rows_per_subject"]
         if checkpoints:
             checkpoints.run_state = {"schema": schema.to_dict(), "given_schema": given.to_dict(), "metadata": metadata,
                                      "canaries": None if canaries is None else canaries.to_dict("list"),
@@ -383,10 +388,16 @@ class Synthesizer:
         if self.is_history:
             key = self.config.data.subject
             keys = given[key].tolist() if given is not None and key in given.columns else None
+            calibrate = given is None and self.rows_per_subject is not None and s.calibration > 1
             out, self.last_sample_stats = sample_histories(
-                self.model, self.codec, num_rows, key, s.batch_size, temperature, seed, self.device, progress,
+                self.model, self.codec, math.ceil(num_rows * s.calibration) if calibrate else num_rows, key,
+                s.batch_size, temperature, seed, self.device, progress,
                 given.drop(columns=[key]) if keys is not None else given, keep,
                 self.schema.output_order or self.schema.names)
+            if calibrate:
+                out = calibrated_subjects(out, key, self.rows_per_subject, self.codec.max_rows, num_rows,
+                                          np.random.default_rng(seed))
+                self.last_sample_stats = dataclasses.replace(self.last_sample_stats, rows_kept=len(out))
             if keys is not None:  # the given subjects keep their keys
                 out = out.with_keys(key, keys)
             return out
@@ -426,7 +437,8 @@ class Synthesizer:
             elif synthetic is not None:
                 synthetic.to_csv(tmp / "synthetic.csv", index=False)
             if self.is_history:
-                (tmp / "history.json").write_text(json.dumps(self.codec.layout(), indent=2))
+                (tmp / "history.json").write_text(json.dumps(
+                    {**self.codec.layout(), "rows_per_subject": self.rows_per_subject}, indent=2))
             if self.canaries is not None:
                 self.canaries.to_csv(tmp / "canaries.csv", index=False)
             if self.split:
@@ -464,15 +476,16 @@ class Synthesizer:
 
         tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
         device = device or models.default_device()
-        if (run_dir / "history.json").exists():
-            codec = HistoryCodec.from_layout(json.loads((run_dir / "history.json").read_text()), schema, tokenizer,
-                                             config.model.value_tokens)
+        layout = json.loads((run_dir / "history.json").read_text()) if (run_dir / "history.json").exists() else None
+        if layout:
+            codec = HistoryCodec.from_layout(layout, schema, tokenizer, config.model.value_tokens)
         else:
             codec = RowCodec(schema, tokenizer, config.model.value_tokens)
         model = models.load_adapter(_base_model(config, codec, device), run_dir / "adapter")
         model.eval()
         synth = cls(config, codec, model, device)
         synth.privacy_record = json.loads((run_dir / "privacy.json").read_text())
+        synth.rows_per_subject = layout and layout.get("rows_per_subject")
         if (run_dir / "plan.json").exists():
             synth.plan = Plan.from_dict(json.loads((run_dir / "plan.json").read_text()))
         if (run_dir / "statistics.json").exists():

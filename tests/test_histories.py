@@ -7,7 +7,9 @@ import torch
 
 import dplm
 from dplm.config import RunConfig, from_dict
-from dplm.histories import HistoryCodec, Histories, dp_history_length, history_units
+from dplm.histories import (
+    LENGTH_EDGES, HistoryCodec, Histories, calibrated_subjects, dp_history_length, history_units, length_counts,
+)
 from dplm.sample import CompiledGrammar, LazyGrammar, generate_sequences
 from dplm.schema import Schema, coerce_table
 from conftest import ROOT, shared_file
@@ -88,11 +90,37 @@ def test_history_grammar_counts_rows_and_keeps_dates_in_order(tokenizer):
 
 def test_dp_history_cap_is_a_noisy_quantile():
     lengths = np.r_[np.ones(9000, dtype=int), np.full(950, 5), np.full(50, 40)]  # 99th percentile: 5
-    results = [dp_history_length(lengths, 0.5, np.random.default_rng(seed)) for seed in range(20)]
+    exact = np.zeros(len(LENGTH_EDGES) - 1)
+    exact[[0, 4, 14]] = 9000, 950, 50  # the bins [1, 2), [5, 6) and [40, 50)
+    assert np.array_equal(length_counts(lengths), exact)
+    results = [dp_history_length(lengths, 0.5, np.random.default_rng(seed)) for seed in range(40)]
     assert all(cap == 5 for cap, _ in results)  # the bin [5, 6) holds the quantile (shares 0.90..0.995)
-    exact_mean = (9000 + 950 * 5 + 50 * 5) / 10000  # rows under the cap of 5
-    assert all(abs(mean - exact_mean) < 0.01 for _, mean in results)
+    errors = np.array([counts[[0, 4, 14]] - exact[[0, 4, 14]] for _, counts in results]).ravel()
+    assert abs(errors.mean()) < 0.6 and 2.2 < errors.std() < 3.5  # Laplace(1 / 0.5): sd 2 * sqrt(2) = 2.83
+    assert all(counts[[i for i in range(len(exact)) if i not in (0, 4, 14)]].sum() == 0 for _, counts in results)
     assert dp_history_length(np.ones(3, dtype=int), 0.1, np.random.default_rng(0))[0] == 1  # too few: the smallest
+
+
+def test_calibrated_subjects_follow_the_rows_per_subject_counts():
+    """Drawn subjects that end too early (72 % one row, real 40 %) are thinned to the counts'
+    shares; the cap's bin takes the counts past it, its factor held at RAKING_LIMIT; keys are
+    1..n again, each subject with all its rows."""
+    rng = np.random.default_rng(0)
+    lengths = rng.choice([1, 2, 3, 9], size=2000, p=[0.72, 0.15, 0.1, 0.03])
+    keys = np.arange(1, 2001)
+    drawn = Histories(pd.DataFrame({"k": keys}),
+                      pd.DataFrame({"k": np.repeat(keys, lengths), "was": np.repeat(keys, lengths)}))
+    counts = np.zeros(len(LENGTH_EDGES) - 1)
+    counts[[0, 1, 2, 8, 12]] = 400, 250, 200, 100, 50  # 1, 2 and 3 rows, 10-11 and 25-29 (past the cap of 9)
+    out = calibrated_subjects(drawn, "k", counts, cap=9, n=400, rng=np.random.default_rng(1))
+    assert list(out.subjects["k"]) == list(range(1, 401)) and set(out.events["k"]) == set(range(1, 401))
+    shares = out.events.groupby("k").size().value_counts(normalize=True)
+    drawn_nine = (lengths == 9).mean()  # ~0.03: the cap's bin [8, 10) wants 0.15, raised 4 times at most
+    # (and a subject is drawn once at most: 400 of 2,000 leave room for that here)
+    expected = np.array([0.4, 0.25, 0.2, 4 * drawn_nine])
+    assert np.allclose(shares[[1, 2, 3, 9]].to_numpy(), expected / expected.sum(), atol=0.03)
+    was = out.events.groupby("k")["was"].agg(["nunique", "first", "size"])
+    assert (was["nunique"] == 1).all() and (lengths[was["first"] - 1] == was["size"]).all()  # whole subjects
 
 
 def tiny(dp: bool, **data) -> RunConfig:
@@ -121,6 +149,7 @@ def test_two_tables_fit_sample_save_load(tmp_path):
     layout = json.loads((run / "history.json").read_text())
     assert layout["subject_columns"] == ["country", "since"] and layout["order_by"] == "day"
     assert layout["min_rows"] == 0 and layout["max_rows"] == 5  # the longest training history
+    assert sum(layout["rows_per_subject"]) == 48  # without DP the exact counts (no visits: in the first bin)
     again = dplm.load(run).sample(10, seed=1, progress=False)
     pd.testing.assert_frame_equal(out.events, again.events)
     given = pd.DataFrame({"cid": ["a", "b", "c"], "country": ["fr", "fr", "de"], "since": [2001, 2002, 2003]})
@@ -176,6 +205,31 @@ def test_dp_per_subject_histories(cdnow, tmp_path):
     assert synth.values_cut["histories cut at data.max_history"] == int((lengths > synth.codec.max_rows).sum()) > 0
     planned = dplm.plan(config, cdnow)
     assert planned["epsilon"] == pytest.approx(record["epsilon"], rel=1e-9) and planned["units"] == subjects
+
+
+def test_resumed_dp_histories_keep_their_cap_and_counts(cdnow, tmp_path, monkeypatch):
+    """A resumed DP run of histories trains with the cap and rows-per-subject counts its
+    checkpoint was drawn with (nothing drawn or charged twice); sampling follows the counts."""
+    import dplm.synthesizer
+    from dplm.train import Checkpoints
+
+    config = tiny(True, schema=str(CDNOW_SCHEMA))
+    config.data.subject, config.data.order_by = "users_id", "date"
+    config.privacy.noise_multiplier, config.privacy.statistics_share, config.privacy.max_epsilon = 1.5, 0.0, None
+    config.train.max_steps = 2
+    with monkeypatch.context() as m:  # as if killed after its last checkpoint: the checkpoint stays
+        m.setattr(dplm.synthesizer.shutil, "rmtree", lambda *a, **k: None)
+        first = dplm.fit(cdnow, config, progress=False, checkpoints=Checkpoints(tmp_path / "ck", every=1))
+    config.train.max_steps = 4
+    resumed = dplm.fit(cdnow, config, progress=False, checkpoints=Checkpoints(tmp_path / "ck", every=1, resume=True))
+    assert resumed.training.resumed_from_step == 2 and resumed.training.steps == 4
+    assert resumed.codec.max_rows == first.codec.max_rows and resumed.rows_per_subject == first.rows_per_subject
+    assert resumed.privacy_record["metadata_epsilon"] == pytest.approx(0.2)
+    lengths = cdnow.iloc[first.split["train"]].groupby("users_id").size().to_numpy()
+    assert first.rows_per_subject != length_counts(lengths).tolist()  # noisy under DP
+    out = resumed.sample(20, seed=0, progress=False)
+    assert len(out) == 20 and resumed.last_sample_stats.rows_kept == 20
+    assert resumed.last_sample_stats.rows_returned == 40  # sample.calibration 2: twice the subjects drawn
 
 
 def test_history_report_and_audit(tmp_path):
