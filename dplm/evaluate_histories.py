@@ -69,11 +69,13 @@ def flat_table(h: Histories, events: pd.DataFrame, key: str, columns: list[str],
     return rows.drop(columns=[key])
 
 
-def coherence(train: pd.DataFrame, other: pd.DataFrame, key: str, columns: list[str], rng) -> dict:
+def coherence(train: pd.DataFrame, other: pd.DataFrame, key: str, columns: list[str], seed: int = 0) -> dict:
     """mostlyai-qa's sequential coherence, per column and its mean: the mean of (1) a random
     consecutive pair a subject, (value, next value) bivariate accuracy (10 bins), (2) the
     distinct binned values (30 bins) per subject, 10 bins, 1 - TVD, (3) the share of subjects
-    holding each binned value (the 9 most common, the rest together), 1 - TVD."""
+    holding each binned value (the 9 most common, the rest together), 1 - TVD. The random pairs
+    come from `seed` alone, so every set is scored against the same training pairs."""
+    rng = np.random.default_rng(seed)
     fine = Binner(train[columns], bins=COHERENCE_BINS)
     coarse = Binner(train[columns])
 
@@ -146,12 +148,13 @@ def history_scores(train: Histories, holdout: Histories, synthetic: Histories, k
                and not pd.api.types.is_datetime64_any_dtype(train.events[c])]
     sets = {"training": train, "holdout": holdout, "synthetic": synthetic}
     events = {name: ordered_events(h, key, order_by) for name, h in sets.items()}
-    rng = np.random.default_rng(seed)
-    flat = {name: flat_table(h, events[name], key, columns, rng) for name, h in sets.items()}
+    # one generator per set: a set's figures do not depend on how many draws another set took
+    rngs = {name: np.random.default_rng([seed, i]) for i, name in enumerate(sets)}
+    flat = {name: flat_table(h, events[name], key, columns, rngs[name]) for name, h in sets.items()}
     figures = {name: per_subject(h, events[name], key, order_by, numbers) for name, h in sets.items()}
     texts = {name: subject_texts(h, events[name], key, columns) for name, h in sets.items()}
     n = min(embed_sample, *(len(t) for t in texts.values()))
-    emb = {name: embed(t.iloc[rng.permutation(len(t))[:n]].tolist()) for name, t in texts.items()}
+    emb = {name: embed(t.iloc[rngs[name].permutation(len(t))[:n]].tolist()) for name, t in texts.items()}
     training_histories = set(subject_texts(train, events["training"], key, columns, max_rows=None))
     flat_binner, figure_binner, event_binner = Binner(flat["training"]), Binner(figures["training"]), \
         Binner(train.events[columns])
@@ -161,7 +164,7 @@ def history_scores(train: Histories, holdout: Histories, synthetic: Histories, k
         e = events[name]
         flat_acc = accuracy(flat["training"], flat[name], flat_binner, seed)
         figure_acc = accuracy(figures["training"], figures[name], figure_binner, seed)
-        per_column = coherence(real, e, key, columns, rng)
+        per_column = coherence(real, e, key, columns, seed)
         first, later = e[e["_index"] == 0][columns], e[e["_index"] > 0][columns]
         real_first, real_later = real[real["_index"] == 0][columns], real[real["_index"] > 0][columns]
         scores = {

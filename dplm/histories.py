@@ -12,7 +12,8 @@ many rows a subject has, and each row knowing the ones before it. The fields are
 end by themselves; the last field of a row ends at the next ROW or EOS). The `order_by`
 column is written as its first value and then, in later rows, the gap since the row before
 (a number >= 0, in the column's scaled integers: days for dates), so histories come out in
-order; decoding adds the gaps up (clipped at the column's max). A history holds at most
+order; decoding adds the gaps up, and a history whose sum passes the column's max (which no real
+history does: the rows would pile up at the max) does not parse and is drawn again. A history holds at most
 `max_rows` rows (longer ones are cut at training, and counted) and at least `min_rows`.
 
 The grammar is the codec's automaton (`start_state`, `allowed`, `next_state`, ...), which
@@ -228,14 +229,16 @@ class HistoryCodec:
         return subject, self._ordered(rows)
 
     def _ordered(self, rows: list[dict]) -> list[dict]:
-        """The ordering column's values from the first value and the gaps (clipped at its max)."""
+        """The ordering column's values from the first value and the gaps; ParseError past its max."""
         if not self.order_by or not rows:
             return rows
         col = self.event_schema[self.order_by]
         hi = scaled_bounds(col)[1]
         value = to_scaled(col, rows[0][self.order_by])
         for row in rows[1:]:
-            value = min(hi, value + int(row.pop(f"{self.order_by}+")))
+            value += int(row.pop(f"{self.order_by}+"))
+            if value > hi:
+                raise ParseError(f"history's {self.order_by} runs past its max")
             row[self.order_by] = from_scaled(col, value)
         return rows
 

@@ -12,6 +12,7 @@ from dplm.histories import (
 )
 from dplm.sample import CompiledGrammar, LazyGrammar, generate_sequences
 from dplm.schema import Schema, coerce_table
+from dplm.serialize import ParseError
 from conftest import ROOT, shared_file
 
 CDNOW_SCHEMA = ROOT / "recipes" / "cdnow_schema.yaml"
@@ -65,7 +66,8 @@ def test_histories_round_trip(cdnow, tokenizer, value_tokens):
 
 def test_history_grammar_counts_rows_and_keeps_dates_in_order(tokenizer):
     """Sampling under the grammar (here from a random model) gives histories of min_rows to
-    max_rows rows whose dates never go back, from the compiled and the lazy automaton alike."""
+    max_rows rows whose dates never go back, from the compiled and the lazy automaton alike;
+    a history whose gaps run past the date's max does not parse (it would pile rows up there)."""
     from dplm.model import load_base_model, restrict_output_vocab
 
     events, customers = shop()
@@ -79,13 +81,20 @@ def test_history_grammar_counts_rows_and_keeps_dates_in_order(tokenizer):
                     LazyGrammar(codec, token_ids, torch.device("cpu"))):
         assert grammar is not None
         generator = torch.Generator().manual_seed(0)
+        past_the_max = 0
         for ids in generate_sequences(model, grammar, 40, 1.0, generator, torch.device("cpu")):
-            subject, rows = codec.decode(ids)
+            try:
+                subject, rows = codec.decode(ids)
+            except ParseError as e:
+                assert "runs past its max" in str(e)
+                past_the_max += 1
+                continue
             assert subject["country"] in ("fr", "de") and 2000 <= subject["since"] <= 2010
             assert 2 <= len(rows) <= 4
             days = [r["day"] for r in rows]
             assert days == sorted(days) and all(pd.Timestamp("2020-01-01") <= d <= pd.Timestamp("2021-12-31")
                                                 for d in days)
+        assert 0 < past_the_max < 40  # random gaps over two years: some pass the end, some do not
 
 
 def test_dp_history_cap_is_a_noisy_quantile():
@@ -250,7 +259,8 @@ def test_history_report_and_audit(tmp_path):
     assert h["subjects"] == {"training": round(0.8 * visitors), "holdout": visitors - round(0.8 * visitors),
                              "synthetic": 30}
     hol = h["holdout"]
-    assert 0.5 < hol["overall"] <= 1 and 0 <= h["synthetic"]["overall"] <= 1
+    # 24 holdout subjects of the same generator against 30 from an untrained random model
+    assert 0.7 < hol["flat"]["univariate"] <= 1 and 0 <= h["synthetic"]["overall"] < hol["overall"] - 0.1
     assert set(hol["per_subject"]) == {"rows", "spend per subject", "spend mean", "day span"}
     assert set(hol["coherence_per_column"]) == {"day", "spend"} and hol["copied_subject_share"] == 0.0
     assert "Histories" in (tmp_path / "report" / "report.html").read_text()
