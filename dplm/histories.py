@@ -12,8 +12,9 @@ many rows a subject has, and each row knowing the ones before it. The fields are
 end by themselves; the last field of a row ends at the next ROW or EOS). The `order_by`
 column is written as its first value and then, in later rows, the gap since the row before
 (a number >= 0, in the column's scaled integers: days for dates), so histories come out in
-order; decoding adds the gaps up, and a history whose sum passes the column's max (which no real
-history does: the rows would pile up at the max) does not parse and is drawn again. A history holds at most
+order; decoding adds the gaps up, and a history ends before its first row past the column's max,
+as real histories end where the data's window does (clipping piled rows up at the max; drawing such
+histories again kept only the short ones). A history holds at most
 `max_rows` rows (longer ones are cut at training, and counted) and at least `min_rows`.
 
 The grammar is the codec's automaton (`start_state`, `allowed`, `next_state`, ...), which
@@ -84,7 +85,10 @@ class HistoryCodec:
     # ---- the fields' tokens -------------------------------------------------------------
 
     def value_token_texts(self) -> dict[int, list[int]]:
-        return self.rows_codec.value_token_texts()
+        """Where each added token's embedding starts: the fields' value tokens, and the row token
+        at a newline's (left to the resize it would start random, so a loaded or resumed run
+        would read every row token differently from the model that trained on it)."""
+        return {**self.rows_codec.value_token_texts(), self.row_id: self.rows_codec.tokenize("\n")}
 
     def output_token_ids(self) -> list[int]:
         return sorted(set(self.rows_codec.output_token_ids()) | {self.row_id})
@@ -229,16 +233,19 @@ class HistoryCodec:
         return subject, self._ordered(rows)
 
     def _ordered(self, rows: list[dict]) -> list[dict]:
-        """The ordering column's values from the first value and the gaps; ParseError past its max."""
+        """The ordering column's values from the first value and the gaps, the history ending
+        before a row past the column's max (ParseError if fewer than min_rows rows are left)."""
         if not self.order_by or not rows:
             return rows
         col = self.event_schema[self.order_by]
         hi = scaled_bounds(col)[1]
         value = to_scaled(col, rows[0][self.order_by])
-        for row in rows[1:]:
+        for r, row in enumerate(rows[1:], start=1):
             value += int(row.pop(f"{self.order_by}+"))
             if value > hi:
-                raise ParseError(f"history's {self.order_by} runs past its max")
+                if r < self.min_rows:
+                    raise ParseError(f"history's {self.order_by} passes its max before min_rows rows")
+                return rows[:r]
             row[self.order_by] = from_scaled(col, value)
         return rows
 

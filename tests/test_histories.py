@@ -64,10 +64,27 @@ def test_histories_round_trip(cdnow, tokenizer, value_tokens):
                                                           for u in history_units(events, "users_id", "date")[:500])
 
 
+@pytest.mark.parametrize("value_tokens", [True, False])
+def test_every_added_token_starts_from_a_text(value_tokens):
+    """Each token a history codec adds (the row token too) has a text its embedding starts from:
+    none is left to the resize's random init, which a loaded or resumed run would draw anew."""
+    from dplm.model import load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2-135m")
+    base = len(tokenizer)
+    schema = Schema.from_dict(SHOP_SCHEMA)
+    codec = HistoryCodec(Schema([schema["country"], schema["since"]]), Schema([schema["day"], schema["spend"]]),
+                         tokenizer, value_tokens, "day", max_rows=4)
+    texts = codec.value_token_texts()
+    assert len(tokenizer) > base and set(range(base, len(tokenizer))) <= set(texts)
+    assert texts[codec.row_id] == tokenizer("\n", add_special_tokens=False).input_ids
+
+
 def test_history_grammar_counts_rows_and_keeps_dates_in_order(tokenizer):
     """Sampling under the grammar (here from a random model) gives histories of min_rows to
     max_rows rows whose dates never go back, from the compiled and the lazy automaton alike;
-    a history whose gaps run past the date's max does not parse (it would pile rows up there)."""
+    a history ends before its first row past the date's max (none parses if that leaves fewer
+    than min_rows)."""
     from dplm.model import load_base_model, restrict_output_vocab
 
     events, customers = shop()
@@ -81,20 +98,22 @@ def test_history_grammar_counts_rows_and_keeps_dates_in_order(tokenizer):
                     LazyGrammar(codec, token_ids, torch.device("cpu"))):
         assert grammar is not None
         generator = torch.Generator().manual_seed(0)
-        past_the_max = 0
+        cut = too_short = 0
         for ids in generate_sequences(model, grammar, 40, 1.0, generator, torch.device("cpu")):
+            written = list(ids).count(codec.row_id)
             try:
                 subject, rows = codec.decode(ids)
             except ParseError as e:
-                assert "runs past its max" in str(e)
-                past_the_max += 1
+                assert "passes its max before min_rows rows" in str(e)
+                too_short += 1
                 continue
+            cut += len(rows) < written
             assert subject["country"] in ("fr", "de") and 2000 <= subject["since"] <= 2010
             assert 2 <= len(rows) <= 4
             days = [r["day"] for r in rows]
             assert days == sorted(days) and all(pd.Timestamp("2020-01-01") <= d <= pd.Timestamp("2021-12-31")
                                                 for d in days)
-        assert 0 < past_the_max < 40  # random gaps over two years: some pass the end, some do not
+        assert cut > 0 and too_short + cut < 40  # random gaps over two years: some pass the end, some do not
 
 
 def test_dp_history_cap_is_a_noisy_quantile():
