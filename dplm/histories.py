@@ -385,7 +385,7 @@ def calibrated_subjects(drawn: Histories, key: str, counts, cap: int, n: int, rn
     return drawn.subset(proportional_draw(factor[bins], n, rng), key)
 
 
-HISTORY_PLAN_ROWS = 4  # a subject counts as this many rows in the plan's compute budget (public)
+HISTORY_PLAN_ROWS = 4  # under DP a subject counts as this many rows in the plan (public)
 
 
 class TrainingHistories:
@@ -470,6 +470,11 @@ class TrainingHistories:
                         "estimated": {**metadata["estimated"], "(rows per subject)": ["max_history"]}}
         return {**metadata, "max_history": self.cap,
                 "rows_per_subject": None if self.counts is None else self.counts.tolist()}
+
+    def plan_rows(self, dp: bool) -> float:
+        """Rows a subject counts as in the training plan: under DP the public `HISTORY_PLAN_ROWS`,
+        without DP the training subjects' mean."""
+        return HISTORY_PLAN_ROWS if dp else max(1.0, float(self.lengths.mean()))
 
     def restore_length(self, metadata: dict) -> None:
         """The cap and counts a checkpoint's run was trained with (never drawn again)."""

@@ -21,8 +21,10 @@ different sizes (docs/benchmarks.md, issue 19):
   first stage's) at this machine's speed, measured once on dummy rows (`machine_speed`: public,
   no data; cached per machine and setting, so `dplm plan` and the run agree), or, with
   `dp_time_budget: null` or under several processes, `DEFAULT_BUDGET_TOKENS` tokens.
-* Without DP: batch 64 at rate 0.002 (measured on census), as many epochs as the time budget
-  allows, stopped early when the loss on held-back training rows stops falling.
+* Without DP: batch 64 at rate 0.002 (measured on census), fewer units for long ones (a step
+  holds at most `NODP_BATCH_TOKENS` tokens: a table of few long histories, such as baseball's
+  careers, gets steps rather than epochs), as many epochs as the time budget allows, stopped
+  early when the loss on held-back training rows stops falling.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ DP_MIN_STEPS, DP_MAX_STEPS = 50, 300
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 0.001, 0.25
 DP_LEARNING_RATE = 0.01
 NODP_BATCH, NODP_LEARNING_RATE = 64, 0.002
+NODP_BATCH_TOKENS, NODP_MIN_BATCH = 8_192, 4  # baseball (442 tokens a player): batch 18
 NODP_TIME_BUDGET = 900.0  # seconds
 NODP_MAX_EPOCHS = 100.0
 SGD_MIN_UNITS = 2_000  # below: no DP-SGD steps, the statistics get the whole budget
@@ -123,12 +126,18 @@ class Plan:
         return out
 
 
+def nodp_batch_size(tokens: int) -> int:
+    """Without DP, the units a step takes for units of `tokens` tokens: `NODP_BATCH`, fewer where
+    that would pass `NODP_BATCH_TOKENS` tokens (at least `NODP_MIN_BATCH`)."""
+    return max(NODP_MIN_BATCH, min(NODP_BATCH, NODP_BATCH_TOKENS // tokens))
+
+
 def micro_batch_size(tokens: int) -> int:
     """Rows a forward pass takes at once: about 8,192 tokens, within [16, 256] rows."""
     return min(256, max(16, 8192 // tokens))
 
 
-def machine_speed(config: RunConfig, schema, device, unit_rows: int | None = None) -> MachineSpeed | None:
+def machine_speed(config: RunConfig, schema, device, unit_rows: float | None = None) -> MachineSpeed | None:
     """This machine's training speed for `config`'s model on rows as long as `schema`'s (a
     unit of `unit_rows` rows for histories), DP-SGD and without, for the DP compute budget:
     None where it does not apply (no DP, `train.budget_rows` given, or the batch and the steps,
@@ -146,7 +155,7 @@ def machine_speed(config: RunConfig, schema, device, unit_rows: int | None = Non
         return None
     import torch
 
-    tokens = row_tokens(schema) * (unit_rows or 1)
+    tokens = max(1, round(row_tokens(schema) * (unit_rows or 1)))
     texts = any(c.kind == "text" for c in schema.columns)
     key = json.dumps([platform.node(), platform.processor(), str(device), torch.get_num_threads(), m.base, m.layers,
                       m.precision, m.lora_r, sorted(m.target_modules), m.prune_vocab and not texts, tokens])
@@ -208,12 +217,12 @@ def rho_of(epsilon: float, delta: float) -> float:
 
 
 def make_plan(config: RunConfig, units: int, schema, metadata_epsilon: float = 0.0,
-              metadata_delta: float = 0.0, unit_rows: int | None = None, speed: MachineSpeed | None = None) -> Plan:
+              metadata_delta: float = 0.0, unit_rows: float | None = None, speed: MachineSpeed | None = None) -> Plan:
     """The plan for `units` training units (rows, or subjects) under `schema` (complete, or
     with metadata still to estimate): every setting `config` leaves unset (None) is chosen,
     the others are kept. Under DP the noise is calibrated with the accountant so that the whole
     run (schema metadata, statistics, DP-SGD) stays within `privacy.max_epsilon`. A unit that
-    is a subject's history counts as `unit_rows` rows (`histories.HISTORY_PLAN_ROWS`). With the
+    is a subject's history counts as `unit_rows` rows (`TrainingHistories.plan_rows`). With the
     machine's `speed` the DP compute budget fills `train.dp_time_budget`."""
     t, p = config.train, config.privacy
     chosen: list[str] = []
@@ -224,10 +233,10 @@ def make_plan(config: RunConfig, units: int, schema, metadata_epsilon: float = 0
         chosen.append(name)
         return auto
 
-    tokens = row_tokens(schema) * (unit_rows or 1)
+    tokens = max(1, round(row_tokens(schema) * (unit_rows or 1)))
     micro = micro_batch_size(tokens)
     if not p.enabled:
-        batch = pick(t.batch_size, NODP_BATCH, "batch_size")
+        batch = pick(t.batch_size, nodp_batch_size(tokens), "batch_size")
         stop_early = t.early_stopping if t.early_stopping is not None else (t.max_epochs is None and t.max_steps is None)
         if t.early_stopping is None:
             chosen.append("early_stopping")

@@ -257,7 +257,7 @@ class Synthesizer:
         units = history.event_units if history else flat_units if flat_units is not None else \
             [[i] for i in range(len(rows))]
         plan_units = len(history.units) if history else len(units)
-        unit_rows = HISTORY_PLAN_ROWS if history else None
+        unit_rows = history.plan_rows(p.enabled) if history else None
         # A resumed run keeps the speed its plan was sized by (another machine would measure another).
         speed = resumed["run_state"]["speed"] if resumed else machine_speed(config, given, device, unit_rows)
         plan = make_plan(config, plan_units, given, metadata["epsilon"], metadata["delta"], unit_rows=unit_rows,
@@ -603,7 +603,7 @@ def plan(config: RunConfig, data=None, schema: Schema | str | None = None) -> di
         units = len(train_rows) + config.audit.canaries * config.audit.canary_repeats
     if isinstance(schema, str) or (schema is None and config.data.schema):
         schema = Schema.from_yaml(schema or config.data.schema)
-    unit_rows = HISTORY_PLAN_ROWS if history else None
+    unit_rows = history.plan_rows(p.enabled) if history else None
     if not p.enabled:
         schema = history.infer_schema(schema, None) if history else infer_schema(train_rows, schema)
         chosen = make_plan(config, units, schema, unit_rows=unit_rows)

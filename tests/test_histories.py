@@ -8,7 +8,8 @@ import torch
 import dplm
 from dplm.config import RunConfig, from_dict
 from dplm.histories import (
-    LENGTH_EDGES, HistoryCodec, Histories, calibrated_subjects, dp_history_length, history_units, length_counts,
+    HISTORY_PLAN_ROWS, LENGTH_EDGES, HistoryCodec, Histories, TrainingHistories, calibrated_subjects,
+    dp_history_length, history_units, length_counts,
 )
 from dplm.sample import CompiledGrammar, LazyGrammar, generate_sequences
 from dplm.schema import Schema, coerce_table
@@ -114,6 +115,14 @@ def test_history_grammar_counts_rows_and_keeps_dates_in_order(tokenizer):
             assert days == sorted(days) and all(pd.Timestamp("2020-01-01") <= d <= pd.Timestamp("2021-12-31")
                                                 for d in days)
         assert cut > 0 and too_short + cut < 40  # random gaps over two years: some pass the end, some do not
+
+
+def test_plan_rows_are_public_under_dp():
+    visits, _ = shop()
+    history = TrainingHistories.of(visits, None, "cid", "day")
+    mean = visits.groupby("cid").size().mean()  # the customers without visits have no rows here
+    assert history.plan_rows(dp=False) == pytest.approx(mean)
+    assert history.plan_rows(dp=True) == HISTORY_PLAN_ROWS and isinstance(history.plan_rows(dp=True), int)
 
 
 def test_dp_history_cap_is_a_noisy_quantile():

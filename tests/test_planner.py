@@ -10,7 +10,8 @@ from dplm.config import RunConfig, from_dict
 from dplm.errors import DplmError
 from dplm.marginals import noise_history
 from dplm.planner import (
-    DEFAULT_BUDGET_TOKENS, DEFAULT_STATISTICS_NOISE, DP_LEARNING_RATE, MAX_SAMPLE_RATE, NODP_BATCH, NODP_TIME_BUDGET,
+    DEFAULT_BUDGET_TOKENS, DEFAULT_STATISTICS_NOISE, DP_LEARNING_RATE, MAX_SAMPLE_RATE, NODP_BATCH, NODP_BATCH_TOKENS,
+    NODP_MIN_BATCH, NODP_TIME_BUDGET,
     SGD_MIN_UNITS, STATISTICS_SHARE_LARGE, MachineSpeed, Plan, machine_speed, make_plan, micro_batch_size, planned_steps,
     resolved, rho_of, row_tokens, statistics_share,
 )
@@ -50,6 +51,15 @@ def test_without_dp_the_defaults_train_to_a_time_budget_and_stop_early():
     assert given.max_training_time is None and "batch_size" not in given.chosen and "warmup_steps" in given.chosen
     explicit = make_plan(config(train={"early_stopping": False}), 1000, CENSUS_LIKE)
     assert not explicit.early_stopping and explicit.max_training_time == NODP_TIME_BUDGET
+
+
+def test_without_dp_long_units_take_fewer_a_step():
+    tokens = row_tokens(CENSUS_LIKE)  # 13
+    assert make_plan(config(), 1000, CENSUS_LIKE, unit_rows=3.0).batch_size == NODP_BATCH  # 39 tokens a unit
+    careers = make_plan(config(), 1000, CENSUS_LIKE, unit_rows=17.7)  # 230 tokens a unit
+    assert careers.batch_size == NODP_BATCH_TOKENS // round(tokens * 17.7) == 35
+    assert make_plan(config(), 1000, CENSUS_LIKE, unit_rows=1000.0).batch_size == NODP_MIN_BATCH
+    assert make_plan(config(train={"batch_size": 64}), 1000, CENSUS_LIKE, unit_rows=17.7).batch_size == 64
 
 
 def test_statistics_share_by_units():
