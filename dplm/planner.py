@@ -155,7 +155,7 @@ def machine_speed(config: RunConfig, schema, device, unit_rows: float | None = N
         return None
     import torch
 
-    tokens = max(1, round(row_tokens(schema) * (unit_rows or 1)))
+    tokens = unit_tokens(schema, unit_rows)
     texts = any(c.kind == "text" for c in schema.columns)
     key = json.dumps([platform.node(), platform.processor(), str(device), torch.get_num_threads(), m.base, m.layers,
                       m.precision, m.lora_r, sorted(m.target_modules), m.prune_vocab and not texts, tokens])
@@ -197,6 +197,11 @@ def row_tokens(schema) -> int:
     return total
 
 
+def unit_tokens(schema, unit_rows: float | None) -> int:
+    """Tokens of one training unit: a row, or a history of `unit_rows` rows."""
+    return max(1, round(row_tokens(schema) * (unit_rows or 1)))
+
+
 def statistics_share(units: int) -> float:
     """The share of the privacy budget (as zCDP rho) for the table's statistics: all of it
     below `SGD_MIN_UNITS` units, `STATISTICS_SHARE_LARGE` from `STATISTICS_LARGE_UNITS`,
@@ -233,7 +238,7 @@ def make_plan(config: RunConfig, units: int, schema, metadata_epsilon: float = 0
         chosen.append(name)
         return auto
 
-    tokens = max(1, round(row_tokens(schema) * (unit_rows or 1)))
+    tokens = unit_tokens(schema, unit_rows)
     micro = micro_batch_size(tokens)
     if not p.enabled:
         batch = pick(t.batch_size, nodp_batch_size(tokens), "batch_size")
