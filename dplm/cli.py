@@ -54,7 +54,7 @@ def summary(synth, df=None) -> str:
                      f"(valid-row rate {s.valid_rate:.1%}, {s.generated_per_returned:.2f} generated per returned), "
                      f"{s.rows_returned / s.seconds:.1f} rows/s"
                      + (f"; kept {s.rows_kept} of them, nearest the "
-                        + ("rows-per-subject counts" if synth.is_history else "statistics' one-way counts")
+                        + ("training subjects' counts per rows and span" if synth.is_history else "statistics' one-way counts")
                         + " (sample.calibration)" if s.rows_kept is not None else ""))
     return "\n".join(lines)
 

@@ -69,6 +69,10 @@ class HistoryCodec:
         self.schema = Schema([*self.subject_schema.columns, *event_schema.columns])
         self.schema.output_order = output_order
 
+    def order_column(self) -> Column | None:
+        """The ordering column (None: the table's order)."""
+        return self.event_schema[self.order_by] if self.order_by else None
+
     def layout(self) -> dict:
         """What `from_layout` needs besides the schema (saved as history.json)."""
         return {"subject_columns": self.subject_schema.names, "event_columns": self.event_schema.names,
@@ -310,6 +314,8 @@ def subjects_path(path):
 LENGTH_EDGES = np.array([1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 15, 20, 25, 30, 40, 50, 60, 80, 100, 120, 150, 200, 250, 300,
                          400, 500, 600, 800, 1000, 1500, 2000, 3000, 5000, 10000])
 CAP_QUANTILE = 0.99  # under DP the history cap is this quantile of the rows per subject
+# Span bins' upper edges as shares of the ordering column's public width (calibrated sampling without DP)
+SPAN_SHARES = np.array([1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8])
 
 
 def check_subject_table(events: pd.DataFrame, subjects: pd.DataFrame, key: str) -> None:
@@ -352,6 +358,32 @@ def length_counts(lengths: np.ndarray) -> np.ndarray:
     return np.histogram(np.clip(lengths, 1, LENGTH_EDGES[-1] - 1), bins=LENGTH_EDGES)[0].astype(float)
 
 
+def length_bins(lengths: np.ndarray) -> np.ndarray:
+    """Each subject's `LENGTH_EDGES` bin (no rows: the first, as in `length_counts`)."""
+    return np.searchsorted(LENGTH_EDGES, np.clip(lengths, 1, LENGTH_EDGES[-1] - 1), side="right") - 1
+
+
+def span_bins(spans: np.ndarray, width: int) -> np.ndarray:
+    """Each subject's bin of its span (first to last row, in the ordering column's scaled
+    integers) over public edges: no span (0), then up to each of `SPAN_SHARES` of the column's
+    width, then the rest (`len(SPAN_SHARES) + 2` bins)."""
+    return np.where(spans <= 0, 0, 1 + np.searchsorted(SPAN_SHARES * max(width, 1), spans, side="left"))
+
+
+def subject_spans(owners: np.ndarray, scaled: np.ndarray, subjects) -> np.ndarray:
+    """Last minus first ordering value of each of `subjects` (0 without rows), from the event rows'
+    owners and their scaled ordering values."""
+    values = pd.Series(scaled).groupby(owners)
+    return (values.max() - values.min()).reindex(subjects, fill_value=0).to_numpy()
+
+
+def subject_counts(lengths: np.ndarray, spans: np.ndarray | None = None, width: int = 0) -> np.ndarray:
+    """Subjects per (rows bin, span bin): `length_bins` x `span_bins`; one span bin without spans."""
+    counts = np.zeros((len(LENGTH_EDGES) - 1, 1 if spans is None else len(SPAN_SHARES) + 2))
+    np.add.at(counts, (length_bins(lengths), 0 if spans is None else span_bins(spans, width)), 1.0)
+    return counts
+
+
 def dp_history_length(lengths: np.ndarray, epsilon: float, rng) -> tuple[int, np.ndarray]:
     """(cap, noisy `length_counts`) of the rows per subject, epsilon-DP: Laplace(1/epsilon) noise
     on every count (a subject is in one bin), counts below `privacy.range_threshold` taken as
@@ -367,22 +399,32 @@ def dp_history_length(lengths: np.ndarray, epsilon: float, rng) -> tuple[int, np
     return int(LENGTH_EDGES[b + 1] - 1), noisy
 
 
-def calibrated_subjects(drawn: Histories, key: str, counts, cap: int, n: int, rng) -> Histories:
-    """`n` of the `drawn` subjects (more than `n`), chosen so that their rows per subject come
-    near `counts` (`length_counts` of the training subjects, noisy under DP, the bins past
-    `cap` folded into the cap's): each subject weighted by its bin's target share over its
-    drawn share (within [1 / RAKING_LIMIT, RAKING_LIMIT]), then drawn in proportion to the
-    weights. Post-processing of the model and the counts: no epsilon."""
+def calibrated_subjects(drawn: Histories, key: str, counts: np.ndarray, cap: int, n: int, rng,
+                        order: Column | None = None) -> Histories:
+    """`n` of the `drawn` subjects (more than `n`), chosen so that their rows per subject, and
+    with more than one span bin their spans with them, come near `counts` (`subject_counts` of
+    the training subjects: without DP rows x span, exact; under DP rows alone, noisy; the rows
+    bins past `cap` folded into the cap's; `order`: the ordering column): each subject weighted
+    by its cell's target share over its drawn share (within [1 / RAKING_LIMIT, RAKING_LIMIT]),
+    then drawn in proportion to the weights. Post-processing of the model and the counts: no
+    epsilon."""
     from dplm.marginals import RAKING_LIMIT, proportional_draw, smoothed
+    from dplm.serialize import to_scaled_many
 
+    counts = np.asarray(counts, dtype=float)
     last = int(np.searchsorted(LENGTH_EDGES, cap, side="right")) - 1
-    target = np.asarray(counts, dtype=float)[: last + 1].copy()
-    target[last] += float(np.sum(counts[last + 1:]))
-    rows = drawn.events.groupby(key).size().reindex(drawn.subjects[key], fill_value=0).to_numpy()
-    bins = np.minimum(np.searchsorted(LENGTH_EDGES, np.maximum(rows, 1), side="right") - 1, last)
-    share = np.bincount(bins, minlength=last + 1) / len(bins)
-    factor = np.clip(smoothed(target, 1.0) / np.maximum(share, 1e-12), 1 / RAKING_LIMIT, RAKING_LIMIT)
-    return drawn.subset(proportional_draw(factor[bins], n, rng), key)
+    target = counts[: last + 1].copy()
+    target[last] += counts[last + 1:].sum(axis=0)
+    subjects = drawn.subjects[key].to_numpy()
+    rows = drawn.events.groupby(key).size().reindex(subjects, fill_value=0).to_numpy()
+    cells = np.minimum(length_bins(rows), last) * target.shape[1]
+    if target.shape[1] > 1:
+        lo, hi = scaled_bounds(order)
+        spans = subject_spans(drawn.events[key].to_numpy(), to_scaled_many(order, drawn.events[order.name]), subjects)
+        cells = cells + span_bins(spans, hi - lo)
+    share = np.bincount(cells, minlength=target.size) / len(cells)
+    factor = np.clip(smoothed(target.ravel(), 1.0) / np.maximum(share, 1e-12), 1 / RAKING_LIMIT, RAKING_LIMIT)
+    return drawn.subset(proportional_draw(factor[cells], n, rng), key)
 
 
 HISTORY_PLAN_ROWS = 4  # under DP a subject counts as this many rows in the plan (public)
@@ -403,7 +445,7 @@ class TrainingHistories:
         self.events = self.subjects = None
         self.event_units: list[list[int]] = []
         self.cap: int | None = None
-        self.counts: np.ndarray | None = None  # subjects per LENGTH_EDGES bin (noisy under DP)
+        self.counts: np.ndarray | None = None  # `subject_counts` (noisy under DP)
         self.cut: dict[str, int] = {}
 
     @classmethod
@@ -453,23 +495,42 @@ class TrainingHistories:
                                     [n for n in schema.names if n not in given.output_order])
         return schema
 
-    def bound_length(self, max_history: int | None, metadata: dict, epsilon: float | None = None, rng=None) -> dict:
-        """Set the history cap and the rows-per-subject counts that calibrated sampling follows
+    def bound_length(self, max_history: int | None, metadata: dict, order: Column | None = None,
+                     epsilon: float | None = None, rng=None) -> dict:
+        """Set the history cap and the subject counts that calibrated sampling follows
         (`calibrated_subjects`): the cap is `max_history` when given (public), else without DP the
-        longest history; under DP both come from `dp_history_length` (`epsilon` added to the
-        schema's metadata epsilon), and with a given cap under DP there are no counts. Returns the
-        metadata record, which holds both (a resumed run restores them: `restore_length`)."""
+        longest history; the counts without DP `subject_counts` of the rows and, with an ordering
+        column `order`, the spans; under DP cap and counts (rows alone) come from
+        `dp_history_length` (`epsilon` added to the schema's metadata epsilon), and with a given
+        cap under DP there are no counts. Returns the metadata record, which holds both (a
+        resumed run restores them: `restore_length`)."""
         if epsilon is None:
             self.cap = int(max_history or max(1, self.lengths.max()))
-            self.counts = length_counts(self.lengths)
+            self.counts = subject_counts(self.lengths, *self.spans(order)) if order is not None \
+                else subject_counts(self.lengths)
         elif max_history is not None:
             self.cap, self.counts = int(max_history), None
         else:
-            self.cap, self.counts = dp_history_length(self.lengths, epsilon, rng)
+            self.cap, noisy = dp_history_length(self.lengths, epsilon, rng)
+            self.counts = noisy[:, None]
             metadata = {**metadata, "epsilon": metadata["epsilon"] + epsilon,
                         "estimated": {**metadata["estimated"], "(rows per subject)": ["max_history"]}}
         return {**metadata, "max_history": self.cap,
-                "rows_per_subject": None if self.counts is None else self.counts.tolist()}
+                "subject_counts": None if self.counts is None else self.counts.tolist()}
+
+    def spans(self, order: Column) -> tuple[np.ndarray, int]:
+        """Each training subject's span in `order`'s scaled integers, and the column's width."""
+        from dplm.schema import coerce_table
+        from dplm.serialize import to_scaled_many
+
+        count = int(self.lengths.sum())
+        check_order_by(self.frame.iloc[:count], order.name, order.kind)
+        owners = np.empty(count, dtype=np.int64)
+        for s, unit in enumerate(self.units):
+            owners[[i for i in unit if i < count]] = s
+        values = coerce_table(self.frame.iloc[:count][[order.name]], Schema([order]))[order.name]
+        lo, hi = scaled_bounds(order)
+        return subject_spans(owners, to_scaled_many(order, values), range(len(self.units))), hi - lo
 
     def plan_rows(self, dp: bool) -> float:
         """Rows a subject counts as in the training plan: under DP the public `HISTORY_PLAN_ROWS`,
@@ -479,7 +540,7 @@ class TrainingHistories:
     def restore_length(self, metadata: dict) -> None:
         """The cap and counts a checkpoint's run was trained with (never drawn again)."""
         self.cap = metadata["max_history"]
-        self.counts = None if metadata["rows_per_subject"] is None else np.array(metadata["rows_per_subject"])
+        self.counts = None if metadata["subject_counts"] is None else np.array(metadata["subject_counts"])
 
     # ---- typed tables ----------------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from dplm.schema import Schema
-from dplm.serialize import from_scaled
+from dplm.serialize import from_scaled, to_scaled_many
 
 MAX_FINE_VALUES = 256  # a number or date column of at most this many values gets a bin per value (as value tokens)
 FINE_BINS = 32  # equal-width fine bins of a wider range (with round edges added)
@@ -101,7 +101,7 @@ class ColumnBins:
             lookup = {c: i for i, c in enumerate(self.categories)}
             idx = present.astype(str).map(lookup).fillna(0).to_numpy(dtype=np.int64)
         else:
-            scaled = _scaled(col, present)
+            scaled = to_scaled_many(col, present)
             idx = np.clip(np.searchsorted(self.edges, scaled, side="right") - 1, 0, len(self.edges) - 2)
         out[~missing] = idx
         return out
@@ -490,13 +490,6 @@ class Rules:
                        for c in (a, b)]
             ok &= ~(nonzero[0] & nonzero[1])
         return ok
-
-
-def _scaled(col, values: pd.Series) -> np.ndarray:
-    """`serialize.to_scaled` of many values at once."""
-    if col.kind == "datetime":
-        return ((pd.to_datetime(values).dt.normalize() - pd.Timestamp(col.min)).dt.days).to_numpy(dtype=np.int64)
-    return np.round(pd.to_numeric(values).to_numpy(dtype=float) * 10**col.precision).astype(np.int64)
 
 
 def _plugin_mi(t: np.ndarray) -> float:

@@ -38,6 +38,7 @@ import datetime as dt
 import math
 import re
 
+import numpy as np
 import pandas as pd
 
 from dplm.schema import DATE_FORMAT, Column, Schema, format_number
@@ -64,6 +65,13 @@ def to_scaled(col: Column, value) -> int:
     if col.kind == "datetime":
         return (pd.Timestamp(value).normalize() - pd.Timestamp(col.min)).days
     return int(round(float(value) * 10**col.precision))
+
+
+def to_scaled_many(col: Column, values: pd.Series) -> np.ndarray:
+    """`to_scaled` of many values at once."""
+    if col.kind == "datetime":
+        return ((pd.to_datetime(values).dt.normalize() - pd.Timestamp(col.min)).dt.days).to_numpy(dtype=np.int64)
+    return np.round(pd.to_numeric(values).to_numpy(dtype=float) * 10**col.precision).astype(np.int64)
 
 
 def from_scaled(col: Column, scaled: int):

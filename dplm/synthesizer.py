@@ -90,11 +90,12 @@ RELEASE = {
     "statistics.json": ("the table's binned one- and two-way counts and the rules and column order read from them: "
                         "Gaussian-noised under DP (covered by epsilon: their rounds are in the accountant)"),
     "synthetic.csv": ("rows sampled from the adapter and the schema, kept by the statistics' one-way counts "
-                      "(histories: by the rows-per-subject counts; sample.calibration): post-processing (covered by "
+                      "(histories: by the counts of subjects per rows and span; sample.calibration): post-processing (covered by "
                       "epsilon under DP)"),
     "synthetic_subjects.csv": "histories: the sampled subjects' own columns (post-processing, like synthetic.csv)",
     "history.json": ("histories: which columns are the subject's and which its rows', the ordering column and the "
-                     "history cap and the rows-per-subject counts (given, or DP-estimated and counted in epsilon)"),
+                     "history cap and the subject counts calibrated sampling follows (without DP exact, per rows and span; "
+                     "under DP per rows, DP-estimated and counted in epsilon)"),
 }
 # What stays in the run directory: for the data owner, not covered by epsilon.
 PRIVATE_DIAGNOSTICS = {
@@ -154,7 +155,7 @@ class Synthesizer:
         self.marginals: Marginals | None = None  # the table's statistics (DP under DP)
         self.rules: Rules | None = None  # pairs sampling keeps tied (marginals.Rules)
         self.pretraining: TrainResult | None = None  # the first stage on rows drawn from the statistics
-        self.rows_per_subject: list | None = None  # histories: subjects per LENGTH_EDGES bin (noisy under DP)
+        self.subject_counts: list | None = None  # histories: `histories.subject_counts` (noisy under DP)
 
     @property
     def plan_record(self) -> dict | None:
@@ -220,7 +221,8 @@ class Synthesizer:
                 secret_rng(p.secure_mode)))
             if history:  # the longest history kept: public, or a noisy quantile (its epsilon counted)
                 metadata = _from_rank0(lambda: history.bound_length(config.data.max_history, metadata,
-                                                                    p.metadata_epsilon, secret_rng(p.secure_mode)))
+                                                                    epsilon=p.metadata_epsilon,
+                                                                    rng=secret_rng(p.secure_mode)))
             if p.max_epsilon is not None and metadata["epsilon"] >= p.max_epsilon:
                 raise DplmError(f"privacy.metadata_epsilon {p.metadata_epsilon} leaves nothing of privacy.max_epsilon "
                                 f"{p.max_epsilon} for training; lower it or give the schema's metadata")
@@ -229,7 +231,8 @@ class Synthesizer:
             schema = given = history.infer_schema(schema, text_lengths) if history else \
                 infer_schema(train_df, schema, text_lengths=text_lengths)
             if history:
-                metadata = history.bound_length(config.data.max_history, metadata)
+                metadata = history.bound_length(config.data.max_history, metadata,
+                                                schema[history.order_by] if history.order_by else None)
         if history:  # every rank, and a resumed run: the cap and counts the metadata holds (drawn once, on rank 0)
             history.restore_length(metadata)
         if schema.output_order is None and set(train_df.columns) == set(schema.names):
@@ -294,7 +297,7 @@ class Synthesizer:
         synth.values_cut = codec.values_cut()
         if history:
             synth.values_cut = {**synth.values_cut, **history.cut}
-            synth.rows_per_subject = metadata["rows_per_subject"]
+            synth.subject_counts = metadata["subject_counts"]
         if checkpoints:
             checkpoints.run_state = {"schema": schema.to_dict(), "given_schema": given.to_dict(), "metadata": metadata,
                                      "canaries": None if canaries is None else canaries.to_dict("list"),
@@ -388,15 +391,15 @@ class Synthesizer:
         if self.is_history:
             key = self.config.data.subject
             keys = given[key].tolist() if given is not None and key in given.columns else None
-            calibrate = given is None and self.rows_per_subject is not None and s.calibration > 1
+            calibrate = given is None and self.subject_counts is not None and s.calibration > 1
             out, self.last_sample_stats = sample_histories(
                 self.model, self.codec, math.ceil(num_rows * s.calibration) if calibrate else num_rows, key,
                 s.batch_size, temperature, seed, self.device, progress,
                 given.drop(columns=[key]) if keys is not None else given, keep,
                 self.schema.output_order or self.schema.names)
             if calibrate:
-                out = calibrated_subjects(out, key, self.rows_per_subject, self.codec.max_rows, num_rows,
-                                          np.random.default_rng(seed))
+                out = calibrated_subjects(out, key, self.subject_counts, self.codec.max_rows, num_rows,
+                                          np.random.default_rng(seed), self.codec.order_column())
                 self.last_sample_stats = dataclasses.replace(self.last_sample_stats, rows_kept=len(out))
             if keys is not None:  # the given subjects keep their keys
                 out = out.with_keys(key, keys)
@@ -438,7 +441,7 @@ class Synthesizer:
                 synthetic.to_csv(tmp / "synthetic.csv", index=False)
             if self.is_history:
                 (tmp / "history.json").write_text(json.dumps(
-                    {**self.codec.layout(), "rows_per_subject": self.rows_per_subject}, indent=2))
+                    {**self.codec.layout(), "subject_counts": self.subject_counts}, indent=2))
             if self.canaries is not None:
                 self.canaries.to_csv(tmp / "canaries.csv", index=False)
             if self.split:
@@ -485,7 +488,7 @@ class Synthesizer:
         model.eval()
         synth = cls(config, codec, model, device)
         synth.privacy_record = json.loads((run_dir / "privacy.json").read_text())
-        synth.rows_per_subject = layout and layout.get("rows_per_subject")
+        synth.subject_counts = layout and layout.get("subject_counts")
         if (run_dir / "plan.json").exists():
             synth.plan = Plan.from_dict(json.loads((run_dir / "plan.json").read_text()))
         if (run_dir / "statistics.json").exists():

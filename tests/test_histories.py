@@ -8,11 +8,11 @@ import torch
 import dplm
 from dplm.config import RunConfig, from_dict
 from dplm.histories import (
-    HISTORY_PLAN_ROWS, LENGTH_EDGES, HistoryCodec, Histories, TrainingHistories, calibrated_subjects,
-    dp_history_length, history_units, length_counts,
+    HISTORY_PLAN_ROWS, LENGTH_EDGES, SPAN_SHARES, HistoryCodec, Histories, TrainingHistories, calibrated_subjects,
+    dp_history_length, history_units, length_counts, span_bins, subject_counts, subject_spans,
 )
 from dplm.sample import CompiledGrammar, LazyGrammar, generate_sequences
-from dplm.schema import Schema, coerce_table
+from dplm.schema import Column, Schema, coerce_table
 from dplm.serialize import ParseError
 from conftest import ROOT, shared_file
 
@@ -149,7 +149,7 @@ def test_calibrated_subjects_follow_the_rows_per_subject_counts():
                       pd.DataFrame({"k": np.repeat(keys, lengths), "was": np.repeat(keys, lengths)}))
     counts = np.zeros(len(LENGTH_EDGES) - 1)
     counts[[0, 1, 2, 8, 12]] = 400, 250, 200, 100, 50  # 1, 2 and 3 rows, 10-11 and 25-29 (past the cap of 9)
-    out = calibrated_subjects(drawn, "k", counts, cap=9, n=400, rng=np.random.default_rng(1))
+    out = calibrated_subjects(drawn, "k", counts[:, None], cap=9, n=400, rng=np.random.default_rng(1))
     assert list(out.subjects["k"]) == list(range(1, 401)) and set(out.events["k"]) == set(range(1, 401))
     shares = out.events.groupby("k").size().value_counts(normalize=True)
     drawn_nine = (lengths == 9).mean()  # ~0.03: the cap's bin [8, 10) wants 0.15, raised 4 times at most
@@ -158,6 +158,38 @@ def test_calibrated_subjects_follow_the_rows_per_subject_counts():
     assert np.allclose(shares[[1, 2, 3, 9]].to_numpy(), expected / expected.sum(), atol=0.03)
     was = out.events.groupby("k")["was"].agg(["nunique", "first", "size"])
     assert (was["nunique"] == 1).all() and (lengths[was["first"] - 1] == was["size"]).all()  # whole subjects
+
+
+def test_subject_counts_per_rows_and_span():
+    """Each subject in the cell of its rows bin and span bin, checked one by one; spans from the
+    owners' first and last values (0 for a subject without rows)."""
+    spans = subject_spans(np.array([0, 0, 2, 2, 2, 3]), np.array([5, 9, 1, 40, 100, 7]), range(5))
+    assert spans.tolist() == [4, 0, 99, 0, 0]
+    lengths = np.array([2, 0, 3, 1, 1])
+    counts = subject_counts(lengths, spans, width=128)
+    assert counts.sum() == 5 and counts.shape == (len(LENGTH_EDGES) - 1, len(SPAN_SHARES) + 2)
+    # width 128: span 4 is in (2, 4] (1/32 of it: bin 2), 99 in (96, 112] (7/8: bin 10), 0 in bin 0
+    for rows_bin, span_bin, n in [(1, 2, 1), (0, 0, 3), (2, 10, 1)]:
+        assert counts[rows_bin, span_bin] == n
+    assert np.array_equal(subject_counts(lengths)[:, 0], length_counts(lengths))
+
+
+def test_calibrated_subjects_follow_the_spans():
+    """Two-row subjects drawn with short spans (80 % a day, the counts' half) are kept at the
+    counts' half and half: factors 0.5 / 0.8 and 0.5 / 0.2, so the long share 0.5 / (0.5 + 0.5)."""
+    rng = np.random.default_rng(0)
+    order = Column(name="day", kind="integer", min=0, max=640)
+    long = rng.random(3000) < 0.2
+    gaps = np.where(long, 300, 1)
+    keys = np.arange(1, 3001)
+    drawn = Histories(pd.DataFrame({"k": keys}), pd.DataFrame(
+        {"k": np.repeat(keys, 2), "day": np.stack([np.zeros(3000, dtype=int), gaps], 1).ravel()}))
+    counts = np.zeros((len(LENGTH_EDGES) - 1, len(SPAN_SHARES) + 2))
+    counts[1, span_bins(np.array([1, 300]), 640)] = 500  # half a day apart, half 300 days
+    out = calibrated_subjects(drawn, "k", counts, cap=5, n=1000, rng=np.random.default_rng(1), order=order)
+    assert (out.events.groupby("k").size() == 2).all() and len(out) == 1000
+    span = out.events.groupby("k")["day"].agg(lambda d: d.max() - d.min())
+    assert 0.45 < (span == 300).mean() < 0.55 and set(span) == {1, 300}
 
 
 def tiny(dp: bool, **data) -> RunConfig:
@@ -186,7 +218,8 @@ def test_two_tables_fit_sample_save_load(tmp_path):
     layout = json.loads((run / "history.json").read_text())
     assert layout["subject_columns"] == ["country", "since"] and layout["order_by"] == "day"
     assert layout["min_rows"] == 0 and layout["max_rows"] == 5  # the longest training history
-    assert sum(layout["rows_per_subject"]) == 48  # without DP the exact counts (no visits: in the first bin)
+    counts = np.array(layout["subject_counts"])  # without DP the exact counts per rows and span (no visits: first bin)
+    assert counts.shape == (len(LENGTH_EDGES) - 1, len(SPAN_SHARES) + 2) and counts.sum() == 48
     again = dplm.load(run).sample(10, seed=1, progress=False)
     pd.testing.assert_frame_equal(out.events, again.events)
     given = pd.DataFrame({"cid": ["a", "b", "c"], "country": ["fr", "fr", "de"], "since": [2001, 2002, 2003]})
@@ -260,10 +293,11 @@ def test_resumed_dp_histories_keep_their_cap_and_counts(cdnow, tmp_path, monkeyp
     config.train.max_steps = 4
     resumed = dplm.fit(cdnow, config, progress=False, checkpoints=Checkpoints(tmp_path / "ck", every=1, resume=True))
     assert resumed.training.resumed_from_step == 2 and resumed.training.steps == 4
-    assert resumed.codec.max_rows == first.codec.max_rows and resumed.rows_per_subject == first.rows_per_subject
+    assert resumed.codec.max_rows == first.codec.max_rows and resumed.subject_counts == first.subject_counts
     assert resumed.privacy_record["metadata_epsilon"] == pytest.approx(0.2)
     lengths = cdnow.iloc[first.split["train"]].groupby("users_id").size().to_numpy()
-    assert first.rows_per_subject != length_counts(lengths).tolist()  # noisy under DP
+    assert np.shape(first.subject_counts) == (len(LENGTH_EDGES) - 1, 1)  # under DP rows alone,
+    assert np.array(first.subject_counts)[:, 0].tolist() != length_counts(lengths).tolist()  # noisy
     out = resumed.sample(20, seed=0, progress=False)
     assert len(out) == 20 and resumed.last_sample_stats.rows_kept == 20
     assert resumed.last_sample_stats.rows_returned == 40  # sample.calibration 2: twice the subjects drawn
