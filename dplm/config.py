@@ -56,7 +56,8 @@ class ModelConfig:
     prune_vocab: bool = True  # output layer scores only the tokens the schema can produce
     value_tokens: bool = True  # one new token per category / small-range integer (see serialize)
     # The order the model writes the columns in: "auto" (dplm's, from the table's statistics:
-    # dependent columns close together; see marginals.column_order) or "schema" (the schema's)
+    # dependent columns close together; see marginals.column_order), "schema" (the schema's), or
+    # "random" (flat rows: each training row in its own random order, sampled in the schema's)
     column_order: str = "auto"
 
 
@@ -164,7 +165,11 @@ class RunConfig:
         checks = [
             (p.noise_multiplier is None or p.noise_multiplier > 0, "privacy.noise_multiplier must be > 0 (e.g. 1.0)"),
             (p.statistics_share is None or 0 <= p.statistics_share <= 1, "privacy.statistics_share must be in [0, 1]"),
-            (self.model.column_order in ("auto", "schema"), "model.column_order must be 'auto' or 'schema'"),
+            (self.model.column_order in ("auto", "schema", "random"),
+             "model.column_order must be 'auto', 'schema' or 'random'"),
+            (self.model.column_order != "random" or not self.data.subject or self.data.mode != "histories",
+             "model.column_order: random is for flat rows (a history writes its columns in one order); "
+             "use auto or schema"),
             (not (p.enabled and t.early_stopping), "train.early_stopping cannot be used with DP: it would read the "
              "private rows' loss; set train.max_steps or train.max_epochs (or leave them to the plan)"),
             (t.budget_rows is None or t.budget_rows >= 1, "train.budget_rows must be >= 1 (or unset)"),

@@ -176,9 +176,13 @@ class CompiledGrammar:
         return states[rows]
 
 
-def grammar_masks(codec, token_ids: list[int], sequences: list[list[int]], device) -> GrammarMasks | None:
+def grammar_masks(codec, token_ids: list[int], sequences: list[list[int]], device,
+                  orders: list[list[int]] | None = None) -> GrammarMasks | None:
     """The grammar states of every position of `sequences` (BOS ... EOS), for a loss over the
-    allowed tokens (`train.GrammarMasks`); None when the automaton does not compile."""
+    allowed tokens (`train.GrammarMasks`); None when the automaton does not compile. With
+    `orders`, rows written each in its own column order (`any_order_masks`)."""
+    if orders is not None:
+        return any_order_masks(codec, token_ids, sequences, orders, device)
     compiled = CompiledGrammar.build(codec, token_ids, device)
     if compiled is None:
         return None
@@ -191,6 +195,38 @@ def grammar_masks(codec, token_ids: list[int], sequences: list[list[int]], devic
             row.append(state)
         states.append(row + [compiled.done])  # EOS: the row's last state, never a prediction's
     return GrammarMasks(compiled.allowed, states, compiled.done)
+
+
+def any_order_masks(codec: RowCodec, token_ids: list[int], sequences: list[list[int]], orders: list[list[int]],
+                    device) -> GrammarMasks:
+    """`grammar_masks` for rows written each in its own column order (`RowCodec.encode_table`'s
+    `orders`; `codec.any_order()`): at every position the tokens the row's current column
+    allows, and EOS once its last column is complete. One mask per (column, field mask key):
+    a field's tokens do not depend on the columns written before it."""
+    position = {t: i for i, t in enumerate(token_ids)}
+    keys, allowed = {}, []
+
+    def mask(key, ids) -> int:
+        if key not in keys:
+            keys[key] = len(allowed)
+            row = torch.zeros(len(token_ids), dtype=torch.bool)
+            row[[position[t] for t in ids]] = True
+            allowed.append(row)
+        return keys[key]
+
+    done = mask("done", [codec.eos_id])
+    states = []
+    for ids, order in zip(sequences, orders):
+        row, tokens = [], iter(ids[1:-1])
+        for column in order:
+            field = codec.fields[column]
+            inner = field.start()
+            while not field.complete(inner):
+                row.append(mask((column, field.mask_key(inner)), field.next_tokens(inner)[0]))
+                inner = field.advance(inner, next(tokens))
+        row.append(mask((order[-1], "end"), [codec.eos_id]))  # the state before EOS
+        states.append(row + [done])
+    return GrammarMasks(torch.stack(allowed).to(device), states, done)
 
 
 def row_grammar(codec, token_ids: list[int], device) -> CompiledGrammar | LazyGrammar:

@@ -241,33 +241,42 @@ class RowCodec:
 
     # ---- encoding ---------------------------------------------------------------------
 
-    def encode(self, row) -> list[int]:
-        """One row (a mapping or sequence in schema order) -> token ids."""
-        return self.encode_with_spans(row)[0]
+    def encode(self, row, order: list[int] | None = None) -> list[int]:
+        """One row (a mapping or sequence in schema order) -> token ids; with `order` (column
+        indexes) its values written in that order instead (`any_order`)."""
+        return self.encode_with_spans(row, order)[0]
 
-    def encode_with_spans(self, row) -> tuple[list[int], list[tuple[int, int]]]:
+    def encode_with_spans(self, row, order: list[int] | None = None) -> tuple[list[int], list[tuple[int, int]]]:
         """The row's token ids and, per column, the [start, end) positions of its value's tokens."""
         values = [row[c.name] for c in self.schema.columns] if hasattr(row, "keys") else list(row)
-        ids, spans = [self.bos_id], []
-        for i, (field, value) in enumerate(zip(self.fields, values)):
+        order = range(len(self.fields)) if order is None else order
+        ids, spans = [self.bos_id], [None] * len(self.fields)
+        for k, i in enumerate(order):
             start = len(ids)
-            ids.extend(field.encode(value))
-            spans.append((start, len(ids)))
-            ids.extend(self.ending(i))
+            ids.extend(self.fields[i].encode(values[i]))
+            spans[i] = (start, len(ids))
+            ids.extend(self.ending(i, last=k == len(self.fields) - 1))
         return ids, spans
 
-    def ending(self, column: int) -> list[int]:
-        """The token after a column's value: EOS after the last column, else the separator,
-        except after a self-delimiting field (none)."""
-        if column == len(self.fields) - 1:
+    def ending(self, column: int, last: bool | None = None) -> list[int]:
+        """The token after a column's value: EOS after the row's `last` column (default: the
+        schema's last), else the separator, except after a self-delimiting field (none)."""
+        if column == len(self.fields) - 1 if last is None else last:
             return [self.eos_id]
         return [] if self.fields[column].self_delimiting else [self.sep_id]
 
-    def encode_table(self, df: pd.DataFrame) -> list[list[int]]:
-        """Every row's token ids; `values_cut` then counts the texts this table had cut."""
+    def any_order(self) -> bool:
+        """Whether rows may be written in any column order (`encode`'s `order`): every field
+        ends by itself and its tokens are its column's own (value tokens, no text)."""
+        return all(field.self_delimiting for field in self.fields)
+
+    def encode_table(self, df: pd.DataFrame, orders: list[list[int]] | None = None) -> list[list[int]]:
+        """Every row's token ids (row i in `orders[i]`, given); `values_cut` then counts the texts
+        this table had cut."""
         for field in self.fields:
             field.values_cut = 0
-        return [self.encode(row) for row in df[self.schema.names].itertuples(index=False, name=None)]
+        rows = df[self.schema.names].itertuples(index=False, name=None)
+        return [self.encode(row, order) for row, order in zip(rows, orders or [None] * len(df))]
 
     def values_cut(self) -> dict[str, int]:
         """Text values cut at their column's `max_tokens` since the last `encode_table`, per column."""

@@ -282,11 +282,12 @@ class Synthesizer:
             schema = ordered(schema, marginals.column_order(config.train.seed))
         rules = marginals.rules() if marginals else None
         if history:
-            codec = history.codec(schema, tokenizer, config.model.value_tokens, metadata)
+            codec, orders = history.codec(schema, tokenizer, config.model.value_tokens, metadata), None
             sequences = history.encode(codec)
         else:
             codec = RowCodec(schema, tokenizer, config.model.value_tokens)
-            sequences = codec.encode_table(rows)
+            orders = row_orders(codec, len(rows), config) if config.model.column_order == "random" else None
+            sequences = codec.encode_table(rows, orders)
         # On its device before LoRA: peft/Opacus need the adapter created where it will train.
         model = _base_model(config, codec, device)
         m = config.model
@@ -304,12 +305,14 @@ class Synthesizer:
                                      "marginals": marginals.to_dict() if marginals else None,
                                      "speed": plan.speed and dataclasses.asdict(plan.speed)}
         token_ids = output_token_ids(model)
-        masks = grammar_masks(codec, token_ids, sequences, device) if config.train.grammar_loss else None
+        masks = grammar_masks(codec, token_ids, sequences, device, orders) if config.train.grammar_loss else None
         if plan.pretrain_rows and not resumed:  # free: rows drawn from the DP statistics (post-processing)
             start_rows = coerce_table(marginals.tree_rows(plan.pretrain_rows, schema,
                                                           np.random.default_rng(config.train.seed), rules), schema)
-            start = codec.encode_table(start_rows)
-            start_masks = grammar_masks(codec, token_ids, start, device) if config.train.grammar_loss else None
+            start_orders = row_orders(codec, len(start_rows), config) if orders else None
+            start = codec.encode_table(start_rows, start_orders)
+            start_masks = grammar_masks(codec, token_ids, start, device, start_orders) \
+                if config.train.grammar_loss else None
             synth.pretraining = train(model, start, tokenizer.pad_token_id, pretraining_config(config.train),
                                       dataclasses.replace(p, enabled=False), device, progress=progress,
                                       masks=start_masks)
@@ -756,6 +759,18 @@ def _base_model(config: RunConfig, codec: RowCodec, device):
     if config.model.prune_vocab:
         models.restrict_output_vocab(model, codec.output_token_ids())
     return model.to(device)
+
+
+def row_orders(codec: RowCodec, num_rows: int, config: RunConfig) -> list[list[int]]:
+    """`model.column_order: random`: each training row's own random column order (drawn from
+    `train.seed`, not from the data), so the model learns every column given any others; rows
+    are sampled in the schema's order."""
+    if not codec.any_order():
+        names = [f.col.name for f in codec.fields if not f.self_delimiting]
+        raise DplmError(f"model.column_order: random needs every column in value tokens (model.value_tokens: true, "
+                        f"no text columns); column '{names[0]}' is not: use column_order auto or schema")
+    rng = np.random.default_rng([config.train.seed, num_rows])
+    return [rng.permutation(len(codec.fields)).tolist() for _ in range(num_rows)]
 
 
 def ordered(schema: Schema, order: list[str]) -> Schema:

@@ -268,3 +268,36 @@ def test_given_rows_under_both_grammars_and_a_real_model(tokenizer):
     assert df["d"].tolist() == [pd.Timestamp("2020-03-01"), pd.Timestamp("2020-02-28")]
     for col in MIXED.columns:
         assert all(value_fits(col, None if pd.isna(v) else v) for v in df[col.name]), col.name
+
+
+def test_any_order_masks_allow_each_rows_own_order(census_schema):
+    """Rows written each in its own column order: at every position the mask allows the row's
+    next token and only its current column's tokens (EOS only before EOS); in the schema's order
+    the masks are the compiled grammar's."""
+    import numpy as np
+
+    from dplm.model import load_tokenizer
+    from dplm.sample import grammar_masks
+    from dplm.schema import coerce_table
+
+    tokenizer = load_tokenizer("smollm2-135m")
+    codec = RowCodec(census_schema, tokenizer, value_tokens=True)
+    assert codec.any_order()
+    token_ids = codec.output_token_ids()
+    position = {t: i for i, t in enumerate(token_ids)}
+    rows = coerce_table(pd.DataFrame([{c.name: (c.categories[0] if c.kind == "categorical" else c.min)
+                                       for c in census_schema.columns}] * 2), census_schema)
+    n = len(codec.fields)
+    orders = [list(range(n)), np.random.default_rng(0).permutation(n).tolist()]
+    sequences = codec.encode_table(rows, orders)
+    assert sorted(sequences[0]) == sorted(sequences[1]) and sequences[0] != sequences[1]
+    masks = grammar_masks(codec, token_ids, sequences, torch.device("cpu"), orders)
+    owner = {t: k for k, f in enumerate(codec.fields) for t in f.token_ids()}
+    allowed = masks.of([0, 1], len(sequences[0]), torch.device("cpu"))
+    for r, ids in enumerate(sequences):
+        for i, token in enumerate(ids[1:]):
+            assert allowed[r, i, position[token]], (r, i)
+            columns = {owner.get(token_ids[j], "eos") for j in allowed[r, i].nonzero().flatten().tolist()}
+            assert columns == {owner.get(token, "eos")}, (r, i)
+    fixed = grammar_masks(codec, token_ids, sequences[:1], torch.device("cpu"))
+    assert torch.equal(fixed.of([0], len(sequences[0]), torch.device("cpu"))[0], allowed[0])
