@@ -355,11 +355,11 @@ def check_order_by(events: pd.DataFrame, order_by: str, kind: str) -> None:
 
 def length_counts(lengths: np.ndarray) -> np.ndarray:
     """How many subjects have each number of rows, over the public `LENGTH_EDGES` bins."""
-    return np.histogram(np.clip(lengths, 1, LENGTH_EDGES[-1] - 1), bins=LENGTH_EDGES)[0].astype(float)
+    return np.bincount(length_bins(lengths), minlength=len(LENGTH_EDGES) - 1).astype(float)
 
 
 def length_bins(lengths: np.ndarray) -> np.ndarray:
-    """Each subject's `LENGTH_EDGES` bin (no rows: the first, as in `length_counts`)."""
+    """Each subject's `LENGTH_EDGES` bin (no rows: the first)."""
     return np.searchsorted(LENGTH_EDGES, np.clip(lengths, 1, LENGTH_EDGES[-1] - 1), side="right") - 1
 
 

@@ -224,8 +224,7 @@ def any_order_masks(codec: RowCodec, token_ids: list[int], sequences: list[list[
             while not field.complete(inner):
                 row.append(mask((column, field.mask_key(inner)), field.next_tokens(inner)[0]))
                 inner = field.advance(inner, next(tokens))
-        row.append(mask((order[-1], "end"), [codec.eos_id]))  # the state before EOS
-        states.append(row + [done])
+        states.append(row + [done, done])  # before EOS only EOS is allowed, as after it (padding)
     return GrammarMasks(torch.stack(allowed).to(device), states, done)
 
 

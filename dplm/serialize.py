@@ -261,7 +261,9 @@ class RowCodec:
     def ending(self, column: int, last: bool | None = None) -> list[int]:
         """The token after a column's value: EOS after the row's `last` column (default: the
         schema's last), else the separator, except after a self-delimiting field (none)."""
-        if column == len(self.fields) - 1 if last is None else last:
+        if last is None:
+            last = column == len(self.fields) - 1
+        if last:
             return [self.eos_id]
         return [] if self.fields[column].self_delimiting else [self.sep_id]
 
