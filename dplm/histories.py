@@ -411,13 +411,9 @@ def calibrated_subjects(drawn: Histories, key: str, counts: np.ndarray, cap: int
     from dplm.marginals import RAKING_LIMIT, proportional_draw, smoothed
     from dplm.serialize import to_scaled_many
 
-    counts = np.asarray(counts, dtype=float)
-    last = int(np.searchsorted(LENGTH_EDGES, cap, side="right")) - 1
-    target = counts[: last + 1].copy()
-    target[last] += counts[last + 1:].sum(axis=0)
-    subjects = drawn.subjects[key].to_numpy()
-    rows = drawn.events.groupby(key).size().reindex(subjects, fill_value=0).to_numpy()
-    cells = np.minimum(length_bins(rows), last) * target.shape[1]
+    target = folded_counts(counts, cap)
+    subjects, rows = subject_rows(drawn, key)
+    cells = np.minimum(length_bins(rows), len(target) - 1) * target.shape[1]
     if target.shape[1] > 1:
         lo, hi = scaled_bounds(order)
         spans = subject_spans(drawn.events[key].to_numpy(), to_scaled_many(order, drawn.events[order.name]), subjects)
@@ -425,6 +421,89 @@ def calibrated_subjects(drawn: Histories, key: str, counts: np.ndarray, cap: int
     share = np.bincount(cells, minlength=target.size) / len(cells)
     factor = np.clip(smoothed(target.ravel(), 1.0) / np.maximum(share, 1e-12), 1 / RAKING_LIMIT, RAKING_LIMIT)
     return drawn.subset(proportional_draw(factor[cells], n, rng), key)
+
+
+def folded_counts(counts, cap: int) -> np.ndarray:
+    """`subject_counts` with the rows bins past `cap`'s folded into the cap's bin."""
+    counts = np.asarray(counts, dtype=float)
+    last = int(np.searchsorted(LENGTH_EDGES, cap, side="right")) - 1
+    target = counts[: last + 1].copy()
+    target[last] += counts[last + 1:].sum(axis=0)
+    return target
+
+
+def rows_counts(counts, cap: int) -> np.ndarray:
+    """Subjects per rows bin of `subject_counts` (folded at `cap`; negative noisy counts as 0)."""
+    return np.clip(folded_counts(counts, cap), 0, None).sum(axis=1)
+
+
+def subject_rows(drawn: Histories, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """The subjects' keys and each one's number of event rows."""
+    subjects = drawn.subjects[key].to_numpy()
+    return subjects, drawn.events.groupby(key).size().reindex(subjects, fill_value=0).to_numpy()
+
+
+LENGTH_TOLERANCE = 0.05  # calibrated sampling holds histories to drawn lengths past this rows gap
+
+
+def rows_gap(drawn: Histories, key: str, counts, cap: int) -> float:
+    """Total-variation distance between the rows bins of the `drawn` subjects and those of
+    `counts` (`subject_counts`, folded at `cap`; negative noisy counts as 0): how far a
+    model's own history lengths are from the counts. Post-processing: no epsilon."""
+    target = rows_counts(counts, cap)
+    rows = subject_rows(drawn, key)[1]
+    share = np.bincount(np.minimum(length_bins(rows), len(target) - 1), minlength=len(target)) / max(1, len(rows))
+    return float(0.5 * np.abs(share - target / max(target.sum(), 1e-12)).sum())
+
+
+def drawn_lengths(counts, cap: int, min_rows: int, n: int, rng) -> np.ndarray | None:
+    """The rows of each of `n` subjects to draw: a rows bin drawn from the rows per subject of
+    `counts` (`subject_counts`, folded at `cap`; negative noisy counts as 0), then a count
+    within the bin, uniformly (within [min_rows, cap]), for calibrated sampling to hold each
+    history to (`HistoryLengths`); None where the counts are empty. Post-processing of the
+    counts: no epsilon."""
+    target = rows_counts(counts, cap)
+    if target.sum() <= 0:
+        return None
+    bins = rng.choice(len(target), size=n, p=target / target.sum())
+    least = np.where(bins == 0, min_rows, LENGTH_EDGES[bins])
+    most = np.maximum(least, np.minimum(LENGTH_EDGES[bins + 1] - 1, cap))
+    return np.minimum(rng.integers(least, most + 1), cap)
+
+
+class HistoryLengths:
+    """The rows each history being drawn must have (`drawn_lengths`), for
+    `sample.generate_sequences`: EOS is masked while a history has fewer, the ROW token once it
+    has them; the grammar does the rest (the model writes every row's values)."""
+
+    def __init__(self, codec: HistoryCodec, grammar, rows):
+        import torch
+
+        self.row_id = codec.row_id
+        self.row, self.eos = grammar.position[codec.row_id], grammar.position[codec.eos_id]
+        self.rows = torch.as_tensor(rows, device=grammar.device)
+        self.written = torch.zeros_like(self.rows)
+
+    def select(self, subjects) -> HistoryLengths:
+        """The same for these subjects (a batch, one sequence each), no rows written yet."""
+        import copy
+
+        part = copy.copy(self)
+        part.rows = self.rows[subjects]
+        part.written = part.rows.new_zeros(part.rows.shape)
+        return part
+
+    def mask(self, logits, batch):
+        """`logits` of the sequences `batch` (indexes into the selection) with EOS masked before
+        their rows, ROW once they have them."""
+        written, rows = self.written[batch], self.rows[batch]
+        logits[:, self.eos] = logits[:, self.eos].masked_fill(written < rows, float("-inf"))
+        logits[:, self.row] = logits[:, self.row].masked_fill(written >= rows, float("-inf"))
+        return logits
+
+    def advance(self, batch, tokens) -> None:
+        """Count the rows the sequences `batch` start with `tokens`."""
+        self.written[batch] += tokens == self.row_id
 
 
 HISTORY_PLAN_ROWS = 4  # under DP a subject counts as this many rows in the plan (public)
@@ -599,11 +678,12 @@ class TrainingHistories:
 
 def sample_histories(model, codec: HistoryCodec, num: int, key: str, batch_size: int = 64, temperature: float = 1.0,
                      seed: int = 0, device=None, progress: bool = True, given: pd.DataFrame | None = None,
-                     keep=None, output_order: list[str] | None = None):
+                     keep=None, output_order: list[str] | None = None, lengths: np.ndarray | None = None):
     """`num` synthetic subjects (or one per row of `given`, a table of subject columns whose
     values they keep), each a whole history drawn under the codec's grammar, as `Histories`
     with fresh keys 1..num, plus the `SampleStats`. `keep(events) -> bool mask` (the table's
-    rules): a subject with a row it refuses is drawn again, as one that does not parse is."""
+    rules): a subject with a row it refuses is drawn again, as one that does not parse is.
+    `lengths` (`drawn_lengths`: each subject's rows) holds each history to them."""
     import time
 
     import torch
@@ -616,7 +696,9 @@ def sample_histories(model, codec: HistoryCodec, num: int, key: str, batch_size:
     grammar = row_grammar(codec, output_token_ids(model), device)
     generator = torch.Generator(device=device).manual_seed(seed)
     model.eval()
-    values = None
+    values = limits = None
+    if lengths is not None:
+        limits = HistoryLengths(codec, grammar, lengths)
     if given is not None:
         given = check_given(given, codec.subject_schema)
         values = GivenValues(codec, grammar, given, 1)
@@ -628,8 +710,11 @@ def sample_histories(model, codec: HistoryCodec, num: int, key: str, batch_size:
         if generated >= 10 * num + 10 * batch_size:
             raise RuntimeError(f"only {num - len(pending)} of {num} subjects were valid after generating {generated}")
         batch, pending = pending[:batch_size], pending[batch_size:]
-        part = values.select(torch.tensor(batch, device=device)) if values is not None else None
-        for i, ids in zip(batch, generate_sequences(model, grammar, len(batch), temperature, generator, device, part)):
+        index = torch.tensor(batch, device=device)
+        part = values.select(index) if values is not None else None
+        held = limits.select(index) if limits is not None else None
+        for i, ids in zip(batch, generate_sequences(model, grammar, len(batch), temperature, generator, device, part,
+                                                    held)):
             generated += 1
             try:
                 subject, rows = codec.decode(ids)

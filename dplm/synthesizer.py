@@ -45,8 +45,8 @@ from dplm.config import RunConfig, TrainConfig, from_dict
 from dplm.data import load_table
 from dplm.errors import DplmError
 from dplm.histories import (
-    HISTORY_PLAN_ROWS, HistoryCodec, Histories, TrainingHistories, calibrated_subjects, check_subject_columns_constant,
-    check_subject_table, sample_histories,
+    HISTORY_PLAN_ROWS, LENGTH_TOLERANCE, HistoryCodec, Histories, TrainingHistories, calibrated_subjects,
+    check_subject_columns_constant, check_subject_table, drawn_lengths, rows_gap, sample_histories,
 )
 from dplm.marginals import Marginals, Rules, measure
 from dplm.planner import MachineSpeed, Plan, machine_speed, make_plan, resolved, row_tokens, statistics_history
@@ -395,21 +395,39 @@ class Synthesizer:
             key = self.config.data.subject
             keys = given[key].tolist() if given is not None and key in given.columns else None
             calibrate = given is None and self.subject_counts is not None and s.calibration > 1
-            out, self.last_sample_stats = sample_histories(
-                self.model, self.codec, math.ceil(num_rows * s.calibration) if calibrate else num_rows, key,
-                s.batch_size, temperature, seed, self.device, progress,
-                given.drop(columns=[key]) if keys is not None else given, keep,
-                self.schema.output_order or self.schema.names)
+            drawn, rng = math.ceil(num_rows * s.calibration) if calibrate else num_rows, np.random.default_rng(seed)
+
+            def draw(lengths=None):
+                return sample_histories(self.model, self.codec, drawn, key, s.batch_size, temperature, seed,
+                                        self.device, progress, given.drop(columns=[key]) if keys is not None else given,
+                                        keep, self.schema.output_order or self.schema.names, lengths)
+
+            out, self.last_sample_stats = draw()
             if calibrate:
-                out = calibrated_subjects(out, key, self.subject_counts, self.codec.max_rows, num_rows,
-                                          np.random.default_rng(seed), self.codec.order_column())
+                counts, cap = self.subject_counts, self.codec.max_rows
+                chosen = calibrated_subjects(out, key, counts, cap, num_rows, rng, self.codec.order_column())
+                if rows_gap(chosen, key, counts, cap) > LENGTH_TOLERANCE:
+                    # The model's own lengths stay off the counts after raking (few or noisy steps):
+                    # draw again, each history held to a number of rows drawn from the counts.
+                    first = self.last_sample_stats
+                    out, again = draw(drawn_lengths(counts, cap, self.codec.min_rows, drawn, rng))
+                    self.last_sample_stats = SampleStats(first.rows_generated + again.rows_generated,
+                                                         first.rows_returned + again.rows_returned,
+                                                         first.seconds + again.seconds)
+                    chosen = calibrated_subjects(out, key, counts, cap, num_rows, rng, self.codec.order_column())
+                out = chosen
                 self.last_sample_stats = dataclasses.replace(self.last_sample_stats, rows_kept=len(out))
             if keys is not None:  # the given subjects keep their keys
                 out = out.with_keys(key, keys)
             return out
         calibrate = given is None and self.marginals is not None and s.calibration > 1
+        codec = self.codec
+        if given is not None and self.config.model.column_order == "random":
+            # The model has seen every order: it writes the given columns first, then draws the others.
+            codec = RowCodec(ordered(self.schema, [n for n in self.schema.names if n in given.columns]),
+                             self.codec.tokenizer, self.codec.value_tokens)
         df, self.last_sample_stats = sample_rows(
-            self.model, self.codec, math.ceil(num_rows * s.calibration) if calibrate else num_rows, s.batch_size,
+            self.model, codec, math.ceil(num_rows * s.calibration) if calibrate else num_rows, s.batch_size,
             temperature, seed, self.device, progress, given, s.given_candidates, keep)
         if calibrate:
             df = self.marginals.calibrated(df, self.schema, num_rows, np.random.default_rng(seed))

@@ -3,7 +3,7 @@
 
     .venv/bin/python scripts/bench_tables.py --out DIR [--tables census,german,diamonds,london]
         [--systems dplm,engine] [--modes dp,nodp] [--epsilon 2.5] [--engine-python ENV/bin/python]
-        [--set section.key=value ...]
+        [--set section.key=value ...] [--rescore | --resample]
 
 For each table (scripts/dev_tables.py: its schema from the public codebook, nothing else) it
 splits 80/20 by `numpy.random.default_rng(0).permutation` (dplm's own split), trains dplm with
@@ -11,7 +11,8 @@ the defaults only (the schema; under DP `privacy.enabled` and `privacy.max_epsil
 as many rows as the holdout has, and scores them with `dplm report` (DIR/TABLE/SYSTEM-MODE/
 report.json). The engine (mostlyai-engine, in its own environment: `--engine-python`) trains on
 the same training rows with its defaults, DP at the same total epsilon. Finished cells are read
-back, so a rerun only runs what is missing. Prints one table: accuracy, discriminator AUC, TSTR
+back, so a rerun only runs what is missing (`--rescore` scores them again, `--resample` draws
+dplm's rows again from the saved model first). Prints one table: accuracy, discriminator AUC, TSTR
 on the table's target, rule consistency, epsilon and seconds, beside the holdout and the
 shuffled-columns floor. Run one at a time: two CPU-heavy jobs on 2 cores skew both.
 """
@@ -58,12 +59,26 @@ def run_dplm(table, df, holdout, dp: bool, epsilon: float, overrides: list[str],
     synth = Synthesizer.fit(df, config, progress=False)
     rows = synth.sample(count(table, holdout), progress=False)
     synth.save(out / "run", synthetic=rows)
+    return {"seconds": time.perf_counter() - start, "train_seconds": synth.training.seconds,
+            "epsilon": synth.privacy_record.get("epsilon"), "plan": synth.plan_record, **written(synth, rows, out)}
+
+
+def resample_dplm(table, holdout, out: Path) -> dict:
+    """Draw a finished dplm cell's synthetic rows again from its saved model (after a change to sampling)."""
+    import dplm
+
+    synth = dplm.load(out / "run")
+    return written(synth, synth.sample(count(table, holdout), progress=False), out)
+
+
+def written(synth, rows, out: Path) -> dict:
+    """Write the synthetic rows to out/synthetic.csv; how sampling went."""
     if synth.is_history:
         rows.write(out / "synthetic.csv")
     else:
         rows.to_csv(out / "synthetic.csv", index=False)
-    return {"seconds": time.perf_counter() - start, "train_seconds": synth.training.seconds,
-            "epsilon": synth.privacy_record.get("epsilon"), "plan": synth.plan_record}
+    stats = synth.last_sample_stats
+    return {"sample_seconds": stats.seconds, "valid_rate": stats.valid_rate, "rows_kept": stats.rows_kept}
 
 
 def count(table, holdout) -> int:
@@ -122,6 +137,8 @@ def main() -> int:
     parser.add_argument("--set", nargs="*", default=[], help="section.key=value for dplm's runs (probes only)")
     parser.add_argument("--no-score", action="store_true", help="train and sample only (score later)")
     parser.add_argument("--rescore", action="store_true", help="score every finished cell again")
+    parser.add_argument("--resample", action="store_true",
+                        help="draw dplm's synthetic rows again from each finished cell's saved model, then score")
     args = parser.parse_args()
     out = Path(args.out)
     results = []
@@ -132,7 +149,7 @@ def main() -> int:
             for mode in args.modes.split(","):
                 cell = out / name / f"{system}-{mode}"
                 done, ran = cell / "cell.json", cell / "info.json"
-                if done.exists() and not args.rescore:
+                if done.exists() and not (args.rescore or args.resample):
                     results.append(json.loads(done.read_text()))
                     continue
                 cell.mkdir(parents=True, exist_ok=True)
@@ -142,6 +159,9 @@ def main() -> int:
                             else run_engine(args.engine_python, table, train, holdout, dp, args.epsilon, cell,
                                             args.engine_minutes))
                     ran.write_text(json.dumps(info, indent=2, default=str))
+                elif args.resample and system == "dplm":
+                    info = {**json.loads(ran.read_text()), **resample_dplm(table, holdout, cell)}
+                    ran.write_text(json.dumps(info, indent=2, default=str))
                 if args.no_score:
                     continue
                 info = json.loads(ran.read_text())
@@ -150,8 +170,8 @@ def main() -> int:
                 done.write_text(json.dumps(record, indent=2, default=str))
                 results.append(record)
                 print(line(record), flush=True)
-    print(f"\n| table | system | mode | accuracy | AUC | TSTR | rules kept | epsilon | train s | holdout acc / AUC | "
-          f"shuffled acc / AUC |\n| {' | '.join(['---'] * 11)} |")
+    print(f"\n| table | system | mode | accuracy | AUC | TSTR | rules kept | valid rows | epsilon | train s | "
+          f"holdout acc / AUC | shuffled acc / AUC |\n| {' | '.join(['---'] * 12)} |")
     for record in results:
         print(line(record))
     return 0
@@ -177,7 +197,7 @@ def line(r: dict) -> str:
         return "-" if v is None else f"{v:.{d}f}"
 
     return (f"| {r['table']} | {r['system']} | {r['mode']} | {f(r['accuracy'], 4)} | {f(r['auc'])} | {f(r['tstr'])} | "
-            f"{f(r.get('rules_kept'))} | {f(r.get('epsilon') or r.get('epsilon_training'), 3)} | "
+            f"{f(r.get('rules_kept'))} | {f(r.get('valid_rate'))} | {f(r.get('epsilon') or r.get('epsilon_training'), 3)} | "
             f"{f(r.get('train_seconds'), 0)} | {f(r['holdout_accuracy'], 4)} / {f(r['holdout_auc'])} | "
             f"{f(r.get('shuffled_accuracy'), 4)} / {f(r.get('shuffled_auc'))} |")
 

@@ -110,8 +110,8 @@ def test_a_rerun_reads_points_back_and_only_runs_new_ones(finished, data, monkey
 
 def test_a_failing_point_keeps_its_error_and_the_others_go_on(tmp_path, data):
     # With a cap of epsilon 1, noise 0.3 cannot take a single step; noise 8 can.
-    config = recipe(data, "privacy.max_epsilon=1.0", "sweep.noise_multipliers=[0.3, 8]", "sweep.max_grad_norms=[1]",
-                    "sweep.baseline_epochs=[]")
+    config = recipe(data, "privacy.max_epsilon=1.0", "train.pretrain_rows=0", "sweep.noise_multipliers=[0.3, 8]",
+                    "sweep.max_grad_norms=[1]", "sweep.baseline_epochs=[]")
     table = sweep(config, tmp_path / "s", progress=False)
     failed = table.set_index("name").loc["dp-noise0.3-clip1"]
     assert failed["error"].startswith("privacy.max_epsilon 1.0 is too small for even one step")

@@ -168,8 +168,11 @@ def test_machine_speed_is_measured_once_and_only_where_it_sizes_a_budget(monkeyp
     import torch
 
     import dplm.train
+    from dplm.model import smollm2_dir
 
+    converted = smollm2_dir()  # the converted model, shared: a fresh cache would convert the GGUF again (~40 s)
     monkeypatch.setenv("DPLM_CACHE", str(tmp_path))
+    (tmp_path / converted.name).symlink_to(converted)
     calls = []
     monkeypatch.setattr(dplm.train, "measure_speed", lambda model, tokens, micro, device, dp:
                         calls.append((tokens, micro, dp)) or (50.0 if dp else 200.0))

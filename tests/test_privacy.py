@@ -36,6 +36,24 @@ def test_epsilon_matches_independent_accountant(noise, sample_rate, steps, delta
     assert budget.record()["steps"] == steps
 
 
+def test_rdp_accountant_gives_opacus_own_epsilons():
+    """The RDP accountant (one step's RDP computed once per noise and rate) returns exactly
+    what Opacus' own RDPAccountant computes, for mixed histories (statistics rounds at rate 1
+    before DP-SGD steps) and after every step."""
+    from dplm.privacy import make_accountant
+
+    for history in ([(1.5, 256 / 39074, 306)], [(10.0, 1.0, 1), (10.0, 1.0, 1), (0.8, 0.01, 50)],
+                    [(3.0, 0.2, 7), (1.1, 0.003, 2000)]):
+        ours, theirs = make_accountant("rdp"), RDPAccountant()
+        ours.history, theirs.history = list(history), list(history)
+        for delta in (1e-5, 1e-3):
+            assert ours.get_epsilon(delta) == theirs.get_epsilon(delta)
+        for _ in range(3):
+            ours.step(noise_multiplier=0.9, sample_rate=0.05)
+            theirs.step(noise_multiplier=0.9, sample_rate=0.05)
+            assert ours.get_epsilon(1e-5) == theirs.get_epsilon(1e-5)
+
+
 def test_known_value_from_environment_notes():
     # ../shared/ENVIRONMENT.md: noise 1.5, q = 256/39074, 306 steps, delta 1e-5 -> RDP 0.450.
     budget = PrivacyBudget("rdp", 1.5, 256 / 39074, 1e-5)

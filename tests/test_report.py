@@ -36,8 +36,8 @@ def share_of_color(pixels, rgb, tolerance=12) -> float:
 
 def test_report_renders_in_a_real_browser(tmp_path, census):
     order = np.random.default_rng(1).permutation(len(census))
-    train, holdout = census.iloc[order[:3000]], census.iloc[order[3000:3600]]
-    synthetic = shuffled(census.iloc[order[3600:4200]])
+    train, holdout = census.iloc[order[:2000]], census.iloc[order[2000:2300]]
+    synthetic = shuffled(census.iloc[order[2300:2600]])
     log = [{"step": s, "loss": 3 - s / 10, "epsilon": 0.1 * s} for s in range(1, 11)]
     html_path, json_path = write_report(train, holdout, synthetic, tmp_path, target="income",
                                         run_info={"summary": {"epsilon": 1.0, "steps": 10}, "log": log})

@@ -68,8 +68,8 @@ def test_fit_sample_save_load_sample(dp, value_tokens, tmp_path, census):
 
 def test_random_column_orders_train_and_sample_valid_rows(tmp_path, census):
     """`model.column_order: random`: each training row in its own order (reproducible from
-    train.seed), rows sampled in the schema's order, all valid; a column that is not in value
-    tokens is a one-line error."""
+    train.seed), rows sampled in the schema's order, all valid, given columns written first; a
+    column that is not in value tokens is a one-line error."""
     config = tiny_config(False, tmp_path)
     config.model.column_order, config.model.value_tokens = "random", True
     synth = dplm.fit(census, config, progress=False)
@@ -78,6 +78,15 @@ def test_random_column_orders_train_and_sample_valid_rows(tmp_path, census):
     assert rows.shape == (12, 15)
     for col in synth.schema.columns:
         assert all(value_fits(col, v) for v in rows[col.name]), col.name
+    # Given columns are written first (the model has seen every order): kept exactly, the rest valid.
+    given = census[["income", "sex"]].iloc[:6].reset_index(drop=True)
+    completed = synth.sample(seed=5, progress=False, given=given)
+    assert list(completed.columns) == list(census.columns) and len(completed) == 6
+    assert completed["income"].tolist() == given["income"].tolist()
+    assert completed["sex"].tolist() == given["sex"].tolist()
+    for col in synth.schema.columns:
+        assert all(value_fits(col, v) for v in completed[col.name]), col.name
+    assert synth.codec.schema.names == list(census.columns)  # the model's own codec is unchanged
     config.model.value_tokens = False
     with pytest.raises(dplm.DplmError, match="column_order: random needs every column in value tokens"):
         dplm.fit(census, config, progress=False)
