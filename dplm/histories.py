@@ -449,11 +449,14 @@ LENGTH_TOLERANCE = 0.05  # calibrated sampling holds histories to drawn lengths 
 def rows_gap(drawn: Histories, key: str, counts, cap: int) -> float:
     """Total-variation distance between the rows bins of the `drawn` subjects and those of
     `counts` (`subject_counts`, folded at `cap`; negative noisy counts as 0): how far a
-    model's own history lengths are from the counts. Post-processing: no epsilon."""
+    model's own history lengths are from the counts (0 for empty counts: nothing to hold them
+    to). Post-processing: no epsilon."""
     target = rows_counts(counts, cap)
+    if target.sum() <= 0:
+        return 0.0
     rows = subject_rows(drawn, key)[1]
     share = np.bincount(np.minimum(length_bins(rows), len(target) - 1), minlength=len(target)) / max(1, len(rows))
-    return float(0.5 * np.abs(share - target / max(target.sum(), 1e-12)).sum())
+    return float(0.5 * np.abs(share - target / target.sum()).sum())
 
 
 def drawn_lengths(counts, cap: int, min_rows: int, n: int, rng) -> np.ndarray | None:

@@ -38,6 +38,12 @@ def rdp_accountant():
     Opacus computes it again for every epsilon asked (a run asks before every step) and then
     multiplies it by the steps; here the same product of the same numbers (identical epsilons),
     without the repeats, which were most of a small DP run's time."""
+    return _cached_rdp_class()()
+
+
+@functools.cache
+def _cached_rdp_class():
+    """The accountant class of `rdp_accountant`, defined once (Opacus is imported on first use)."""
     from opacus.accountants import RDPAccountant
     from opacus.accountants.analysis import rdp as analysis
 
@@ -50,7 +56,7 @@ def rdp_accountant():
             epsilon, best_alpha = analysis.get_privacy_spent(orders=list(alphas), rdp=rdp, delta=delta)
             return float(epsilon), float(best_alpha)
 
-    return CachedRDPAccountant()
+    return CachedRDPAccountant
 
 
 @functools.lru_cache(maxsize=1024)

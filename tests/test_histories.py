@@ -218,6 +218,7 @@ def test_rows_gap_by_hand():
     drawn = Histories(pd.DataFrame({"k": [1, 2, 3, 4]}), pd.DataFrame({"k": [1, 2, 3, 3, 4, 4, 4]}))
     # drawn: 1, 1, 2, 3 rows (shares 0.5, 0.25, 0.25 in bins 0, 1, 2); counts 0.6, 0.3, 0 and 0.1 in bin 7
     assert rows_gap(drawn, "k", counts, cap=9) == pytest.approx(0.5 * (0.1 + 0.05 + 0.25 + 0.1))
+    assert rows_gap(drawn, "k", counts * 0 - 1, cap=9) == 0.0  # empty (noisy) counts: no draw again
 
 
 def test_subject_counts_per_rows_and_span():
