@@ -78,7 +78,7 @@ def history_losses(synth, events: pd.DataFrame, key: str, batch_size: int = 16) 
     encoded = []
     for _, rows in typed.groupby(events[key].to_numpy(), sort=False):
         rows = rows.sort_values(order, kind="stable") if order else rows
-        subject = rows.iloc[0][codec.subject_schema.names].to_dict() if codec.fields else {}
+        subject = rows.iloc[0][codec.subject_schema.names].to_dict() if codec.subject_schema.names else {}
         encoded.append((codec.encode(subject, rows.iloc[: codec.max_rows]), None))
     return sequence_losses(synth, encoded, batch_size)
 

@@ -3,22 +3,27 @@
 With `data.subject` (and `data.mode: histories`, the default), each training unit is one subject
 (a person) and its rows, in `data.order_by` order (default: the table's), are one sequence:
 
-    BOS  s1 s2 ... sk  ROW e1 e2 ... em  ROW e1 e2 ... em  ...  EOS
+    BOS  s1 s2 ... sk  n  ROW(n) e1 ... em  ROW(n-1) e1 ... em  ...  ROW(1) e1 ... em  EOS
 
 `s1..sk` are the subject's own columns (a subject table's, written once, first: they condition
-the rows), each `ROW` token starts an event row, and EOS ends the history: the model writes how
-many rows a subject has, and each row knowing the ones before it. The fields are those of
-`serialize.RowCodec` (value tokens, place tokens, separators after fields that do not
-end by themselves; the last field of a row ends at the next ROW or EOS). The `order_by`
-column is written as its first value and then, in later rows, the gap since the row before
-(a number >= 0, in the column's scaled integers: days for dates), so histories come out in
-order; decoding adds the gaps up, and a history ends before its first row past the column's max,
-as real histories end where the data's window does (clipping piled rows up at the max; drawing such
-histories again kept only the short ones). A history holds at most
-`max_rows` rows (longer ones are cut at training, and counted) and at least `min_rows`.
+the rows), `n` is the number of rows (the length field, a value of its own), and each `ROW(k)`
+token starts an event row with k rows left, itself included. The model writes how many rows a
+subject has before writing them (one token, learned as a column's values are, where ending a
+history row by row had to be learned as a count), and each row knowing the ones before it and
+how many are left; the grammar writes the row tokens and EOS (after exactly n rows), so they
+cost nothing to learn. (The reference engine gives its rows the same: the sequence length
+first, then each row's index and the rows left.) The fields are those of `serialize.RowCodec`
+(value tokens, place tokens, separators after fields that do not end by themselves; the last
+field of a row ends at the next ROW or EOS). The `order_by` column is written as its first
+value and then, in later rows, the gap since the row before (a number >= 0, in the column's
+scaled integers: days for dates), so histories come out in order; decoding adds the gaps up,
+and a history ends before its first row past the column's max, as real histories end where
+the data's window does (clipping piled rows up at the max; drawing such histories again kept
+only the short ones). A history holds at most `max_rows` rows (longer ones are cut at
+training, and counted) and at least `min_rows`.
 
 The grammar is the codec's automaton (`start_state`, `allowed`, `next_state`, ...), which
-`sample.CompiledGrammar` compiles as it does a row's; the row count is part of the state.
+`sample.CompiledGrammar` compiles as it does a row's; the rows left are part of the state.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ from dplm.errors import DplmError
 from dplm.schema import Column, Schema
 from dplm.serialize import ParseError, RowCodec, from_scaled, scaled_bounds, to_scaled
 
-ROW_TOKEN = "<|row|>"
+ROW_TOKENS = 256  # row tokens: <|row:k|> starts a row with k rows left (itself included), k capped here
+LENGTH = "(rows)"  # the length field's column: how many rows the history has, written before them
 
 
 def gap_column(col: Column) -> Column:
@@ -53,16 +59,21 @@ class HistoryCodec:
         self.order_by = order_by
         self.max_rows, self.min_rows = max_rows, min_rows
         gap = [gap_column(event_schema[order_by])] if order_by else []
-        fields_schema = Schema([*self.subject_schema.columns, *event_schema.columns, *gap])
+        length = Column(name=LENGTH, kind="integer", min=min_rows, max=max_rows)
+        fields_schema = Schema([*self.subject_schema.columns, *event_schema.columns, *gap, length])
         from tokenizers import AddedToken
 
-        tokenizer.add_tokens([AddedToken(ROW_TOKEN, special=True, normalized=False)], special_tokens=True)
+        row_tokens = [f"<|row:{k}|>" for k in range(1, min(max_rows, ROW_TOKENS) + 1)]
+        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in row_tokens], special_tokens=True)
         self.rows_codec = RowCodec(fields_schema, tokenizer, value_tokens)  # the fields' token machinery
         self.tokenizer = tokenizer
         self.bos_id, self.eos_id, self.sep_id = self.rows_codec.bos_id, self.rows_codec.eos_id, self.rows_codec.sep_id
-        self.row_id = tokenizer.convert_tokens_to_ids(ROW_TOKEN)
+        self.row_ids = tokenizer.convert_tokens_to_ids(row_tokens)
+        self._row_set = set(self.row_ids)
         by_name = {f.col.name: f for f in self.rows_codec.fields}
-        self.fields = [by_name[n] for n in self.subject_schema.names]  # the subject's (GivenValues' columns)
+        self.length_field = by_name[LENGTH]
+        # What comes before the rows: the subject's fields, then the length (GivenValues' columns).
+        self.fields = [*(by_name[n] for n in self.subject_schema.names), self.length_field]
         self.first_row = [by_name[n] for n in event_schema.names]
         self.later_rows = [by_name[f"{n}+" if n == order_by else n] for n in event_schema.names]
         # Every column (the subject's, then the rows'): what the run's schema.yaml holds.
@@ -89,13 +100,14 @@ class HistoryCodec:
     # ---- the fields' tokens -------------------------------------------------------------
 
     def value_token_texts(self) -> dict[int, list[int]]:
-        """Where each added token's embedding starts: the fields' value tokens, and the row token
-        at a newline's (left to the resize it would start random, so a loaded or resumed run
-        would read every row token differently from the model that trained on it)."""
-        return {**self.rows_codec.value_token_texts(), self.row_id: self.rows_codec.tokenize("\n")}
+        """Where each added token's embedding starts: the fields' value tokens, and each row
+        token at a newline's and its count's (left to the resize they would start random, so a
+        loaded or resumed run would read them differently from the model that trained on them)."""
+        rows = {token: self.rows_codec.tokenize(f"\n{k}") for k, token in enumerate(self.row_ids, start=1)}
+        return {**self.rows_codec.value_token_texts(), **rows}
 
     def output_token_ids(self) -> list[int]:
-        return sorted(set(self.rows_codec.output_token_ids()) | {self.row_id})
+        return sorted(set(self.rows_codec.output_token_ids()) | self._row_set)
 
     def values_cut(self) -> dict[str, int]:
         """Text values cut at their column's `max_tokens` (`RowCodec.values_cut`)."""
@@ -104,24 +116,34 @@ class HistoryCodec:
     def text(self, ids: list[int]) -> str:
         return self.rows_codec.text(ids)
 
-    def row_fields(self, r: int) -> list:
-        return self.first_row if r == 0 else self.later_rows
+    def row_fields(self, first: bool) -> list:
+        return self.first_row if first else self.later_rows
+
+    def row_token(self, left: int) -> int:
+        """The token that starts a row with `left` rows left, itself included."""
+        return self.row_ids[min(left, len(self.row_ids)) - 1]
+
+    def rows_written(self, ids: list[int]) -> int:
+        """The rows a token sequence starts (its row tokens)."""
+        return sum(t in self._row_set for t in ids)
 
     def ending(self, j: int) -> list[int]:
-        """The token after subject field j: the separator unless the field ends by itself."""
+        """The token after field j before the rows: the separator unless the field ends by itself."""
         return [] if self.fields[j].self_delimiting else [self.sep_id]
 
     # ---- encoding -------------------------------------------------------------------------
 
     def encode(self, subject: dict, rows: pd.DataFrame) -> list[int]:
         """One subject's values and its rows (in order, at most `max_rows`) -> token ids."""
+        rows = rows.iloc[: self.max_rows]
+        values = {**subject, LENGTH: len(rows)}
         ids = [self.bos_id]
         for j, field in enumerate(self.fields):
-            ids += field.encode(subject[field.col.name]) + self.ending(j)
+            ids += field.encode(values[field.col.name]) + self.ending(j)
         previous = None
         for r, row in enumerate(rows[self.event_schema.names].itertuples(index=False, name=None)):
-            ids.append(self.row_id)
-            fields = self.row_fields(r)
+            ids.append(self.row_token(len(rows) - r))
+            fields = self.row_fields(r == 0)
             for j, (field, value) in enumerate(zip(fields, row)):
                 if self.order_by and field.col.name == f"{self.order_by}+":
                     col = self.event_schema[self.order_by]
@@ -134,57 +156,61 @@ class HistoryCodec:
         return ids + [self.eos_id]
 
     # ---- the grammar -----------------------------------------------------------------------
-    # States: ("s", j, inner) in subject field j; ("b", r) after r rows; ("e", r, j, inner) in
-    # field j of row r; None once the history has ended.
+    # States: ("s", j, inner, ids) in field j before the rows (ids: its tokens so far, kept for the
+    # length); ("b", first, left) before a row, `left` rows to go; ("e", first, left, j, inner) in
+    # field j of a row; None once the history has ended. The length fixes the rows: the model
+    # writes it, the grammar then writes each row's token and ends the history after its rows.
 
     def start_state(self):
-        return ("s", 0, self.fields[0].start()) if self.fields else ("b", 0)
+        return ("s", 0, self.fields[0].start(), ())
 
-    def _boundary(self, r: int) -> list[int]:
-        """What may follow r complete rows: another row (below the cap), the end (from min_rows)."""
-        return ([self.row_id] if r < self.max_rows else []) + ([self.eos_id] if r >= self.min_rows else [])
+    def _boundary(self, left: int) -> list[int]:
+        """What may follow a complete row (or the length) with `left` rows to go."""
+        return [self.row_token(left)] if left else [self.eos_id]
 
     def allowed(self, state) -> list[int]:
         if state is None:
             return [self.eos_id]
         if state[0] == "b":
-            return self._boundary(state[1])
+            return self._boundary(state[2])
         if state[0] == "s":
-            _, j, inner = state
+            _, j, inner, _ = state
             field = self.fields[j]
             ids, can_end = field.next_tokens(inner)
             return list(ids) + ([self.sep_id] if can_end and not field.self_delimiting else [])
-        _, r, j, inner = state
-        fields = self.row_fields(r)
+        _, first, left, j, inner = state
+        fields = self.row_fields(first)
         ids, can_end = fields[j].next_tokens(inner)
         if not can_end or fields[j].self_delimiting:
             return list(ids)
-        return list(ids) + ([self.sep_id] if j < len(fields) - 1 else self._boundary(r + 1))
+        return list(ids) + ([self.sep_id] if j < len(fields) - 1 else self._boundary(left - 1))
 
     def next_state(self, state, token: int):
         if state is None or token == self.eos_id:
             return None
         if state[0] == "b":
-            return ("e", state[1], 0, self.row_fields(state[1])[0].start())  # the ROW token
+            return ("e", state[1], state[2], 0, self.row_fields(state[1])[0].start())  # the row token
         if state[0] == "s":
-            _, j, inner = state
+            _, j, inner, ids = state
             field = self.fields[j]
             if not (token == self.sep_id and not field.self_delimiting):
-                inner = field.advance(inner, token)
+                inner, ids = field.advance(inner, token), ids + (token,)
                 if not (field.self_delimiting and field.complete(inner)):
-                    return ("s", j, inner)
-            return ("s", j + 1, self.fields[j + 1].start()) if j + 1 < len(self.fields) else ("b", 0)
-        _, r, j, inner = state
-        fields = self.row_fields(r)
+                    return ("s", j, inner, ids)
+            if j + 1 < len(self.fields):
+                return ("s", j + 1, self.fields[j + 1].start(), ())
+            return ("b", True, self.length_field.parse(list(ids)))
+        _, first, left, j, inner = state
+        fields = self.row_fields(first)
         field = fields[j]
         last = j == len(fields) - 1
-        if last and not field.self_delimiting and token == self.row_id:
-            return self.next_state(("b", r + 1), token)
+        if last and not field.self_delimiting and token in self._row_set:
+            return self.next_state(("b", False, left - 1), token)
         if not (token == self.sep_id and not field.self_delimiting):
             inner = field.advance(inner, token)
             if not (field.self_delimiting and field.complete(inner)):
-                return ("e", r, j, inner)
-        return ("b", r + 1) if last else ("e", r, j + 1, fields[j + 1].start())
+                return ("e", first, left, j, inner)
+        return ("b", False, left - 1) if last else ("e", first, left, j + 1, fields[j + 1].start())
 
     def state_key(self, state):
         return self._key(state, "state_key")
@@ -193,23 +219,26 @@ class HistoryCodec:
         return self._key(state, "mask_key")
 
     def _key(self, state, method: str):
-        """A hashable key of `state`, its field's part from that field's `method` (state_key or mask_key)."""
+        """A hashable key of `state`, its field's part from that field's `method` (state_key or
+        mask_key); the length field's tokens so far in full (they decide the rows to come)."""
         if state is None or state[0] == "b":
             return state or "done"
         if state[0] == "s":
-            return ("s", state[1], getattr(self.fields[state[1]], method)(state[2]))
-        return ("e", state[1], state[2], getattr(self.row_fields(state[1])[state[2]], method)(state[3]))
+            _, j, inner, ids = state
+            return ("s", j, ids) if j == len(self.fields) - 1 else ("s", j, getattr(self.fields[j], method)(inner))
+        _, first, left, j, inner = state
+        return ("e", first, left, j, getattr(self.row_fields(first)[j], method)(inner))
 
     def column_of(self, state) -> int:
-        """The subject field a state is in (their number once past them): GivenValues' columns."""
+        """The field before the rows a state is in (their number once past them): GivenValues' columns."""
         return state[1] if state is not None and state[0] == "s" else len(self.fields)
 
     def max_tokens(self) -> int:
         """An upper bound on the tokens of one history after BOS."""
-        subject = sum(f.max_value_tokens() + 1 for f in self.fields)
+        before = sum(f.max_value_tokens() + 1 for f in self.fields)
         row = 1 + sum(max(a.max_value_tokens(), b.max_value_tokens()) + 1
                       for a, b in zip(self.first_row, self.later_rows))
-        return subject + self.max_rows * row + 1
+        return before + self.max_rows * row + 1
 
     # ---- decoding ----------------------------------------------------------------------------
 
@@ -222,17 +251,17 @@ class HistoryCodec:
         for token in ids:
             if token not in self.allowed(state):
                 raise ParseError("history breaks its grammar")
-            count += token == self.row_id
-            place = (("s", state[1]) if state[0] == "s" else ("e", state[1], state[2]) if state[0] == "e" else None)
-            if place is not None and token not in (self.sep_id, self.row_id, self.eos_id):
+            count += token in self._row_set
+            place = (("s", state[1]) if state[0] == "s" else ("e", count - 1, state[3]) if state[0] == "e" else None)
+            if place is not None and token not in (self.sep_id, self.eos_id) and token not in self._row_set:
                 spans.setdefault(place, []).append(token)
             state = self.next_state(state, token)
             if state is None:
                 break
         if state is not None:
             raise ParseError("history has no end token")
-        subject = {f.col.name: f.parse(spans.get(("s", j), [])) for j, f in enumerate(self.fields)}
-        rows = [{f.col.name: f.parse(spans.get(("e", r, j), [])) for j, f in enumerate(self.row_fields(r))}
+        subject = {f.col.name: f.parse(spans.get(("s", j), [])) for j, f in enumerate(self.fields[:-1])}
+        rows = [{f.col.name: f.parse(spans.get(("e", r, j), [])) for j, f in enumerate(self.row_fields(r == 0))}
                 for r in range(count)]
         return subject, self._ordered(rows)
 
@@ -463,7 +492,7 @@ def drawn_lengths(counts, cap: int, min_rows: int, n: int, rng) -> np.ndarray | 
     """The rows of each of `n` subjects to draw: a rows bin drawn from the rows per subject of
     `counts` (`subject_counts`, folded at `cap`; negative noisy counts as 0), then a count
     within the bin, uniformly (within [min_rows, cap]), for calibrated sampling to hold each
-    history to (`HistoryLengths`); None where the counts are empty. Post-processing of the
+    history to (`sample_histories`' `lengths`); None where the counts are empty. Post-processing of the
     counts: no epsilon."""
     target = rows_counts(counts, cap)
     if target.sum() <= 0:
@@ -472,41 +501,6 @@ def drawn_lengths(counts, cap: int, min_rows: int, n: int, rng) -> np.ndarray | 
     least = np.where(bins == 0, min_rows, LENGTH_EDGES[bins])
     most = np.maximum(least, np.minimum(LENGTH_EDGES[bins + 1] - 1, cap))
     return np.minimum(rng.integers(least, most + 1), cap)
-
-
-class HistoryLengths:
-    """The rows each history being drawn must have (`drawn_lengths`), for
-    `sample.generate_sequences`: EOS is masked while a history has fewer, the ROW token once it
-    has them; the grammar does the rest (the model writes every row's values)."""
-
-    def __init__(self, codec: HistoryCodec, grammar, rows):
-        import torch
-
-        self.row_id = codec.row_id
-        self.row, self.eos = grammar.position[codec.row_id], grammar.position[codec.eos_id]
-        self.rows = torch.as_tensor(rows, device=grammar.device)
-        self.written = torch.zeros_like(self.rows)
-
-    def select(self, subjects) -> HistoryLengths:
-        """The same for these subjects (a batch, one sequence each), no rows written yet."""
-        import copy
-
-        part = copy.copy(self)
-        part.rows = self.rows[subjects]
-        part.written = part.rows.new_zeros(part.rows.shape)
-        return part
-
-    def mask(self, logits, batch):
-        """`logits` of the sequences `batch` (indexes into the selection) with EOS masked before
-        their rows, ROW once they have them."""
-        written, rows = self.written[batch], self.rows[batch]
-        logits[:, self.eos] = logits[:, self.eos].masked_fill(written < rows, float("-inf"))
-        logits[:, self.row] = logits[:, self.row].masked_fill(written >= rows, float("-inf"))
-        return logits
-
-    def advance(self, batch, tokens) -> None:
-        """Count the rows the sequences `batch` start with `tokens`."""
-        self.written[batch] += tokens == self.row_id
 
 
 HISTORY_PLAN_ROWS = 4  # under DP a subject counts as this many rows in the plan (public)
@@ -686,7 +680,8 @@ def sample_histories(model, codec: HistoryCodec, num: int, key: str, batch_size:
     values they keep), each a whole history drawn under the codec's grammar, as `Histories`
     with fresh keys 1..num, plus the `SampleStats`. `keep(events) -> bool mask` (the table's
     rules): a subject with a row it refuses is drawn again, as one that does not parse is.
-    `lengths` (`drawn_lengths`: each subject's rows) holds each history to them."""
+    `lengths` (`drawn_lengths`: each subject's rows) are given as the length field's values:
+    each history then has those rows."""
     import time
 
     import torch
@@ -699,13 +694,14 @@ def sample_histories(model, codec: HistoryCodec, num: int, key: str, batch_size:
     grammar = row_grammar(codec, output_token_ids(model), device)
     generator = torch.Generator(device=device).manual_seed(seed)
     model.eval()
-    values = limits = None
-    if lengths is not None:
-        limits = HistoryLengths(codec, grammar, lengths)
+    values = None
     if given is not None:
         given = check_given(given, codec.subject_schema)
-        values = GivenValues(codec, grammar, given, 1)
         num = len(given)
+    if lengths is not None:
+        given = (given if given is not None else pd.DataFrame(index=range(num))).assign(**{LENGTH: lengths})
+    if given is not None:
+        values = GivenValues(codec, grammar, given, 1)
     drawn: list = [None] * num
     pending, generated, start = list(range(num)), 0, time.perf_counter()
     bar = tqdm(total=num, disable=not progress, unit="subject", desc="sampling", dynamic_ncols=True)
@@ -713,11 +709,8 @@ def sample_histories(model, codec: HistoryCodec, num: int, key: str, batch_size:
         if generated >= 10 * num + 10 * batch_size:
             raise RuntimeError(f"only {num - len(pending)} of {num} subjects were valid after generating {generated}")
         batch, pending = pending[:batch_size], pending[batch_size:]
-        index = torch.tensor(batch, device=device)
-        part = values.select(index) if values is not None else None
-        held = limits.select(index) if limits is not None else None
-        for i, ids in zip(batch, generate_sequences(model, grammar, len(batch), temperature, generator, device, part,
-                                                    held)):
+        part = values.select(torch.tensor(batch, device=device)) if values is not None else None
+        for i, ids in zip(batch, generate_sequences(model, grammar, len(batch), temperature, generator, device, part)):
             generated += 1
             try:
                 subject, rows = codec.decode(ids)
@@ -725,7 +718,7 @@ def sample_histories(model, codec: HistoryCodec, num: int, key: str, batch_size:
                 pending.append(i)
                 continue
             if given is not None:
-                subject.update(given.iloc[i].to_dict())
+                subject.update(given.iloc[i].drop(LENGTH, errors="ignore").to_dict())
             if keep is not None and rows and not keep(to_frame(rows, codec.event_schema, order=False)).all():
                 pending.append(i)
                 continue

@@ -247,7 +247,7 @@ class GivenValues:
     The kept particle's remaining columns are then written as usual."""
 
     def __init__(self, codec: RowCodec, grammar, given: pd.DataFrame, candidates: int):
-        fields, n = codec.fields, len(codec.fields)  # the columns that may be given (a history's: the subject's)
+        fields, n = codec.fields, len(codec.fields)  # the columns that may be given (a history's: before its rows)
         names = [f.col.name for f in fields]
         index = [names.index(c) for c in given.columns]
         written = {}
@@ -292,14 +292,11 @@ class GivenValues:
 
 @torch.no_grad()
 def generate_sequences(model, grammar: CompiledGrammar | LazyGrammar, num: int, temperature: float,
-                       generator: torch.Generator, device, given: GivenValues | None = None,
-                       lengths=None) -> list[list[int]]:
+                       generator: torch.Generator, device, given: GivenValues | None = None) -> list[list[int]]:
     """`num` token sequences (BOS ... EOS) sampled under the grammar, one batch, KV-cached.
     `generator` lives on `device`. Rows that have ended leave the batch (with their cache
     rows), so the model computes only rows still being written. With `given` (for `num` given
-    rows) the given values are kept and the rest drawn conditionally (see `GivenValues`); with
-    `lengths` (histories, one particle per sequence: `histories.HistoryLengths`) each history
-    writes exactly its rows."""
+    rows) the given values are kept and the rest drawn conditionally (see `GivenValues`)."""
     codec = grammar.codec
     max_tokens = grammar.max_row_tokens()
     particles = num * (given.candidates if given else 1)
@@ -322,14 +319,10 @@ def generate_sequences(model, grammar: CompiledGrammar | LazyGrammar, num: int, 
         if given:
             logits, log_prob = given.force(logits, rows, column, offset)
             log_weight[rows] += log_prob
-        if lengths is not None:
-            logits = lengths.mask(logits, rows)
         positions = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).flatten()
         forbidden += (~allowed.gather(1, positions[:, None])).sum()
         tokens = grammar.token_ids[positions][:, None]
         out[rows, step + 1] = tokens[:, 0]
-        if lengths is not None:
-            lengths.advance(rows, tokens[:, 0])
         states = grammar.advance(states, positions)
         if given:  # tokens written so far in each row's current column
             column, previous = grammar.columns(states), column

@@ -430,7 +430,7 @@ def mean_loss(model, rows: list[int], sequences, pad_id: int, micro_batch_size: 
         chunk = [g[0] for g in groups]
         ids, mask = pad_batch([sequences[r] for r in chunk], pad_id, device)
         allowed = masks.of(chunk, ids.shape[1], device) if masks else None
-        with models.training_attention(device):
+        with models.training_attention(device, ids.shape[1]):
             total += float(row_losses(model, ids, mask, target_index, allowed, unit_tokens=unit_tokens).sum())
     return total / max(1, len(rows))
 
@@ -495,7 +495,7 @@ def _logical_step(model, optimizer, groups, batch_rows, sequences, pad_id, micro
         rows = [r for group in chunk for r in group]
         ids, mask = pad_batch([sequences[r] for r in rows], pad_id, device)
         allowed = masks.of(rows, ids.shape[1], device) if masks else None
-        with models.training_attention(device):
+        with models.training_attention(device, ids.shape[1]):
             losses = row_losses(model, ids, mask, target_index, allowed, unit_tokens=unit_tokens)
         total += float(losses.detach().sum())
         if dp:

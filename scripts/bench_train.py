@@ -75,7 +75,7 @@ def print_profile(synth, rows: int) -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     for _ in range(2):  # the first pass warms up
         with profile(activities=activities) as prof:
-            with models.training_attention(synth.device):  # the attention kernel training uses
+            with models.training_attention(synth.device, ids.shape[1]):  # the attention kernel training uses
                 losses = row_losses(synth.model, ids, mask, target_index)
             losses.mean().backward()
             if torch.cuda.is_available():

@@ -8,7 +8,7 @@ import torch
 import dplm
 from dplm.config import RunConfig, from_dict
 from dplm.histories import (
-    HISTORY_PLAN_ROWS, LENGTH_EDGES, SPAN_SHARES, HistoryCodec, HistoryLengths, Histories, TrainingHistories,
+    HISTORY_PLAN_ROWS, LENGTH, LENGTH_EDGES, SPAN_SHARES, HistoryCodec, Histories, TrainingHistories,
     LENGTH_TOLERANCE, calibrated_subjects, dp_history_length, drawn_lengths, history_units, length_counts, rows_gap,
     sample_histories, span_bins, subject_counts, subject_spans,
 )
@@ -57,19 +57,24 @@ def test_histories_round_trip(cdnow, tokenizer, value_tokens):
     for unit in history_units(events, "users_id", "date")[:500]:
         rows = events.iloc[unit[:40]]
         ids = codec.encode({}, rows)
-        assert ids.count(codec.row_id) == len(rows) and ids[0] == codec.bos_id and ids[-1] == codec.eos_id
+        assert codec.rows_written(ids) == len(rows) and ids[0] == codec.bos_id and ids[-1] == codec.eos_id
+        # the length, then each row's token says the rows left: n, n - 1, ..., 1
+        assert [t for t in ids if t in codec.row_ids] == [codec.row_token(len(rows) - r) for r in range(len(rows))]
+        length = ids[1: ids.index(codec.row_ids[0] if len(rows) == 0 else codec.row_token(len(rows)))]
+        assert codec.length_field.parse(length if value_tokens else length[:-1]) == len(rows)  # digits: and a separator
         subject, decoded = codec.decode(ids)
         assert subject == {}
         pd.testing.assert_frame_equal(pd.DataFrame(decoded)[schema.names].astype(str),
                                       rows[schema.names].reset_index(drop=True).astype(str))
-    assert codec.fields == [] and codec.max_tokens() >= max(len(codec.encode({}, events.iloc[u[:40]]))
+    assert codec.fields == [codec.length_field] and codec.max_tokens() >= max(len(codec.encode({}, events.iloc[u[:40]]))
                                                           for u in history_units(events, "users_id", "date")[:500])
 
 
 @pytest.mark.parametrize("value_tokens", [True, False])
 def test_every_added_token_starts_from_a_text(value_tokens):
-    """Each token a history codec adds (the row token too) has a text its embedding starts from:
-    none is left to the resize's random init, which a loaded or resumed run would draw anew."""
+    """Each token a history codec adds (the row tokens and the length's too) has a text its
+    embedding starts from: none is left to the resize's random init, which a loaded or resumed
+    run would draw anew."""
     from dplm.model import load_tokenizer
 
     tokenizer = load_tokenizer("smollm2-135m")
@@ -79,7 +84,7 @@ def test_every_added_token_starts_from_a_text(value_tokens):
                          tokenizer, value_tokens, "day", max_rows=4)
     texts = codec.value_token_texts()
     assert len(tokenizer) > base and set(range(base, len(tokenizer))) <= set(texts)
-    assert texts[codec.row_id] == tokenizer("\n", add_special_tokens=False).input_ids
+    assert len(codec.row_ids) == 4 and texts[codec.row_token(3)] == tokenizer("\n3", add_special_tokens=False).input_ids
 
 
 def test_history_grammar_counts_rows_and_keeps_dates_in_order(tokenizer):
@@ -102,7 +107,7 @@ def test_history_grammar_counts_rows_and_keeps_dates_in_order(tokenizer):
         generator = torch.Generator().manual_seed(0)
         cut = too_short = 0
         for ids in generate_sequences(model, grammar, 40, 1.0, generator, torch.device("cpu")):
-            written = list(ids).count(codec.row_id)
+            written = codec.rows_written(ids)
             try:
                 subject, rows = codec.decode(ids)
             except ParseError as e:
@@ -176,22 +181,30 @@ def test_drawn_lengths_follow_the_rows_per_subject_counts():
     assert drawn_lengths(np.zeros((len(LENGTH_EDGES) - 1, 1)) - 1, 5, 1, 10, np.random.default_rng(0)) is None
 
 
-def test_history_lengths_hold_each_history_to_its_rows(tokenizer):
-    """Sampling with `HistoryLengths` (a random model, which mostly ends early or runs to the
-    cap): every history has exactly its rows (ROW tokens written, rows decoded)."""
+def test_given_lengths_hold_each_history_to_its_rows(tokenizer):
+    """Sampling with `lengths` (a random model, whose own lengths are anything from 1 to the
+    cap): every history has exactly its rows (row tokens written, rows decoded), the rows left
+    counting down to 1; a given subject column is kept beside them."""
     from dplm.model import load_base_model, restrict_output_vocab
 
     schema = Schema.from_dict(SHOP_SCHEMA)
-    codec = HistoryCodec(None, Schema([schema["spend"]]), tokenizer, True, None, max_rows=12)
+    codec = HistoryCodec(Schema([schema["country"]]), Schema([schema["spend"]]), tokenizer, True, None, max_rows=12)
     model = load_base_model("tiny-random", len(tokenizer))
     restrict_output_vocab(model, codec.output_token_ids())
-    grammar = CompiledGrammar.build(codec, codec.output_token_ids(), torch.device("cpu"))
     rows = np.array([1, 3, 4, 8, 12] * 8)
-    lengths = HistoryLengths(codec, grammar, rows).select(torch.arange(40))
+    out, _ = sample_histories(model, codec, 40, "k", 40, progress=False, lengths=rows,
+                              given=pd.DataFrame({"country": ["de"] * 40}))
+    assert out.events.groupby("k").size().reindex(range(1, 41)).tolist() == rows.tolist()
+    assert (out.subjects["country"] == "de").all()
+    grammar = CompiledGrammar.build(codec, codec.output_token_ids(), torch.device("cpu"))
+    from dplm.sample import GivenValues
+
+    given = GivenValues(codec, grammar, pd.DataFrame({LENGTH: rows}), 1)
     ids = generate_sequences(model, grammar, 40, 1.0, torch.Generator().manual_seed(0), torch.device("cpu"),
-                             lengths=lengths)
-    assert [seq.count(codec.row_id) for seq in ids] == rows.tolist() == lengths.written.tolist()
-    assert [len(codec.decode(seq)[1]) for seq in ids] == rows.tolist()
+                             given.select(torch.arange(40)))
+    assert [codec.rows_written(seq) for seq in ids] == rows.tolist()
+    assert [[t for t in seq if t in codec.row_ids] for seq in ids] == [
+        [codec.row_token(k) for k in range(n, 0, -1)] for n in rows]
 
 
 def test_calibrated_sampling_holds_lengths_the_model_misses(cdnow):

@@ -34,6 +34,28 @@ def test_padding_is_masked(tokenizer):
     assert together.item() == pytest.approx(single.item(), rel=1e-4)
 
 
+def test_long_sequences_train_with_the_default_attention_kernel_and_the_same_losses(tokenizer):
+    """Past `MATH_ATTENTION_TOKENS` (whole histories) training leaves the math kernel for the
+    default one; a padded batch's row losses and gradients do not depend on which."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model = tiny_lora(tokenizer)
+    generator = torch.Generator().manual_seed(0)
+    rows = [torch.randint(100, 1000, (n,), generator=generator).tolist() for n in (300, 170)]
+    ids, mask = pad_batch(rows, tokenizer.pad_token_id, "cpu")
+    results = []
+    for context in (models.training_attention(torch.device("cpu"), ids.shape[1]), sdpa_kernel(SDPBackend.MATH)):
+        model.zero_grad()
+        with context:
+            losses = row_losses(model, ids, mask)
+        losses.sum().backward()
+        results.append((losses.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(results[0][1], results[1][1]))
+    short = models.training_attention(torch.device("cpu"), models.MATH_ATTENTION_TOKENS)
+    assert type(short) is not type(models.training_attention(torch.device("cpu"), models.MATH_ATTENTION_TOKENS + 1))
+
+
 def test_restricted_head_scores_the_kept_tokens_like_the_full_head(tokenizer, sequences, census_schema):
     codec = RowCodec(census_schema, tokenizer)
     full = models.load_base_model("tiny-random", len(tokenizer))
