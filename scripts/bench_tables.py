@@ -109,6 +109,12 @@ def score(table, train, holdout, synthetic_csv: Path, out: Path) -> dict:
 
     schema = Schema.from_yaml(str(table.schema_path))
     fake = load_table(synthetic_csv, schema.names_of("categorical", "text"))
+    if table.subject:  # subject columns (data.subject_columns) are written beside, in their own table
+        from dplm.histories import subjects_path
+
+        if subjects_path(synthetic_csv).exists():
+            own = load_table(subjects_path(synthetic_csv), schema.names_of("categorical", "text"))
+            fake = fake.merge(own, on=table.subject, how="left")
     histories = None
     if table.subject:
         from dplm.histories import Histories
