@@ -413,6 +413,32 @@ def subject_counts(lengths: np.ndarray, spans: np.ndarray | None = None, width: 
     return counts
 
 
+SUM_BINS = 10  # calibrated sampling without DP: the training subjects' sums of each number column, in deciles
+
+
+def sum_bins(sums: np.ndarray, edges) -> np.ndarray:
+    """Each subject's bin of its sum over `edges` (`subject_sums`): (-inf, e0], (e0, e1], ..."""
+    return np.searchsorted(np.asarray(edges, dtype=float), sums, side="left")
+
+
+def column_sums(events: pd.DataFrame, owners: np.ndarray, subjects) -> dict[str, np.ndarray]:
+    """Each of `subjects`' sum of each column of `events` (missing values and no rows: 0), from
+    the event rows' owners."""
+    return {name: events[name].astype(float).groupby(owners).sum().reindex(subjects, fill_value=0.0).to_numpy()
+            for name in events.columns}
+
+
+def subject_sums(sums: dict[str, np.ndarray]) -> dict[str, dict]:
+    """Per column: the decile edges of the training subjects' `sums` (`column_sums`) and the
+    subjects in each bin between them (read from the data: without DP only)."""
+    out = {}
+    for name, values in sums.items():
+        edges = np.unique(np.quantile(values, np.linspace(0, 1, SUM_BINS + 1)[1:-1]))
+        out[name] = {"edges": edges.tolist(),
+                     "counts": np.bincount(sum_bins(values, edges), minlength=len(edges) + 1).tolist()}
+    return out
+
+
 def dp_history_length(lengths: np.ndarray, epsilon: float, rng) -> tuple[int, np.ndarray]:
     """(cap, noisy `length_counts`) of the rows per subject, epsilon-DP: Laplace(1/epsilon) noise
     on every count (a subject is in one bin), counts below `privacy.range_threshold` taken as
@@ -429,27 +455,31 @@ def dp_history_length(lengths: np.ndarray, epsilon: float, rng) -> tuple[int, np
 
 
 def calibrated_subjects(drawn: Histories, key: str, counts: np.ndarray, cap: int, n: int, rng,
-                        order: Column | None = None) -> Histories:
+                        order: Column | None = None, sums: dict | None = None) -> Histories:
     """`n` of the `drawn` subjects (more than `n`), chosen so that their rows per subject, and
     with more than one span bin their spans with them, come near `counts` (`subject_counts` of
     the training subjects: without DP rows x span, exact; under DP rows alone, noisy; the rows
-    bins past `cap` folded into the cap's; `order`: the ordering column): each subject weighted
-    by its cell's target share over its drawn share (within [1 / RAKING_LIMIT, RAKING_LIMIT]),
-    then drawn in proportion to the weights. Post-processing of the model and the counts: no
-    epsilon."""
-    from dplm.marginals import RAKING_LIMIT, proportional_draw, smoothed
+    bins past `cap` folded into the cap's; `order`: the ordering column), and without DP each
+    number column's sum per subject near the training subjects' deciles (`sums`:
+    `subject_sums`): raking weights (`marginals.raking_weights`), then the subjects drawn in
+    proportion to them. Post-processing of the model and the counts: no epsilon."""
+    from dplm.marginals import proportional_draw, raking_weights, smoothed
     from dplm.serialize import to_scaled_many
 
     target = folded_counts(counts, cap)
     subjects, rows = subject_rows(drawn, key)
     cells = np.minimum(length_bins(rows), len(target) - 1) * target.shape[1]
+    owners = drawn.events[key].to_numpy()
     if target.shape[1] > 1:
         lo, hi = scaled_bounds(order)
-        spans = subject_spans(drawn.events[key].to_numpy(), to_scaled_many(order, drawn.events[order.name]), subjects)
-        cells = cells + span_bins(spans, hi - lo)
-    share = np.bincount(cells, minlength=target.size) / len(cells)
-    factor = np.clip(smoothed(target.ravel(), 1.0) / np.maximum(share, 1e-12), 1 / RAKING_LIMIT, RAKING_LIMIT)
-    return drawn.subset(proportional_draw(factor[cells], n, rng), key)
+        cells = cells + span_bins(subject_spans(owners, to_scaled_many(order, drawn.events[order.name]), subjects), hi - lo)
+    margins = []
+    if sums:
+        drawn_sums = column_sums(drawn.events[list(sums)], owners, subjects)
+        margins = [(sum_bins(drawn_sums[name], s["edges"]), smoothed(np.asarray(s["counts"], dtype=float), 1.0))
+                   for name, s in sums.items()]
+    margins.append((cells, smoothed(target.ravel(), 1.0)))  # last: each pass ends on the rows (and spans)
+    return drawn.subset(proportional_draw(raking_weights(margins), n, rng), key)
 
 
 def folded_counts(counts, cap: int) -> np.ndarray:
@@ -522,6 +552,7 @@ class TrainingHistories:
         self.event_units: list[list[int]] = []
         self.cap: int | None = None
         self.counts: np.ndarray | None = None  # `subject_counts` (noisy under DP)
+        self.sums: dict | None = None  # `subject_sums` (without DP only)
         self.cut: dict[str, int] = {}
 
     @classmethod
@@ -571,19 +602,26 @@ class TrainingHistories:
                                     [n for n in schema.names if n not in given.output_order])
         return schema
 
-    def bound_length(self, max_history: int | None, metadata: dict, order: Column | None = None,
+    def bound_length(self, max_history: int | None, metadata: dict, schema: Schema | None = None,
                      epsilon: float | None = None, rng=None) -> dict:
-        """Set the history cap and the subject counts that calibrated sampling follows
-        (`calibrated_subjects`): the cap is `max_history` when given (public), else without DP the
-        longest history; the counts without DP `subject_counts` of the rows and, with an ordering
-        column `order`, the spans; under DP cap and counts (rows alone) come from
-        `dp_history_length` (`epsilon` added to the schema's metadata epsilon), and with a given
-        cap under DP there are no counts. Returns the metadata record, which holds both (a
-        resumed run restores them: `restore_length`)."""
+        """Set the history cap and what calibrated sampling follows (`calibrated_subjects`): the
+        cap is `max_history` when given (public), else without DP the longest history; without
+        DP (`schema` given) `subject_counts` of the rows and, with an ordering column, the spans,
+        and `subject_sums` of the event number columns (but the ordering one); under DP cap and
+        counts (rows alone) come from `dp_history_length` (`epsilon` added to the schema's
+        metadata epsilon), with a given cap under DP there are no counts, and no sums. Returns
+        the metadata record, which holds them (a resumed run restores them: `restore_length`)."""
+        self.sums = None
         if epsilon is None:
             self.cap = int(max_history or max(1, self.lengths.max()))
+            order = schema[self.order_by] if self.order_by else None
             self.counts = subject_counts(self.lengths, *self.spans(order)) if order is not None \
                 else subject_counts(self.lengths)
+            numbers = [schema[n] for n in self.event_columns
+                       if n != self.order_by and schema[n].kind in ("integer", "float")]
+            if numbers:
+                owners, values = self._typed_events(numbers)
+                self.sums = subject_sums(column_sums(values, owners, range(len(self.units))))
         elif max_history is not None:
             self.cap, self.counts = int(max_history), None
         else:
@@ -591,22 +629,27 @@ class TrainingHistories:
             self.counts = noisy[:, None]
             metadata = {**metadata, "epsilon": metadata["epsilon"] + epsilon,
                         "estimated": {**metadata["estimated"], "(rows per subject)": ["max_history"]}}
-        return {**metadata, "max_history": self.cap,
+        return {**metadata, "max_history": self.cap, "subject_sums": self.sums,
                 "subject_counts": None if self.counts is None else self.counts.tolist()}
 
-    def spans(self, order: Column) -> tuple[np.ndarray, int]:
-        """Each training subject's span in `order`'s scaled integers, and the column's width."""
+    def _typed_events(self, columns: list[Column]) -> tuple[np.ndarray, pd.DataFrame]:
+        """Each training event row's subject (its index in `units`), and its `columns` typed."""
         from dplm.schema import coerce_table
-        from dplm.serialize import to_scaled_many
 
         count = int(self.lengths.sum())
-        check_order_by(self.frame.iloc[:count], order.name, order.kind)
         owners = np.empty(count, dtype=np.int64)
         for s, unit in enumerate(self.units):
             owners[[i for i in unit if i < count]] = s
-        values = coerce_table(self.frame.iloc[:count][[order.name]], Schema([order]))[order.name]
+        return owners, coerce_table(self.frame.iloc[:count][[c.name for c in columns]], Schema(columns))
+
+    def spans(self, order: Column) -> tuple[np.ndarray, int]:
+        """Each training subject's span in `order`'s scaled integers, and the column's width."""
+        from dplm.serialize import to_scaled_many
+
+        check_order_by(self.frame.iloc[:int(self.lengths.sum())], order.name, order.kind)
+        owners, values = self._typed_events([order])
         lo, hi = scaled_bounds(order)
-        return subject_spans(owners, to_scaled_many(order, values), range(len(self.units))), hi - lo
+        return subject_spans(owners, to_scaled_many(order, values[order.name]), range(len(self.units))), hi - lo
 
     def plan_rows(self, dp: bool) -> float:
         """Rows a subject counts as in the training plan: under DP the public `HISTORY_PLAN_ROWS`,
@@ -614,9 +657,10 @@ class TrainingHistories:
         return HISTORY_PLAN_ROWS if dp else max(1.0, float(self.lengths.mean()))
 
     def restore_length(self, metadata: dict) -> None:
-        """The cap and counts a checkpoint's run was trained with (never drawn again)."""
+        """The cap, counts and sums a checkpoint's run was trained with (never drawn again)."""
         self.cap = metadata["max_history"]
         self.counts = None if metadata["subject_counts"] is None else np.array(metadata["subject_counts"])
+        self.sums = metadata["subject_sums"]
 
     # ---- typed tables ----------------------------------------------------------------------------
 

@@ -291,15 +291,9 @@ class Marginals:
         the columns, each factor within [1 / RAKING_LIMIT, RAKING_LIMIT]), then `n` distinct rows
         drawn with chances in proportion to their weights (`proportional_draw`). Post-processing of
         the model and the statistics: no epsilon."""
-        bins = {c.name: np.asarray(c.coarse)[c.fine_index(rows[c.name], schema[c.name])] for c in self.columns}
-        targets = {c.name: smoothed(self.coarse_one_way(c.name), self.noise["one_way"]) for c in self.columns}
-        weights = np.ones(len(rows))
-        for _ in range(RAKING_ROUNDS):
-            for name, b in bins.items():
-                share = np.bincount(b, weights=weights, minlength=len(targets[name])) / weights.sum()
-                factor = np.clip(targets[name] / np.maximum(share, 1e-12), 1 / RAKING_LIMIT, RAKING_LIMIT)
-                weights *= factor[b]
-        return rows.iloc[proportional_draw(weights, n, rng)].reset_index(drop=True)
+        margins = [(np.asarray(c.coarse)[c.fine_index(rows[c.name], schema[c.name])],
+                    smoothed(self.coarse_one_way(c.name), self.noise["one_way"])) for c in self.columns]
+        return rows.iloc[proportional_draw(raking_weights(margins), n, rng)].reset_index(drop=True)
 
     def _tree_draw(self, n: int, order: list[str], parent: dict, rng, schema: Schema) -> pd.DataFrame:
         coarse = {}
@@ -500,6 +494,18 @@ def _plugin_mi(t: np.ndarray) -> float:
     outer = np.outer(p.sum(1), p.sum(0))
     nz = p > 0
     return float((p[nz] * np.log(p[nz] / outer[nz])).sum())
+
+
+def raking_weights(margins: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """A weight per item that brings each margin's weighted shares near its target: `margins`
+    holds (each item's bin, the target shares of the bins); `RAKING_ROUNDS` passes over the
+    margins, each factor within [1 / RAKING_LIMIT, RAKING_LIMIT]."""
+    weights = np.ones(len(margins[0][0]))
+    for _ in range(RAKING_ROUNDS):
+        for bins, target in margins:
+            share = np.bincount(bins, weights=weights, minlength=len(target)) / weights.sum()
+            weights *= np.clip(target / np.maximum(share, 1e-12), 1 / RAKING_LIMIT, RAKING_LIMIT)[bins]
+    return weights
 
 
 def proportional_draw(weights: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:

@@ -156,6 +156,7 @@ class Synthesizer:
         self.rules: Rules | None = None  # pairs sampling keeps tied (marginals.Rules)
         self.pretraining: TrainResult | None = None  # the first stage on rows drawn from the statistics
         self.subject_counts: list | None = None  # histories: `histories.subject_counts` (noisy under DP)
+        self.subject_sums: dict | None = None  # histories without DP: `histories.subject_sums`
 
     @property
     def plan_record(self) -> dict | None:
@@ -231,8 +232,7 @@ class Synthesizer:
             schema = given = history.infer_schema(schema, text_lengths) if history else \
                 infer_schema(train_df, schema, text_lengths=text_lengths)
             if history:
-                metadata = history.bound_length(config.data.max_history, metadata,
-                                                schema[history.order_by] if history.order_by else None)
+                metadata = history.bound_length(config.data.max_history, metadata, schema)
         if history:  # every rank, and a resumed run: the cap and counts the metadata holds (drawn once, on rank 0)
             history.restore_length(metadata)
         if schema.output_order is None and set(train_df.columns) == set(schema.names):
@@ -298,7 +298,7 @@ class Synthesizer:
         synth.values_cut = codec.values_cut()
         if history:
             synth.values_cut = {**synth.values_cut, **history.cut}
-            synth.subject_counts = metadata["subject_counts"]
+            synth.subject_counts, synth.subject_sums = metadata["subject_counts"], metadata["subject_sums"]
         if checkpoints:
             checkpoints.run_state = {"schema": schema.to_dict(), "given_schema": given.to_dict(), "metadata": metadata,
                                      "canaries": None if canaries is None else canaries.to_dict("list"),
@@ -405,16 +405,24 @@ class Synthesizer:
             out, self.last_sample_stats = draw()
             if calibrate:
                 counts, cap = self.subject_counts, self.codec.max_rows
-                chosen = calibrated_subjects(out, key, counts, cap, num_rows, rng, self.codec.order_column())
+
+                def chosen_of(drawn_subjects, sums):
+                    return calibrated_subjects(drawn_subjects, key, counts, cap, num_rows, rng,
+                                               self.codec.order_column(), sums)
+
+                chosen = chosen_of(out, self.subject_sums)
+                if self.subject_sums and rows_gap(chosen, key, counts, cap) > LENGTH_TOLERANCE:
+                    chosen = chosen_of(out, None)  # the sums pull the rows off: rows and spans alone
                 if rows_gap(chosen, key, counts, cap) > LENGTH_TOLERANCE:
                     # The model's own lengths stay off the counts after raking (few or noisy steps):
-                    # draw again, each history held to a number of rows drawn from the counts.
+                    # draw again, each history held to a number of rows drawn from the counts (and
+                    # chosen by rows and spans alone: raking such a model's sums pulls the rows off).
                     first = self.last_sample_stats
                     out, again = draw(drawn_lengths(counts, cap, self.codec.min_rows, drawn, rng))
                     self.last_sample_stats = SampleStats(first.rows_generated + again.rows_generated,
                                                          first.rows_returned + again.rows_returned,
                                                          first.seconds + again.seconds)
-                    chosen = calibrated_subjects(out, key, counts, cap, num_rows, rng, self.codec.order_column())
+                    chosen = chosen_of(out, None)
                 out = chosen
                 self.last_sample_stats = dataclasses.replace(self.last_sample_stats, rows_kept=len(out))
             if keys is not None:  # the given subjects keep their keys
@@ -462,7 +470,7 @@ class Synthesizer:
                 synthetic.to_csv(tmp / "synthetic.csv", index=False)
             if self.is_history:
                 (tmp / "history.json").write_text(json.dumps(
-                    {**self.codec.layout(), "subject_counts": self.subject_counts}, indent=2))
+                    {**self.codec.layout(), "subject_counts": self.subject_counts, "subject_sums": self.subject_sums}, indent=2))
             if self.canaries is not None:
                 self.canaries.to_csv(tmp / "canaries.csv", index=False)
             if self.split:
@@ -510,6 +518,7 @@ class Synthesizer:
         synth = cls(config, codec, model, device)
         synth.privacy_record = json.loads((run_dir / "privacy.json").read_text())
         synth.subject_counts = layout and layout.get("subject_counts")
+        synth.subject_sums = layout and layout.get("subject_sums")
         if (run_dir / "plan.json").exists():
             synth.plan = Plan.from_dict(json.loads((run_dir / "plan.json").read_text()))
         if (run_dir / "statistics.json").exists():

@@ -10,7 +10,7 @@ from dplm.config import RunConfig, from_dict
 from dplm.histories import (
     HISTORY_PLAN_ROWS, LENGTH, LENGTH_EDGES, SPAN_SHARES, HistoryCodec, Histories, TrainingHistories,
     LENGTH_TOLERANCE, calibrated_subjects, dp_history_length, drawn_lengths, history_units, length_counts, rows_gap,
-    sample_histories, span_bins, subject_counts, subject_spans,
+    column_sums, sample_histories, span_bins, subject_counts, subject_spans, subject_sums, sum_bins,
 )
 from dplm.sample import CompiledGrammar, LazyGrammar, generate_sequences
 from dplm.schema import Column, Schema, coerce_table
@@ -266,6 +266,39 @@ def test_calibrated_subjects_follow_the_spans():
     assert 0.45 < (span == 300).mean() < 0.55 and set(span) == {1, 300}
 
 
+def test_subject_sums_by_hand():
+    """Each subject's sum of each column (missing values and no rows: 0), then the sums' decile
+    edges and the subjects per bin."""
+    events = pd.DataFrame({"a": [1.0, 2.0, np.nan, 5.0], "b": [1, 1, 1, 1]})
+    sums = column_sums(events, np.array([0, 0, 1, 3]), range(4))
+    assert sums["a"].tolist() == [3.0, 0.0, 0.0, 5.0] and sums["b"].tolist() == [2.0, 1.0, 0.0, 1.0]
+    out = subject_sums({"x": np.arange(100.0)})
+    assert out["x"]["edges"] == pytest.approx([9.9, 19.8, 29.7, 39.6, 49.5, 59.4, 69.3, 79.2, 89.1])
+    assert out["x"]["counts"] == [10] * 10
+    ties = subject_sums({"x": np.array([0.0] * 91 + [5.0] * 9)})["x"]  # nine tied deciles: one edge
+    assert ties["edges"] == [0.0] and ties["counts"] == [91, 9]
+
+
+def test_calibrated_subjects_follow_the_sums():
+    """Subjects drawn with sums leaning low (a spend of 1 to 10 a row, squared: most small) are
+    chosen so that their sums' deciles hold about a tenth each, as the training subjects'
+    (uniform sums); their rows per subject stay at the counts' (all two rows)."""
+    rng = np.random.default_rng(0)
+    keys = np.arange(1, 4001)
+    spend = (rng.integers(1, 11, size=(4000, 2)) ** 2).astype(float)
+    drawn = Histories(pd.DataFrame({"k": keys}), pd.DataFrame({"k": np.repeat(keys, 2), "spend": spend.ravel()}))
+    sums = subject_sums({"spend": rng.uniform(2, 200, 5000)})
+    counts = np.zeros((len(LENGTH_EDGES) - 1, 1))
+    counts[1] = 5000
+    out = calibrated_subjects(drawn, "k", counts, cap=5, n=1000, rng=np.random.default_rng(1), sums=sums)
+    assert (out.events.groupby("k").size() == 2).all() and len(out) == 1000
+    shares = np.bincount(sum_bins(out.events.groupby("k")["spend"].sum().to_numpy(), sums["spend"]["edges"]),
+                         minlength=10) / 1000
+    before = np.bincount(sum_bins(spend.sum(1), sums["spend"]["edges"]), minlength=10) / 4000
+    assert before[:5].sum() > 0.7 and before[-3:].sum() < 0.1  # drawn: 72 % in the lowest five deciles
+    assert np.abs(shares - 0.1).max() < 0.02
+
+
 def tiny(dp: bool, **data) -> RunConfig:
     return from_dict(RunConfig, {
         "data": {"subject": "cid", "order_by": "day", **data}, "model": {"base": "tiny-random", "lora_r": 4, "lora_alpha": 8},
@@ -294,6 +327,8 @@ def test_two_tables_fit_sample_save_load(tmp_path):
     assert layout["min_rows"] == 0 and layout["max_rows"] == 5  # the longest training history
     counts = np.array(layout["subject_counts"])  # without DP the exact counts per rows and span (no visits: first bin)
     assert counts.shape == (len(LENGTH_EDGES) - 1, len(SPAN_SHARES) + 2) and counts.sum() == 48
+    # and the deciles of each event number column's sum per customer (not the ordering column's)
+    assert list(layout["subject_sums"]) == ["spend"] and sum(layout["subject_sums"]["spend"]["counts"]) == 48
     again = dplm.load(run).sample(10, seed=1, progress=False)
     pd.testing.assert_frame_equal(out.events, again.events)
     given = pd.DataFrame({"cid": ["a", "b", "c"], "country": ["fr", "fr", "de"], "since": [2001, 2002, 2003]})
@@ -370,8 +405,8 @@ def test_resumed_dp_histories_keep_their_cap_and_counts(cdnow, tmp_path, monkeyp
     assert resumed.codec.max_rows == first.codec.max_rows and resumed.subject_counts == first.subject_counts
     assert resumed.privacy_record["metadata_epsilon"] == pytest.approx(0.2)
     lengths = cdnow.iloc[first.split["train"]].groupby("users_id").size().to_numpy()
-    assert np.shape(first.subject_counts) == (len(LENGTH_EDGES) - 1, 1)  # under DP rows alone,
-    assert np.array(first.subject_counts)[:, 0].tolist() != length_counts(lengths).tolist()  # noisy
+    assert np.shape(first.subject_counts) == (len(LENGTH_EDGES) - 1, 1) and first.subject_sums is None  # under DP
+    assert np.array(first.subject_counts)[:, 0].tolist() != length_counts(lengths).tolist()  # rows alone, noisy
     out = resumed.sample(20, seed=0, progress=False)
     assert len(out) == 20 and resumed.last_sample_stats.rows_kept == 20
     # sample.calibration 2: twice the subjects drawn (twice again where lengths are held: below)
