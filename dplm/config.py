@@ -118,8 +118,13 @@ class SampleConfig:
     given_candidates: int = 16  # particles per row when given columns follow free ones (sample.GivenValues)
     # Draw this many times the rows asked for and keep those that bring each column nearest the
     # statistics' one-way counts (marginals.calibrated; under DP the noisy ones: post-processing,
-    # no epsilon); 1: off.
-    calibration: float = 2.0
+    # no epsilon); 1: off. Default (None): 2 for rows, 4 for histories (their rows, spans and sums
+    # are kept together: baseball's totals 0.814 -> 0.880, cdnow's rows 0.986 -> 0.993 at 4).
+    calibration: float | None = None
+
+    def draws_per_unit(self, histories: bool) -> float:
+        """How many units calibrated sampling draws per unit asked for (`calibration` or its default)."""
+        return self.calibration if self.calibration is not None else 4.0 if histories else 2.0
 
 
 @dataclass
@@ -207,7 +212,7 @@ class RunConfig:
             (self.sample.num_rows >= 1 and self.sample.batch_size >= 1, "sample.num_rows and sample.batch_size must be >= 1"),
             (self.sample.temperature > 0, "sample.temperature must be > 0"),
             (self.sample.given_candidates >= 1, "sample.given_candidates must be >= 1"),
-            (self.sample.calibration >= 1, "sample.calibration must be >= 1 (1: off)"),
+            (self.sample.calibration is None or self.sample.calibration >= 1, "sample.calibration must be >= 1 (1: off)"),
             (self.audit.canaries >= 0 and self.audit.canary_repeats >= 1,
              "audit.canaries must be >= 0 and audit.canary_repeats >= 1"),
             (all(r in TRACKERS for r in t.report_to),

@@ -14,7 +14,10 @@ how many are left; the grammar writes the row tokens and EOS (after exactly n ro
 cost nothing to learn. (The reference engine gives its rows the same: the sequence length
 first, then each row's index and the rows left.) The fields are those of `serialize.RowCodec`
 (value tokens, place tokens, separators after fields that do not end by themselves; the last
-field of a row ends at the next ROW or EOS). The `order_by` column is written as its first
+field of a row ends at the next ROW or EOS). In later rows a categorical column that keeps the
+row before's value is written as its own "same" token (`SameValue`: a player's team from one
+season to the next), one token learned in a few steps where copying which of a hundred teams came
+before takes many. The `order_by` column is written as its first
 value and then, in later rows, the gap since the row before (a number >= 0, in the column's
 scaled integers: days for dates), so histories come out in order; decoding adds the gaps up,
 and a history ends before its first row past the column's max, as real histories end where
@@ -41,6 +44,9 @@ ROW_TOKENS = 256  # row tokens: <|row:k|> starts a row with k rows left (itself 
 LENGTH = "(rows)"  # the length field's column: how many rows the history has, written before them
 
 
+SAME = object()  # a parsed "same" token, before decoding gives it the row before's value
+
+
 def gap_column(col: Column) -> Column:
     """The column of the gaps between consecutive values of the ordering column `col`: from 0
     to its span, in its scaled integers (days for dates)."""
@@ -53,18 +59,24 @@ class HistoryCodec:
     schema (possibly empty) and an event schema."""
 
     def __init__(self, subject_schema: Schema | None, event_schema: Schema, tokenizer, value_tokens: bool,
-                 order_by: str | None, max_rows: int, min_rows: int = 1, output_order: list[str] | None = None):
+                 order_by: str | None, max_rows: int, min_rows: int = 1, output_order: list[str] | None = None,
+                 same_columns: list[str] | None = None):
+        """`same_columns`: the event columns whose later rows may write "same" (`same_columns`;
+        a run saved before them has none)."""
         self.subject_schema = subject_schema or Schema([])
         self.event_schema = event_schema
         self.order_by = order_by
         self.max_rows, self.min_rows = max_rows, min_rows
+        self.same_columns = list(same_columns or [])
         gap = [gap_column(event_schema[order_by])] if order_by else []
         length = Column(name=LENGTH, kind="integer", min=min_rows, max=max_rows)
         fields_schema = Schema([*self.subject_schema.columns, *event_schema.columns, *gap, length])
         from tokenizers import AddedToken
 
         row_tokens = [f"<|row:{k}|>" for k in range(1, min(max_rows, ROW_TOKENS) + 1)]
-        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in row_tokens], special_tokens=True)
+        same_tokens = [f"<|{n}:same|>" for n in self.same_columns]
+        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in row_tokens + same_tokens],
+                             special_tokens=True)
         self.rows_codec = RowCodec(fields_schema, tokenizer, value_tokens)  # the fields' token machinery
         self.tokenizer = tokenizer
         self.bos_id, self.eos_id, self.sep_id = self.rows_codec.bos_id, self.rows_codec.eos_id, self.rows_codec.sep_id
@@ -75,7 +87,9 @@ class HistoryCodec:
         # What comes before the rows: the subject's fields, then the length (GivenValues' columns).
         self.fields = [*(by_name[n] for n in self.subject_schema.names), self.length_field]
         self.first_row = [by_name[n] for n in event_schema.names]
-        self.later_rows = [by_name[f"{n}+" if n == order_by else n] for n in event_schema.names]
+        same = dict(zip(self.same_columns, tokenizer.convert_tokens_to_ids(same_tokens)))
+        self.later_rows = [SameValue(by_name[n], same[n]) if n in same else by_name[f"{n}+" if n == order_by else n]
+                           for n in event_schema.names]
         # Every column (the subject's, then the rows'): what the run's schema.yaml holds.
         self.schema = Schema([*self.subject_schema.columns, *event_schema.columns])
         self.schema.output_order = output_order
@@ -87,7 +101,8 @@ class HistoryCodec:
     def layout(self) -> dict:
         """What `from_layout` needs besides the schema (saved as history.json)."""
         return {"subject_columns": self.subject_schema.names, "event_columns": self.event_schema.names,
-                "order_by": self.order_by, "max_rows": self.max_rows, "min_rows": self.min_rows}
+                "order_by": self.order_by, "max_rows": self.max_rows, "min_rows": self.min_rows,
+                "same_columns": self.same_columns}
 
     @classmethod
     def from_layout(cls, layout: dict, schema: Schema, tokenizer, value_tokens: bool) -> HistoryCodec:
@@ -95,7 +110,8 @@ class HistoryCodec:
             return Schema([schema[n] for n in names])
 
         return cls(part(layout["subject_columns"]), part(layout["event_columns"]), tokenizer, value_tokens,
-                   layout["order_by"], layout["max_rows"], layout["min_rows"], schema.output_order)
+                   layout["order_by"], layout["max_rows"], layout["min_rows"], schema.output_order,
+                   layout.get("same_columns"))
 
     # ---- the fields' tokens -------------------------------------------------------------
 
@@ -104,10 +120,13 @@ class HistoryCodec:
         token at a newline's and its count's (left to the resize they would start random, so a
         loaded or resumed run would read them differently from the model that trained on them)."""
         rows = {token: self.rows_codec.tokenize(f"\n{k}") for k, token in enumerate(self.row_ids, start=1)}
-        return {**self.rows_codec.value_token_texts(), **rows}
+        same = {f.same_id: self.rows_codec.tokenize(f"same {f.col.name}") for f in self.later_rows
+                if isinstance(f, SameValue)}
+        return {**self.rows_codec.value_token_texts(), **rows, **same}
 
     def output_token_ids(self) -> list[int]:
-        return sorted(set(self.rows_codec.output_token_ids()) | self._row_set)
+        same = {f.same_id for f in self.later_rows if isinstance(f, SameValue)}
+        return sorted(set(self.rows_codec.output_token_ids()) | self._row_set | same)
 
     def values_cut(self) -> dict[str, int]:
         """Text values cut at their column's `max_tokens` (`RowCodec.values_cut`)."""
@@ -140,7 +159,7 @@ class HistoryCodec:
         ids = [self.bos_id]
         for j, field in enumerate(self.fields):
             ids += field.encode(values[field.col.name]) + self.ending(j)
-        previous = None
+        previous, before = None, None
         for r, row in enumerate(rows[self.event_schema.names].itertuples(index=False, name=None)):
             ids.append(self.row_token(len(rows) - r))
             fields = self.row_fields(r == 0)
@@ -150,9 +169,10 @@ class HistoryCodec:
                     value, previous = to_scaled(col, value) - previous, to_scaled(col, value)
                 elif self.order_by and field.col.name == self.order_by:
                     previous = to_scaled(field.col, value)
-                ids += field.encode(value)
+                ids += field.encode(value, before[j]) if isinstance(field, SameValue) else field.encode(value)
                 if j < len(fields) - 1 and not field.self_delimiting:
                     ids.append(self.sep_id)
+            before = row
         return ids + [self.eos_id]
 
     # ---- the grammar -----------------------------------------------------------------------
@@ -263,6 +283,8 @@ class HistoryCodec:
         subject = {f.col.name: f.parse(spans.get(("s", j), [])) for j, f in enumerate(self.fields[:-1])}
         rows = [{f.col.name: f.parse(spans.get(("e", r, j), [])) for j, f in enumerate(self.row_fields(r == 0))}
                 for r in range(count)]
+        for before, row in zip(rows, rows[1:]):
+            row.update({name: before[name] for name in self.same_columns if row[name] is SAME})
         return subject, self._ordered(rows)
 
     def _ordered(self, rows: list[dict]) -> list[dict]:
@@ -281,6 +303,51 @@ class HistoryCodec:
                 return rows[:r]
             row[self.order_by] = from_scaled(col, value)
         return rows
+
+
+class SameValue:
+    """A later row's field of a one-token categorical column that may also write its "same"
+    token (`same_id`): the row before's value. Beside the column's `serialize.FieldGrammar`,
+    whose value tokens it allows too (a history's automaton needs no memory of the value)."""
+
+    self_delimiting = True
+
+    def __init__(self, field, same_id: int):
+        self.field, self.same_id, self.col = field, same_id, field.col
+
+    def encode(self, value, before) -> list[int]:
+        """The same token where `value` is the row before's (both missing included)."""
+        kept = (pd.isna(value) and pd.isna(before)) or (not pd.isna(value) and not pd.isna(before) and value == before)
+        return [self.same_id] if kept else self.field.encode(value)
+
+    def start(self):
+        return 0
+
+    def next_tokens(self, state) -> tuple[list[int], bool]:
+        return ([*self.field.next_tokens(0)[0], self.same_id], False) if state == 0 else ([], True)
+
+    def advance(self, state, token: int):
+        return 1
+
+    def complete(self, state) -> bool:
+        return state == 1
+
+    def mask_key(self, state):
+        return state
+
+    state_key = mask_key
+
+    def max_value_tokens(self) -> int:
+        return 1
+
+    def parse(self, ids: list[int]):
+        return SAME if ids == [self.same_id] else self.field.parse(ids)
+
+
+def same_columns(event_schema: Schema, value_tokens: bool) -> list[str]:
+    """The event columns whose later rows may write "same" (`SameValue`): the categorical ones,
+    one token per value (value tokens). From the schema alone: public."""
+    return [c.name for c in event_schema.columns if c.kind == "categorical"] if value_tokens else []
 
 
 def history_units(events: pd.DataFrame, subject: str, order_by: str | None) -> list[np.ndarray]:
@@ -701,8 +768,9 @@ class TrainingHistories:
 
     def codec(self, schema: Schema, tokenizer, value_tokens: bool, metadata: dict) -> HistoryCodec:
         min_rows = 0 if self.subject_columns else 1  # without a subject table every subject has a row
-        return HistoryCodec(self.subject_schema(schema), self.event_schema(schema), tokenizer, value_tokens,
-                            self.order_by, self.cap, min_rows, schema.output_order)
+        events = self.event_schema(schema)
+        return HistoryCodec(self.subject_schema(schema), events, tokenizer, value_tokens, self.order_by, self.cap,
+                            min_rows, schema.output_order, same_columns(events, value_tokens))
 
     def encode(self, codec: HistoryCodec) -> list[list[int]]:
         """Each subject's token sequence (its first `cap` rows); `cut` counts the histories cut."""

@@ -387,6 +387,7 @@ class Synthesizer:
         `histories.Histories` (the subject table and the event table, fresh keys 1..n); `given`
         then holds subject columns, one subject per given row."""
         s = self.config.sample
+        draws = s.draws_per_unit(self.is_history)
         num_rows, seed, temperature = num_rows or s.num_rows, s.seed if seed is None else seed, temperature or s.temperature
         # The table's rules, except those between given columns (their values are the user's).
         rules = self.rules.without(list(given.columns) if given is not None else []) if self.rules else None
@@ -394,8 +395,8 @@ class Synthesizer:
         if self.is_history:
             key = self.config.data.subject
             keys = given[key].tolist() if given is not None and key in given.columns else None
-            calibrate = given is None and self.subject_counts is not None and s.calibration > 1
-            drawn, rng = math.ceil(num_rows * s.calibration) if calibrate else num_rows, np.random.default_rng(seed)
+            calibrate = given is None and self.subject_counts is not None and draws > 1
+            drawn, rng = math.ceil(num_rows * draws) if calibrate else num_rows, np.random.default_rng(seed)
 
             def draw(lengths=None):
                 return sample_histories(self.model, self.codec, drawn, key, s.batch_size, temperature, seed,
@@ -428,14 +429,14 @@ class Synthesizer:
             if keys is not None:  # the given subjects keep their keys
                 out = out.with_keys(key, keys)
             return out
-        calibrate = given is None and self.marginals is not None and s.calibration > 1
+        calibrate = given is None and self.marginals is not None and draws > 1
         codec = self.codec
         if given is not None and self.config.model.column_order == "random":
             # The model has seen every order: it writes the given columns first, then draws the others.
             codec = RowCodec(ordered(self.schema, [n for n in self.schema.names if n in given.columns]),
                              self.codec.tokenizer, self.codec.value_tokens)
         df, self.last_sample_stats = sample_rows(
-            self.model, codec, math.ceil(num_rows * s.calibration) if calibrate else num_rows, s.batch_size,
+            self.model, codec, math.ceil(num_rows * draws) if calibrate else num_rows, s.batch_size,
             temperature, seed, self.device, progress, given, s.given_candidates, keep)
         if calibrate:
             df = self.marginals.calibrated(df, self.schema, num_rows, np.random.default_rng(seed))

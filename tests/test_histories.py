@@ -80,11 +80,45 @@ def test_every_added_token_starts_from_a_text(value_tokens):
     tokenizer = load_tokenizer("smollm2-135m")
     base = len(tokenizer)
     schema = Schema.from_dict(SHOP_SCHEMA)
-    codec = HistoryCodec(Schema([schema["country"], schema["since"]]), Schema([schema["day"], schema["spend"]]),
-                         tokenizer, value_tokens, "day", max_rows=4)
+    codec = HistoryCodec(Schema([schema["since"]]), Schema([schema["day"], schema["spend"], schema["country"]]),
+                         tokenizer, value_tokens, "day", max_rows=4, same_columns=["country"] if value_tokens else [])
     texts = codec.value_token_texts()
     assert len(tokenizer) > base and set(range(base, len(tokenizer))) <= set(texts)
     assert len(codec.row_ids) == 4 and texts[codec.row_token(3)] == tokenizer("\n3", add_special_tokens=False).input_ids
+
+
+def test_a_kept_category_is_written_as_same(tokenizer):
+    """In later rows a categorical value equal to the row before's (missing ones too) is its
+    column's "same" token, never in a first row; decoding gives the values back, and a random
+    model's histories decode to the row before's value wherever it wrote "same"."""
+    from dplm.histories import SAME, SameValue, same_columns
+    from dplm.model import load_base_model, restrict_output_vocab
+
+    channel = Column(name="channel", kind="categorical", categories=["web", "shop"], nullable=True)
+    events = Schema([Column(name="day", kind="integer", min=0, max=99), channel])
+    assert same_columns(events, True) == ["channel"] and same_columns(events, False) == []
+    codec = HistoryCodec(None, events, tokenizer, True, "day", max_rows=6, same_columns=["channel"])
+    same = codec.later_rows[1].same_id
+    rows = pd.DataFrame({"day": [1, 2, 4, 4, 9, 9], "channel": ["web", "web", "shop", None, None, "web"]})
+    ids = codec.encode({}, rows)
+    assert ids.count(same) == 2  # row 2 (web after web) and row 5 (missing after missing)
+    assert [ids[i + 1] == same for i, t in enumerate(ids) if t in codec.row_ids][:2] == [False, False]
+    decoded = pd.DataFrame(codec.decode(ids)[1])
+    assert decoded["channel"].tolist()[:3] == ["web", "web", "shop"] and decoded["channel"].isna().tolist()[3:5] == [True] * 2
+    assert isinstance(codec.later_rows[1], SameValue) and codec.later_rows[1].parse([same]) is SAME
+    model = load_base_model("tiny-random", len(tokenizer))
+    restrict_output_vocab(model, codec.output_token_ids())
+    grammar = CompiledGrammar.build(codec, codec.output_token_ids(), torch.device("cpu"))
+    written = 0
+    for ids in generate_sequences(model, grammar, 30, 1.0, torch.Generator().manual_seed(0), torch.device("cpu")):
+        rows = codec.decode(ids)[1]
+        marks = [ids[i + 2] == same for i, t in enumerate(ids) if t in codec.row_ids]  # row token, day, channel
+        for r, row in enumerate(rows):
+            assert row["channel"] in ("web", "shop", None)
+            if marks[r]:
+                written += 1
+                assert r > 0 and row["channel"] == rows[r - 1]["channel"]
+    assert written > 0
 
 
 def test_history_grammar_counts_rows_and_keeps_dates_in_order(tokenizer):
@@ -409,8 +443,8 @@ def test_resumed_dp_histories_keep_their_cap_and_counts(cdnow, tmp_path, monkeyp
     assert np.array(first.subject_counts)[:, 0].tolist() != length_counts(lengths).tolist()  # rows alone, noisy
     out = resumed.sample(20, seed=0, progress=False)
     assert len(out) == 20 and resumed.last_sample_stats.rows_kept == 20
-    # sample.calibration 2: twice the subjects drawn (twice again where lengths are held: below)
-    assert resumed.last_sample_stats.rows_returned in (40, 80)
+    # histories' default calibration 4: four times the subjects drawn (twice that where lengths are held)
+    assert resumed.last_sample_stats.rows_returned in (80, 160)
 
 
 def test_history_report_and_audit(tmp_path):

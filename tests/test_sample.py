@@ -301,3 +301,15 @@ def test_any_order_masks_allow_each_rows_own_order(census_schema):
             assert columns == {owner.get(token, "eos")}, (r, i)
     fixed = grammar_masks(codec, token_ids, sequences[:1], torch.device("cpu"))
     assert torch.equal(fixed.of([0], len(sequences[0]), torch.device("cpu"))[0], allowed[0])
+
+
+def test_calibration_defaults_to_two_for_rows_and_four_for_histories():
+    from dplm.config import RunConfig, SampleConfig
+    from dplm.errors import DplmError
+
+    assert SampleConfig().draws_per_unit(False) == 2.0 and SampleConfig().draws_per_unit(True) == 4.0
+    assert SampleConfig(calibration=1.0).draws_per_unit(True) == 1.0  # the user's setting wins
+    config = RunConfig()
+    config.sample.calibration = 0.5
+    with pytest.raises(DplmError, match="sample.calibration must be >= 1"):
+        config.validate()
