@@ -87,9 +87,9 @@ class HistoryCodec:
         # What comes before the rows: the subject's fields, then the length (GivenValues' columns).
         self.fields = [*(by_name[n] for n in self.subject_schema.names), self.length_field]
         self.first_row = [by_name[n] for n in event_schema.names]
-        same = dict(zip(self.same_columns, tokenizer.convert_tokens_to_ids(same_tokens)))
-        self.later_rows = [SameValue(by_name[n], same[n]) if n in same else by_name[f"{n}+" if n == order_by else n]
-                           for n in event_schema.names]
+        self.same_ids = dict(zip(self.same_columns, tokenizer.convert_tokens_to_ids(same_tokens)))
+        self.later_rows = [SameValue(by_name[n], self.same_ids[n]) if n in self.same_ids
+                           else by_name[f"{n}+" if n == order_by else n] for n in event_schema.names]
         # Every column (the subject's, then the rows'): what the run's schema.yaml holds.
         self.schema = Schema([*self.subject_schema.columns, *event_schema.columns])
         self.schema.output_order = output_order
@@ -120,13 +120,11 @@ class HistoryCodec:
         token at a newline's and its count's (left to the resize they would start random, so a
         loaded or resumed run would read them differently from the model that trained on them)."""
         rows = {token: self.rows_codec.tokenize(f"\n{k}") for k, token in enumerate(self.row_ids, start=1)}
-        same = {f.same_id: self.rows_codec.tokenize(f"same {f.col.name}") for f in self.later_rows
-                if isinstance(f, SameValue)}
+        same = {token: self.rows_codec.tokenize(f"same {name}") for name, token in self.same_ids.items()}
         return {**self.rows_codec.value_token_texts(), **rows, **same}
 
     def output_token_ids(self) -> list[int]:
-        same = {f.same_id for f in self.later_rows if isinstance(f, SameValue)}
-        return sorted(set(self.rows_codec.output_token_ids()) | self._row_set | same)
+        return sorted(set(self.rows_codec.output_token_ids()) | self._row_set | set(self.same_ids.values()))
 
     def values_cut(self) -> dict[str, int]:
         """Text values cut at their column's `max_tokens` (`RowCodec.values_cut`)."""
@@ -324,7 +322,7 @@ class SameValue:
         return 0
 
     def next_tokens(self, state) -> tuple[list[int], bool]:
-        return ([*self.field.next_tokens(0)[0], self.same_id], False) if state == 0 else ([], True)
+        return ([*self.field.next_tokens(self.field.start())[0], self.same_id], False) if state == 0 else ([], True)
 
     def advance(self, state, token: int):
         return 1
