@@ -67,14 +67,14 @@ class HistoryCodec:
         self.event_schema = event_schema
         self.order_by = order_by
         self.max_rows, self.min_rows = max_rows, min_rows
-        self.same_columns = list(same_columns or [])
         gap = [gap_column(event_schema[order_by])] if order_by else []
         length = Column(name=LENGTH, kind="integer", min=min_rows, max=max_rows)
         fields_schema = Schema([*self.subject_schema.columns, *event_schema.columns, *gap, length])
         from tokenizers import AddedToken
 
         row_tokens = [f"<|row:{k}|>" for k in range(1, min(max_rows, ROW_TOKENS) + 1)]
-        same_tokens = [f"<|{n}:same|>" for n in self.same_columns]
+        same_columns = list(same_columns or [])
+        same_tokens = [f"<|{n}:same|>" for n in same_columns]
         tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in row_tokens + same_tokens],
                              special_tokens=True)
         self.rows_codec = RowCodec(fields_schema, tokenizer, value_tokens)  # the fields' token machinery
@@ -87,7 +87,7 @@ class HistoryCodec:
         # What comes before the rows: the subject's fields, then the length (GivenValues' columns).
         self.fields = [*(by_name[n] for n in self.subject_schema.names), self.length_field]
         self.first_row = [by_name[n] for n in event_schema.names]
-        self.same_ids = dict(zip(self.same_columns, tokenizer.convert_tokens_to_ids(same_tokens)))
+        self.same_ids = dict(zip(same_columns, tokenizer.convert_tokens_to_ids(same_tokens)))  # column -> its same token
         self.later_rows = [SameValue(by_name[n], self.same_ids[n]) if n in self.same_ids
                            else by_name[f"{n}+" if n == order_by else n] for n in event_schema.names]
         # Every column (the subject's, then the rows'): what the run's schema.yaml holds.
@@ -102,7 +102,7 @@ class HistoryCodec:
         """What `from_layout` needs besides the schema (saved as history.json)."""
         return {"subject_columns": self.subject_schema.names, "event_columns": self.event_schema.names,
                 "order_by": self.order_by, "max_rows": self.max_rows, "min_rows": self.min_rows,
-                "same_columns": self.same_columns}
+                "same_columns": list(self.same_ids)}
 
     @classmethod
     def from_layout(cls, layout: dict, schema: Schema, tokenizer, value_tokens: bool) -> HistoryCodec:
@@ -282,7 +282,7 @@ class HistoryCodec:
         rows = [{f.col.name: f.parse(spans.get(("e", r, j), [])) for j, f in enumerate(self.row_fields(r == 0))}
                 for r in range(count)]
         for before, row in zip(rows, rows[1:]):
-            row.update({name: before[name] for name in self.same_columns if row[name] is SAME})
+            row.update({name: before[name] for name in self.same_ids if row[name] is SAME})
         return subject, self._ordered(rows)
 
     def _ordered(self, rows: list[dict]) -> list[dict]:
@@ -315,7 +315,7 @@ class SameValue:
 
     def encode(self, value, before) -> list[int]:
         """The same token where `value` is the row before's (both missing included)."""
-        kept = (pd.isna(value) and pd.isna(before)) or (not pd.isna(value) and not pd.isna(before) and value == before)
+        kept = pd.isna(before) if pd.isna(value) else not pd.isna(before) and value == before
         return [self.same_id] if kept else self.field.encode(value)
 
     def start(self):
