@@ -16,7 +16,8 @@ from dplm.datasets import load_census
 from dplm.errors import DplmError
 from dplm.schema import Column, Schema
 from dplm.experiment import sweep
-from dplm.synthesizer import Synthesizer, export_run, fit, load, plan
+from dplm.synthesizer import Synthesizer, fit, load, plan
+from dplm.workspace import export_run
 
 __all__ = ["Column", "DplmError", "RunConfig", "Schema", "Synthesizer", "export_run", "fit", "load",
            "load_census", "load_recipe", "load_table", "plan", "sweep"]

@@ -27,7 +27,6 @@ implementation, not a proof. `dplm audit RUN_DIR` writes `audit.json` into the r
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -36,29 +35,13 @@ import pandas as pd
 import torch
 
 from dplm import model as models
+from dplm.data import load_table
 from dplm.errors import DplmError
-from dplm.schema import Schema, coerce_table
+from dplm.evaluate import FeatureMatrix, MixedEncoder, align_types, nearest
+from dplm.schema import coerce_table, random_records
+from dplm.synthesizer import Synthesizer
 from dplm.train import pad_batch, row_losses
-
-
-def random_records(schema: Schema, num: int, rng: np.random.Generator) -> pd.DataFrame:
-    """`num` records drawn uniformly and independently per column from the schema's domain."""
-    columns = {}
-    for col in schema.columns:
-        if col.kind == "categorical":
-            columns[col.name] = rng.choice(np.array(col.categories, dtype=object), num)
-        elif col.kind in ("integer", "float"):
-            scale = 10**col.precision
-            values = rng.integers(math.ceil(float(col.min) * scale), math.floor(float(col.max) * scale) + 1, num)
-            columns[col.name] = values if col.kind == "integer" else values / scale
-        elif col.kind == "datetime":
-            lo, hi = pd.Timestamp(col.min), pd.Timestamp(col.max)
-            columns[col.name] = lo + pd.to_timedelta(rng.integers(0, (hi - lo).days + 1, num), unit="D")
-        else:
-            words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(2, 8)))
-                     for _ in range(num * 4)]
-            columns[col.name] = [" ".join(words[4 * i: 4 * i + 4]) for i in range(num)]
-    return pd.DataFrame(columns)
+from dplm.workspace import RunDirectory
 
 
 def record_losses(synth, df: pd.DataFrame, batch_size: int = 64, column: str | None = None) -> np.ndarray:
@@ -103,7 +86,7 @@ def sequence_losses(synth, encoded: list, batch_size: int, column: int | None = 
 
 def membership_inference(member_losses: np.ndarray, other_losses: np.ndarray) -> dict:
     """ROC AUC and TPR at 1 % FPR of the attack 'lower loss means member'."""
-    from sklearn.metrics import roc_auc_score, roc_curve
+    from sklearn.metrics import roc_auc_score, roc_curve  # heavy: imported when an audit runs
 
     labels = np.r_[np.ones(len(member_losses)), np.zeros(len(other_losses))]
     scores = -np.r_[member_losses, other_losses]
@@ -124,8 +107,6 @@ def attribute_inference(members: pd.DataFrame, non_members: pd.DataFrame, synthe
     text) with the synthetic rows only, on training records (`members`) vs holdout records:
     the nearest synthetic row's value, a classifier fitted on the synthetic rows, and the
     synthetic rows' most common value (the guess that needs no other column)."""
-    from dplm.evaluate import FeatureMatrix, MixedEncoder, nearest
-
     features = [c for c in synthetic.columns if c not in (sensitive, *skip)]
     labels = synthetic[sensitive].astype(str).to_numpy()
     encoder, matrix = MixedEncoder(synthetic[features]), FeatureMatrix(synthetic, features)
@@ -157,8 +138,7 @@ def sensitive_column(synth, run_dir: Path, requested: str | None = None) -> str 
             raise DplmError(f"attribute inference guesses a categorical column; '{requested}' is not one of the "
                             f"run's categorical columns ({', '.join(categorical) or 'none'}): set audit.sensitive_column")
         return requested
-    report = run_dir / "report.json"
-    target = json.loads(report.read_text()).get("utility", {}).get("target") if report.exists() else None
+    target = RunDirectory(run_dir).json("report.json", {}).get("utility", {}).get("target")
     return target if target in categorical else (categorical[-1] if categorical else None)
 
 
@@ -166,9 +146,6 @@ def audit_run(run_dir: str | Path, num_records: int = 1000, num_references: int 
               sensitive: str | None = None) -> dict:
     """Run the attacks on a run directory and write `audit.json` there; returns the results.
     Attribute inference needs the run's `synthetic.csv` (written by `dplm train`)."""
-    from dplm.data import load_table
-    from dplm.synthesizer import Synthesizer
-
     run_dir = Path(run_dir)
     synth = Synthesizer.load(run_dir)
     if not synth.split or synth.config.data.source is None:
@@ -206,14 +183,12 @@ def audit_run(run_dir: str | Path, num_records: int = 1000, num_references: int 
                 result["canaries"].setdefault("text", {})[col.name] = {"mean_exposure": float(bits.mean()),
                                                                        "max_exposure": float(bits.max())}
     if attribute:
-        from dplm.report import align_types
-
         synthetic = load_table(synthetic_csv, synth.schema.names_of("categorical", "text"))
         rows = {name: align_types(table.iloc[idx][names], synth.schema) for name, idx in picks.items()}
         result["attribute_inference"] = attribute_inference(
             rows["train"], rows["holdout"], align_types(synthetic[names], synth.schema), attribute,
             tuple(synth.schema.names_of("text")), seed)
-    (run_dir / "audit.json").write_text(json.dumps(result, indent=2))
+    RunDirectory(run_dir).write_json("audit.json", result)
     return result
 
 
@@ -225,8 +200,6 @@ def _audit_histories(synth, run_dir: Path, table: pd.DataFrame, rng, num_records
     columns = [key, *(c for c in synth.schema.names if c in table.columns)]  # subject columns may be in the table
     own = pd.DataFrame()
     if synth.config.data.subjects:
-        from dplm.data import load_table
-
         own = load_table(synth.config.data.subjects)
     losses = {}
     for name in ("train", "holdout"):
@@ -255,5 +228,5 @@ def _audit_histories(synth, run_dir: Path, table: pd.DataFrame, rng, num_records
         result["canaries"] = {"count": len(canaries), "references": num_references, "repeats": repeats,
                               "mean_exposure": float(bits.mean()), "max_exposure": float(bits.max()),
                               "max_possible": float(math.log2(num_references + 1))}
-    (run_dir / "audit.json").write_text(json.dumps(result, indent=2))
+    RunDirectory(run_dir).write_json("audit.json", result)
     return result

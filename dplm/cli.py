@@ -11,12 +11,21 @@ import sys
 import warnings
 from pathlib import Path
 
+from dplm.audit import audit_run
+from dplm.config import load_recipe
+from dplm.data import check_output_file, load_table, write_table
 from dplm.errors import DplmError
+from dplm.experiment import default_summary, load_sweep_config, sweep
+from dplm.histories import Histories
+from dplm.report import report_run
+from dplm.synthesizer import Synthesizer, plan
+from dplm.train import process_rank
+from dplm.workspace import checkpoints_for, export_run
 
 
 def summary(synth, df=None) -> str:
     """The lines a user needs after a run: privacy, training, validity."""
-    lines = list(synth.plan.lines()) if synth.plan and synth.training else []
+    lines = list(synth.training_plan.lines()) if synth.training_plan and synth.training else []
     p = synth.privacy_record
     if p.get("dp"):
         cap = f" (cap {p['max_epsilon']})" if p.get("max_epsilon") is not None else ""
@@ -60,10 +69,6 @@ def summary(synth, df=None) -> str:
 
 
 def cmd_train(args) -> None:
-    from dplm.config import load_recipe
-    from dplm.synthesizer import Synthesizer, checkpoints_for
-    from dplm.train import process_rank
-
     config = load_recipe(args.recipe, args.overrides)
     checkpoints = checkpoints_for(config, args.resume)
     synth = Synthesizer.fit(config=config, progress=not args.quiet, checkpoints=checkpoints)
@@ -80,9 +85,6 @@ def cmd_train(args) -> None:
 def write_synthetic(out, path) -> str:
     """Write rows (or histories: the event table, and the subject table beside it) by the
     file's extension; the line that says what was written."""
-    from dplm.data import write_table
-    from dplm.histories import Histories
-
     if isinstance(out, Histories):
         paths = out.write(path)
         return (f"synthetic subjects: {len(out)} with {len(out.events)} rows in {paths[0]}"
@@ -92,9 +94,6 @@ def write_synthetic(out, path) -> str:
 
 
 def cmd_generate(args) -> None:
-    from dplm.data import check_output_file, load_table
-    from dplm.synthesizer import Synthesizer
-
     if (args.num_rows is None) == (args.given is None):
         raise DplmError("give either -n N (rows to generate) or --given FILE (one row per given row), not both")
     if args.num_rows is not None and args.num_rows < 1:
@@ -109,8 +108,6 @@ def cmd_generate(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from dplm.report import report_run
-
     html_path, json_path = report_run(args.run_dir, synthetic=args.synthetic, num_rows=args.num_rows,
                                       target=args.target, out_dir=args.output, progress=not args.quiet)
     metrics = json.loads(json_path.read_text())
@@ -125,8 +122,6 @@ def cmd_report(args) -> None:
 
 
 def cmd_audit(args) -> None:
-    from dplm.audit import audit_run
-
     result = audit_run(args.run_dir, num_records=args.num_records, num_references=args.references,
                        sensitive=args.sensitive)
     mia = result["membership_inference"]
@@ -156,9 +151,6 @@ def cmd_plan(args) -> None:
     """The plan a recipe's run will follow (what it chooses and what it was given) and, under
     DP, epsilon per epoch and at its end, without training (schema metadata and the table's
     statistics included). `--target-epsilon` plans for that cap, with the noise chosen for it."""
-    from dplm.config import load_recipe
-    from dplm.synthesizer import plan
-
     overrides = list(args.overrides)
     if args.target_epsilon:
         overrides += [f"privacy.max_epsilon={args.target_epsilon!r}", "privacy.noise_multiplier=null"]
@@ -187,8 +179,6 @@ def cmd_plan(args) -> None:
 
 
 def cmd_sweep(args) -> None:
-    from dplm.experiment import default_summary, load_sweep_config, sweep
-
     config, out_dir = load_sweep_config(args.recipe, args.overrides, args.noise, args.clip, args.baseline_epochs,
                                         args.output)
     table = sweep(config, out_dir, workers=args.workers, ray_address=args.ray, progress=not args.quiet)
@@ -204,8 +194,6 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from dplm.synthesizer import export_run
-
     out = export_run(args.run_dir, args.out_dir)
     print(f"export: {out} ({', '.join(sorted(p.name for p in out.iterdir()))}); see {out / 'MANIFEST.md'}")
 

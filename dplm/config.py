@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from dplm.data import check_output_file
 from dplm.errors import DplmError
 
 
@@ -223,8 +224,6 @@ class RunConfig:
              "sweep.num_rows and sweep.audit_records must be >= 1"),
         ]
         if self.output_csv:
-            from dplm.data import check_output_file
-
             check_output_file(self.output_csv)
         for ok, message in checks:
             if not ok:
@@ -312,14 +311,35 @@ def apply_overrides(values: dict, overrides: list[str] | None) -> dict:
         if "=" not in item:
             raise DplmError(f"override '{item}' must look like section.key=value (e.g. train.max_steps=10)")
         key, raw = item.split("=", 1)
-        node = values
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise DplmError(f"override '{item}': '{part}' is not a section")
         try:
-            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+            value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             raise DplmError(f"override '{item}': '{raw}' is not a valid YAML value") from None
+        set_setting(values, key.strip(), value)
     return values
+
+
+def set_setting(values: dict, key: str, value) -> None:
+    """Set `section.key` (or a top-level `key`) of the nested settings `values` to `value`."""
+    node, parts = values, key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise DplmError(f"setting '{key}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def configured(config: RunConfig | str | Path | None = None, epsilon: float | None = None,
+               settings: dict | None = None) -> RunConfig:
+    """A checked run configuration: `config` (a RunConfig or a recipe file; default dplm's
+    defaults) with `settings` set (`{"train.max_steps": 100}`, as a recipe's overrides) and,
+    with `epsilon`, DP switched on and capped there (`privacy.enabled`, `privacy.max_epsilon`)."""
+    base = load_recipe(config) if isinstance(config, (str, Path)) else config or RunConfig()
+    values = base.to_dict()
+    for key, value in (settings or {}).items():
+        set_setting(values, key, value)
+    if epsilon is not None:
+        values["privacy"].update(enabled=True, max_epsilon=epsilon)
+    config = from_dict(RunConfig, values)
+    config.validate()
+    return config

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from dplm.datasets import load_census
 from dplm.errors import DplmError
 
 READERS = {
@@ -30,8 +31,6 @@ def load_table(source, as_text: list[str] | tuple[str, ...] = ()) -> pd.DataFram
     elif type(source).__name__ == "Dataset" and hasattr(source, "to_pandas"):
         df = source.to_pandas()
     elif str(source) == "census":
-        from dplm.datasets import load_census
-
         df = load_census()
     else:
         df = _read_file(Path(source), as_text)
@@ -62,6 +61,15 @@ def write_table(df, path: str | Path) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_atomic(path: str | Path, content: str | bytes) -> Path:
+    """Write a file whole or not at all (a temporary file renamed into place)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(content if isinstance(content, bytes) else content.encode())
+    tmp.replace(path)
+    return path
 
 
 def check_output_file(path: str | Path) -> Path:

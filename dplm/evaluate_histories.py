@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from dplm.evaluate import Binner, _as_float, _tv_accuracy, accuracy, discriminator_auc, embed, is_numeric
+from dplm.evaluate import Binner, as_float, tv_accuracy, accuracy, discriminator_auc, embed, is_numeric
 from dplm.histories import Histories
 
 SUBJECT_TEXT_ROWS = 20  # rows of a history in its embedded text (the embedder reads ~256 tokens)
@@ -45,11 +45,11 @@ def per_subject(h: Histories, events: pd.DataFrame, key: str, order_by: str | No
     groups = events.groupby(key, sort=False)
     out["rows"] = groups.size().reindex(out.index).fillna(0).astype(int)
     for c in numbers:
-        values = pd.Series(_as_float(events[c]), index=events.index).groupby(events[key])
+        values = pd.Series(as_float(events[c]), index=events.index).groupby(events[key])
         out[f"{c} per subject"] = values.sum().reindex(out.index)
         out[f"{c} mean"] = values.mean().reindex(out.index)
     if order_by:
-        values = pd.Series(_as_float(events[order_by]), index=events.index).groupby(events[key])
+        values = pd.Series(as_float(events[order_by]), index=events.index).groupby(events[key])
         span = (values.max() - values.min()).reindex(out.index)
         out[f"{order_by} span"] = span / 86_400e9 if pd.api.types.is_datetime64_any_dtype(events[order_by]) else span
     return out.reset_index(drop=True)
@@ -105,9 +105,9 @@ def coherence(train: pd.DataFrame, other: pd.DataFrame, key: str, columns: list[
         size = len(coarse.labels[c])
         parts = []
         if len(a0) and len(b0):
-            parts.append(_tv_accuracy(a0[:, j] * size + a1[:, j], b0[:, j] * size + b1[:, j], size * size))
+            parts.append(tv_accuracy(a0[:, j] * size + a1[:, j], b0[:, j] * size + b1[:, j], size * size))
         counts = Binner(da[[c]])
-        parts.append(_tv_accuracy(counts.codes(da[[c]])[:, 0], counts.codes(db[[c]])[:, 0], len(counts.labels[c])))
+        parts.append(tv_accuracy(counts.codes(da[[c]])[:, 0], counts.codes(db[[c]])[:, 0], len(counts.labels[c])))
         top = ha[c].index[:TOP_VALUES]
         pa, pb = ha[c].reindex(top).fillna(0), hb[c].reindex(top).fillna(0)
         pa = np.append(pa.to_numpy(), ha[c].drop(top).sum())
@@ -185,16 +185,16 @@ def history_scores(train: Histories, holdout: Histories, synthetic: Histories, k
                                           .isin(training_histories).mean()),
         }
         if order_by:
-            real_gaps, gaps = _gaps(real, key, order_by), _gaps(e, key, order_by)
-            scores["gaps"] = _one_way(real_gaps, gaps) if len(gaps) and len(real_gaps) else None
+            real_gaps, their_gaps = gaps(real, key, order_by), gaps(e, key, order_by)
+            scores["gaps"] = _one_way(real_gaps, their_gaps) if len(their_gaps) and len(real_gaps) else None
         out[name] = scores
     out["mean_rows_per_subject_training"] = float(figures["training"]["rows"].mean())
     return out
 
 
-def _gaps(events: pd.DataFrame, key: str, order_by: str) -> np.ndarray:
+def gaps(events: pd.DataFrame, key: str, order_by: str) -> np.ndarray:
     """The ordering column's differences between consecutive rows of a subject (days for dates)."""
-    values = pd.Series(_as_float(events[order_by]), index=events.index)
+    values = pd.Series(as_float(events[order_by]), index=events.index)
     diff = values.groupby(events[key].to_numpy(), sort=False).diff().dropna().to_numpy()
     return diff / 86_400e9 if pd.api.types.is_datetime64_any_dtype(events[order_by]) else diff
 
@@ -202,5 +202,5 @@ def _gaps(events: pd.DataFrame, key: str, order_by: str) -> np.ndarray:
 def _one_way(real: np.ndarray, other: np.ndarray) -> float:
     """1 - TVD over 10 quantile bins of the real values."""
     binner = Binner(pd.DataFrame({"v": real}))
-    return _tv_accuracy(binner.codes(pd.DataFrame({"v": real}))[:, 0], binner.codes(pd.DataFrame({"v": other}))[:, 0],
+    return tv_accuracy(binner.codes(pd.DataFrame({"v": real}))[:, 0], binner.codes(pd.DataFrame({"v": other}))[:, 0],
                         len(binner.labels["v"]))

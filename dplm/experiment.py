@@ -31,6 +31,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import html
+import io
 import json
 import math
 import multiprocessing
@@ -42,12 +43,18 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import pandas as pd
+import torch
 import yaml
 
+from dplm.audit import audit_run
 from dplm.config import RunConfig, apply_overrides, from_dict, load_recipe
+from dplm.data import load_table, write_atomic
 from dplm.errors import DplmError
-from dplm.report import write_atomic
-from dplm.tracking import flatten
+from dplm.report import headline_scores, pyplot, report_run
+from dplm.schema import Schema
+from dplm.synthesizer import Synthesizer
+from dplm.tracking import flatten, prepare_mlflow
+from dplm.workspace import RunDirectory
 
 GRID_KEYS = ("noise_multipliers", "max_grad_norms", "baseline_epochs")  # may grow between reruns
 CHARTS = {"accuracy": "epsilon vs accuracy", "auc": "epsilon vs discriminator AUC",
@@ -123,13 +130,7 @@ def run_point(values: dict, point: dict, threads: int | None = None) -> dict:
     start = time.perf_counter()
     try:
         if threads:
-            import torch
-
             torch.set_num_threads(threads)
-        from dplm.audit import audit_run
-        from dplm.report import headline_scores, report_run
-        from dplm.synthesizer import Synthesizer
-
         config = from_dict(RunConfig, values)
         synth = Synthesizer.fit(config=config, progress=False)
         sample_start = time.perf_counter()
@@ -161,8 +162,6 @@ def run_point(values: dict, point: dict, threads: int | None = None) -> dict:
 
 def check_columns(config: RunConfig) -> None:
     """Before any point runs: the data loads and holds the columns the scores need."""
-    from dplm.data import load_table
-
     if config.data.source is None:
         raise DplmError("data.source is not set: a sweep trains every point on the same table; give its path")
     if config.sweep.target is None:
@@ -175,8 +174,6 @@ def check_columns(config: RunConfig) -> None:
             raise DplmError(f"{setting} '{column}' is not a modelled column of '{config.data.source}'; "
                             f"choose one of {', '.join(config.data.columns or columns)}")
     if config.audit.sensitive_column and config.data.schema:
-        from dplm.schema import Schema
-
         kinds = {c.name: c.kind for c in Schema.from_yaml(config.data.schema).columns}
         if kinds.get(config.audit.sensitive_column, "categorical") != "categorical":
             raise DplmError(f"audit.sensitive_column '{config.audit.sensitive_column}' is "
@@ -220,8 +217,6 @@ def sweep(config: RunConfig, out_dir: str | Path, workers: int = 1, ray_address:
     prepare_output(config, out_dir)
     write_atomic(out_dir / "sweep_grid.yaml", yaml.safe_dump({k: getattr(config.sweep, k) for k in GRID_KEYS}))
     if "mlflow" in config.train.report_to:  # its store and experiment, once, before workers start
-        from dplm.tracking import prepare_mlflow
-
         prepare_mlflow(from_dict(RunConfig, next(iter(settings.values()))))
     results = {}
     for p in points:
@@ -238,7 +233,7 @@ def sweep(config: RunConfig, out_dir: str | Path, workers: int = 1, ray_address:
     def finished(result: dict) -> None:
         folder = out_dir / "points" / result["name"]
         folder.mkdir(parents=True, exist_ok=True)
-        write_atomic(folder / "point.json", json.dumps(result, indent=2))
+        RunDirectory(folder).write_json("point.json", result)
         results[result["name"]] = result
         _write_tables([results[p.name] for p in points if p.name in results], out_dir)
         if progress:
@@ -261,8 +256,6 @@ def sweep(config: RunConfig, out_dir: str | Path, workers: int = 1, ray_address:
 
 
 def _run_in_processes(jobs, workers: int, finished) -> None:
-    import torch
-
     gpus = torch.cuda.device_count()
     threads = None if gpus else max(1, len(os.sched_getaffinity(0)) // min(workers, len(jobs)))
     context = multiprocessing.get_context("spawn")
@@ -288,7 +281,7 @@ def _worker_start(slots, gpus: int) -> None:
 
 def _run_on_ray(jobs, address: str, finished) -> None:
     try:
-        import ray
+        import ray  # an optional dependency (dplm[ray])
     except ImportError:
         raise DplmError("--ray needs Ray: pip install 'dplm[ray]'") from None
     ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
@@ -334,11 +327,7 @@ def _write_tables(rows: list[dict], out_dir: Path) -> pd.DataFrame:
 def charts(table: pd.DataFrame, default: tuple[float, float]) -> dict[str, bytes]:
     """PNG bytes of each chart in CHARTS: DP points by epsilon (one line per clip, the
     recipe's own setting ringed), non-DP baselines as horizontal lines labelled by epochs."""
-    import io
-
-    from dplm.report import _plt
-
-    plt = _plt()
+    plt = pyplot()
     ok = table[table["error"].isna()] if "error" in table else table
     dp = ok[ok["dp"]].sort_values("epsilon") if len(ok) else ok
     base = ok[~ok["dp"]].sort_values("baseline_epochs") if len(ok) else ok

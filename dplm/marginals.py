@@ -32,8 +32,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pandas as pd
 
+from dplm.privacy import number_grid
 from dplm.schema import Schema
-from dplm.serialize import from_scaled, to_scaled_many
+from dplm.serialize import from_scaled, scaled_bounds, to_scaled_many
 
 MAX_FINE_VALUES = 256  # a number or date column of at most this many values gets a bin per value (as value tokens)
 FINE_BINS = 32  # equal-width fine bins of a wider range (with round edges added)
@@ -65,8 +66,6 @@ class ColumnBins:
 
     @classmethod
     def of(cls, col) -> ColumnBins:
-        from dplm.serialize import scaled_bounds
-
         if col.kind == "categorical":
             return cls(col.name, col.kind, col.nullable, categories=list(col.categories))
         lo, hi = scaled_bounds(col)
@@ -75,8 +74,6 @@ class ColumnBins:
         else:
             edges = set(np.linspace(lo, hi + 1, FINE_BINS + 1).round().astype(int).tolist())
             if col.kind != "datetime":  # round numbers (1, 1.2, 1.5, 2, ... x 10^e) and 0, 1 alone
-                from dplm.privacy import number_grid
-
                 scaled = np.round(number_grid() * 10**col.precision)
                 edges |= {int(e) for e in scaled if lo < e <= hi}
                 edges |= {e for e in (0, 1) if lo < e <= hi}
@@ -250,7 +247,7 @@ class Marginals:
             if mass < self.units / 2 or len(rows) < 2 or len(rows) != len(cols) or not (covers(a, rows) and
                                                                                          covers(b, cols)):
                 continue
-            partner_of_a, partner_of_b = visible.argmax(1), visible.argmax(0)
+            partner_of_a = visible.argmax(1)
             if (visible.max(1).sum() >= RULE_SHARE * mass and visible.max(0).sum() >= RULE_SHARE * mass
                     and len(set(partner_of_a[rows].tolist())) == len(rows)):
                 one_to_one.append({"columns": [a, b], "pairs": [[int(i), int(partner_of_a[i])] for i in rows]})

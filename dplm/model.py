@@ -4,6 +4,8 @@
 transformers + gguf, saved as safetensors under the cache folder, and loaded from there.
 `tiny-random` is a 2-layer random Llama with SmolLM2's tokenizer, for fast tests.
 Any other name is passed to `from_pretrained` (a local folder, or a hub id when online).
+transformers, peft and accelerate are imported where they are used: they take seconds to
+import, which commands that fail on a bad setting, or only read a run, should not wait for.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dplm.errors import DplmError
 
@@ -105,6 +108,18 @@ def load_base_model(name: str, vocab_size: int, dtype: torch.dtype = torch.float
     if model.get_input_embeddings().weight.shape[0] < vocab_size:  # the tokenizer has value tokens
         model.resize_token_embeddings(vocab_size, mean_resizing=False)
     return model
+
+
+def base_model(config, codec, device):
+    """The frozen base model of `config` (`config.ModelConfig`) for `codec`'s tokens, on `device`:
+    each new value token starts from its text's embedding, and with `prune_vocab` the output
+    layer scores only the tokens the codec's rows use."""
+    dtype = weight_dtype(config.precision, device)
+    model = load_base_model(config.base, len(codec.tokenizer), dtype, config.layers)
+    init_value_embeddings(model, codec.value_token_texts())
+    if config.prune_vocab:
+        restrict_output_vocab(model, codec.output_token_ids())
+    return model.to(device)
 
 
 def init_value_embeddings(model, texts: dict[int, list[int]]) -> None:
@@ -206,8 +221,6 @@ def training_attention(device: torch.device, tokens: int):
     materialises every (row, head) attention matrix and the default kernel trains 12 % faster
     (2 AMD cores, batch 18: 4.9 s a step vs 5.6 s). Sampling keeps the default: for one-token
     decoding steps it is 7x faster than math."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     short = device.type == "cpu" and tokens <= MATH_ATTENTION_TOKENS
     return sdpa_kernel(SDPBackend.MATH) if short else contextlib.nullcontext()
 

@@ -37,8 +37,15 @@ import platform
 import time
 from dataclasses import dataclass, field
 
+import torch
+
+from dplm import model as models
 from dplm.config import RunConfig
 from dplm.errors import DplmError
+from dplm.marginals import noise_history, statistics_rounds
+from dplm.privacy import calibrate_noise, epsilon_of_history, smallest_noise, statistics_noise_for
+from dplm.serialize import place_layout, token_values
+from dplm.train import measure_speed, planned_steps, process_rank
 
 DEFAULT_BUDGET_TOKENS = 9_300_000  # DP-SGD: census 300,000 rows, 150 steps of 2,000 (26 min on 2 cores)
 SPEED_VALID_SECONDS = 86_400  # a machine's measured speed is reused for a day
@@ -70,7 +77,7 @@ class MachineSpeed:
 
 
 @dataclass
-class Plan:
+class TrainingPlan:
     """What a run will do; `chosen` names the settings the plan chose (the others were given)."""
 
     dp: bool
@@ -96,7 +103,7 @@ class Plan:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> Plan:
+    def from_dict(cls, values: dict) -> TrainingPlan:
         speed = values.get("speed")
         return cls(**{**values, "speed": MachineSpeed(**speed) if speed else None})
 
@@ -145,16 +152,11 @@ def machine_speed(config: RunConfig, schema, device, unit_rows: float | None = N
     layer of `PROBE_OUTPUT_TOKENS` tokens (all of them for text), then read from
     `cache_dir()/speed.json` for `SPEED_VALID_SECONDS`, so a plan and its run see the same
     figure (delete the file to measure again, e.g. after measuring on busy cores)."""
-    from dplm import model as models
-    from dplm.train import measure_speed, process_rank
-
     t, m = config.train, config.model
     sized = t.batch_size is not None and (t.max_steps is not None or t.max_epochs is not None)  # no budget needed
     if not config.privacy.enabled or sized or t.budget_rows is not None or t.dp_time_budget is None \
             or process_rank()[1] > 1:
         return None
-    import torch
-
     tokens = unit_tokens(schema, unit_rows)
     texts = any(c.kind == "text" for c in schema.columns)
     key = json.dumps([platform.node(), platform.processor(), str(device), torch.get_num_threads(), m.base, m.layers,
@@ -182,8 +184,6 @@ def row_tokens(schema) -> int:
     """Tokens of one row, about (value tokens: one per category or small-range number, the
     place tokens of a wider one (`serialize.place_layout`), a text's cap; 7 for a number whose
     bounds are still to estimate)."""
-    from dplm.serialize import place_layout, token_values
-
     total = 2
     for col in schema.columns:
         if col.kind == "text":
@@ -222,7 +222,7 @@ def rho_of(epsilon: float, delta: float) -> float:
 
 
 def make_plan(config: RunConfig, units: int, schema, metadata_epsilon: float = 0.0,
-              metadata_delta: float = 0.0, unit_rows: float | None = None, speed: MachineSpeed | None = None) -> Plan:
+              metadata_delta: float = 0.0, unit_rows: float | None = None, speed: MachineSpeed | None = None) -> TrainingPlan:
     """The plan for `units` training units (rows, or subjects) under `schema` (complete, or
     with metadata still to estimate): every setting `config` leaves unset (None) is chosen,
     the others are kept. Under DP the noise is calibrated with the accountant so that the whole
@@ -245,7 +245,7 @@ def make_plan(config: RunConfig, units: int, schema, metadata_epsilon: float = 0
         stop_early = t.early_stopping if t.early_stopping is not None else (t.max_epochs is None and t.max_steps is None)
         if t.early_stopping is None:
             chosen.append("early_stopping")
-        plan = Plan(False, units, batch, min(batch, pick(t.micro_batch_size, micro, "micro_batch_size")),
+        plan = TrainingPlan(False, units, batch, min(batch, pick(t.micro_batch_size, micro, "micro_batch_size")),
                     pick(t.learning_rate, NODP_LEARNING_RATE, "learning_rate"), pick(t.warmup_steps, 10, "warmup_steps"),
                     pick(t.max_epochs, NODP_MAX_EPOCHS, "max_epochs"), t.max_steps, t.max_training_time,
                     early_stopping=stop_early, chosen=chosen)
@@ -279,18 +279,15 @@ def make_plan(config: RunConfig, units: int, schema, metadata_epsilon: float = 0
     if t.max_steps is None and t.max_epochs is None:
         auto_steps = int(min(DP_MAX_STEPS, max(DP_MIN_STEPS, budget_rows // batch))) if share < 1 else 0
         max_steps = pick(None, auto_steps, "max_steps")
-    plan = Plan(True, units, batch, min(batch, pick(t.micro_batch_size, micro, "micro_batch_size")),
+    plan = TrainingPlan(True, units, batch, min(batch, pick(t.micro_batch_size, micro, "micro_batch_size")),
                 pick(t.learning_rate, DP_LEARNING_RATE, "learning_rate"), 0, t.max_epochs, max_steps,
                 budget_rows=budget_rows, speed=speed, chosen=chosen)
     if speed:
         plan.notes.append(f"compute budget {budget_rows:,} rows: DP-SGD's share of train.dp_time_budget "
                           f"{t.dp_time_budget:g} s at {speed.dp_rows_per_second:.0f} rows/s (first stage "
                           f"{speed.rows_per_second:.0f} rows/s), measured on dummy rows on this machine")
-    steps = planned_steps(plan)
+    steps = planned_steps(plan.units, plan)[0] or 0
     plan.warmup_steps = pick(t.warmup_steps, max(1, min(10, steps // 10)), "warmup_steps")
-    from dplm.marginals import noise_history, statistics_rounds
-    from dplm.privacy import calibrate_noise, epsilon_of_history, smallest_noise, statistics_noise_for
-
     rounds = sum(1 for v in statistics_rounds(schema).values() if v)
     if share > 0 and rounds and target is not None:
         if p.noise_multiplier is None and share >= 1 and steps == 0:
@@ -338,25 +335,15 @@ def make_plan(config: RunConfig, units: int, schema, metadata_epsilon: float = 0
     return plan
 
 
-def statistics_history(plan: Plan, schema) -> list:
+def statistics_history(plan: TrainingPlan, schema) -> list:
     """The accountant's entries of the plan's statistics rounds (none without statistics)."""
-    from dplm.marginals import noise_history
-
     if not plan.statistics_noise:
         return []
     z = plan.statistics_noise
     return noise_history({"one_way": z, "two_way": z, "both_nonzero": z}, schema)
 
 
-def planned_steps(plan: Plan) -> int:
-    """DP-SGD steps the plan takes before any epsilon cap (max_steps, or max_epochs' steps if fewer)."""
-    steps = math.ceil(plan.max_epochs * plan.units / plan.batch_size) if plan.max_epochs is not None else None
-    if plan.max_steps is not None and (steps is None or plan.max_steps < steps):
-        return plan.max_steps
-    return steps or 0
-
-
-def resolved(config: RunConfig, plan: Plan) -> RunConfig:
+def resolved(config: RunConfig, plan: TrainingPlan) -> RunConfig:
     """`config` with the plan's settings filled in (what config.yaml records)."""
     config = dataclasses.replace(config, train=dataclasses.replace(config.train),
                                  privacy=dataclasses.replace(config.privacy))

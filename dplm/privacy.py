@@ -1,8 +1,10 @@
-"""DP-SGD pieces: the privacy budget (accountant + cap), Poisson sampling, Opacus wrapping.
+"""DP-SGD pieces: the privacy budget (accountant + cap), Poisson sampling, Opacus wrapping,
+the DP metadata mechanisms, and what a run's DP claim says (`NEIGHBOURS`, `PUBLIC_QUANTITIES`).
 
 The accountant is the single source of truth for epsilon. `PrivacyBudget.allows_next_step`
 asks it, on a copy, what epsilon would be after one more step, so a run never takes a step
-that would pass `max_epsilon`.
+that would pass `max_epsilon`. Opacus is imported where it is used: a run without DP never
+loads it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,29 @@ from dplm.errors import DplmError
 
 # Opacus' RDP warns when its largest order is optimal (tiny epsilons); the bound is still valid.
 warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+
+METADATA_DELTA_SHARE = 0.1  # of privacy.delta, for DP category sets (only when some are estimated)
+PUBLIC_QUANTITIES = {
+    "column_names_and_kinds": (
+        "the table's column names and their order (the synthetic rows' column order), which must match the "
+        "schema, and every column's kind, which under DP the schema gives (never read off the data)"
+    ),
+    "num_training_units": (
+        "exact count of training units (rows, or subjects with data.subject), used for the sampling rate "
+        "q = batch_size / N; treated as public, as in Opacus and the DP-SGD literature (add/remove-one-unit "
+        "neighbours change it by one)"
+    ),
+    "steps": (
+        "the number of DP steps: fixed before training by train.max_steps, train.max_epochs and the epsilon "
+        "cap (data-independent; train.max_training_time is refused under DP)"
+    ),
+    "plan": (
+        "the settings dplm chose (plan.json): from the unit count, epsilon, delta, the schema's kinds and given "
+        "bounds, and the compute budget only (a history counts as a fixed number of rows in the budget)"
+    ),
+}
+NEIGHBOURS = ("training tables that differ by adding or removing one privacy unit; the holdout split is fixed "
+              "by train.seed before training and held-out rows reach nothing that is released")
 
 
 def make_accountant(name: str):

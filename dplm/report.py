@@ -14,8 +14,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from dplm.config import RunConfig
+from dplm.data import load_table
 from dplm.errors import DplmError
-from dplm.evaluate import evaluate
+from dplm.evaluate import align_types, evaluate
+from dplm.evaluate_histories import gaps, history_scores, ordered_events
+from dplm.histories import Histories, subjects_path
+from dplm.inputs import history_tables, training_keys
+from dplm.schema import Schema
+from dplm.synthesizer import Synthesizer
+from dplm.tracking import Trackers
+from dplm.workspace import RunDirectory
 
 REAL, SYNTHETIC, HOLDOUT = "#1f77b4", "#ff7f0e", "#2ca02c"
 PRIVATE_REPORT = ("this report compares the synthetic rows with the private training and holdout rows and shows "
@@ -23,36 +32,17 @@ PRIVATE_REPORT = ("this report compares the synthetic rows with the private trai
                   "rows with `dplm export`, which leaves it out.")
 
 
-def align_types(df: pd.DataFrame, schema) -> pd.DataFrame:
-    """Give every table the schema's value types (numbers, dates, strings) so they compare; floats
-    at the schema's precision, the one the synthesizer writes (else a discriminator tells real rows
-    by their extra digits alone: a log wage of 1.197540 beside a synthetic 1.20)."""
-    out = pd.DataFrame(index=df.index)
-    for col in schema.columns:
-        s = df[col.name]
-        if col.kind in ("integer", "float"):
-            out[col.name] = pd.to_numeric(s, errors="coerce")
-            if col.kind == "float":
-                out[col.name] = out[col.name].round(col.precision)
-        elif col.kind == "datetime":
-            out[col.name] = pd.to_datetime(s, errors="coerce")
-        else:
-            out[col.name] = s.astype(object).where(s.isna(), s.astype(str))
-    return out.reset_index(drop=True)
-
-
 # ---- charts ----------------------------------------------------------------------------
 
 def _png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    pyplot().close(fig)
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _plt():
+def pyplot():
+    """matplotlib's pyplot on its file backend (imported on first use: it takes seconds to load)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,7 +52,7 @@ def _plt():
 
 
 def univariate_charts(train, synthetic, binner) -> str:
-    plt = _plt()
+    plt = pyplot()
     cols = binner.columns
     ncols = 3
     nrows = math.ceil(len(cols) / ncols)
@@ -86,7 +76,7 @@ def univariate_charts(train, synthetic, binner) -> str:
 
 
 def bivariate_charts(train, synthetic, binner, pairs: list[str]) -> str:
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(len(pairs), 2, figsize=(10, 4 * len(pairs)), squeeze=False)
     real_codes, syn_codes = binner.codes(train), binner.codes(synthetic)
     for row, pair in enumerate(pairs):
@@ -105,7 +95,7 @@ def bivariate_charts(train, synthetic, binner, pairs: list[str]) -> str:
 
 
 def accuracy_matrix_chart(acc: dict, columns: list[str]) -> str:
-    plt = _plt()
+    plt = pyplot()
     n = len(columns)
     grid = np.full((n, n), np.nan)
     for i, c in enumerate(columns):
@@ -127,7 +117,7 @@ def accuracy_matrix_chart(acc: dict, columns: list[str]) -> str:
 
 
 def embedding_chart(emb: dict) -> str:
-    plt = _plt()
+    plt = pyplot()
     stacked = np.vstack(list(emb.values()))
     mean = stacked.mean(0)
     _, _, vt = np.linalg.svd(stacked - mean, full_matrices=False)
@@ -141,7 +131,7 @@ def embedding_chart(emb: dict) -> str:
 
 
 def dcr_chart(dcr: dict) -> str:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     top = max(float(np.percentile(np.concatenate(list(dcr.values())), 99)), 1e-6)
     for (name, d), color in zip(dcr.items(), (SYNTHETIC, HOLDOUT)):
@@ -152,7 +142,7 @@ def dcr_chart(dcr: dict) -> str:
 
 
 def training_chart(log: list[dict]) -> str:
-    plt = _plt()
+    plt = pyplot()
     steps = [e["step"] for e in log]
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.plot(steps, [e["loss"] if e["loss"] is not None else np.nan for e in log], color=REAL)
@@ -237,9 +227,7 @@ def history_rows(h: dict) -> list[tuple]:
 
 def history_charts(h: dict, sets: dict, key: str, order_by: str | None) -> str:
     """Rows per subject and gaps between rows (training, holdout, synthetic), and coherence per column."""
-    from dplm.evaluate_histories import _gaps, ordered_events
-
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3 if order_by else 2, figsize=(15 if order_by else 10, 3.5))
     counts = {name: hs.events.groupby(key).size().reindex(hs.subjects[key]).fillna(0).to_numpy()
               for name, hs in sets.items()}
@@ -258,9 +246,9 @@ def history_charts(h: dict, sets: dict, key: str, order_by: str | None) -> str:
     axes[1].set_ylim(max(0.0, min(h["synthetic"]["coherence_per_column"].values()) - 0.05), 1.0)
     axes[1].set_title("coherence per column", fontsize=10)
     if order_by:
-        gaps = {name: _gaps(ordered_events(hs, key, order_by), key, order_by) for name, hs in sets.items()}
-        high = float(np.percentile(gaps["training"], 99)) if len(gaps["training"]) else 1.0
-        for (name, g), color in zip(gaps.items(), (REAL, HOLDOUT, SYNTHETIC)):
+        between = {name: gaps(ordered_events(hs, key, order_by), key, order_by) for name, hs in sets.items()}
+        high = float(np.percentile(between["training"], 99)) if len(between["training"]) else 1.0
+        for (name, g), color in zip(between.items(), (REAL, HOLDOUT, SYNTHETIC)):
             if len(g):
                 axes[2].hist(np.clip(g, 0, high), bins=40, density=True, histtype="step", color=color, label=name)
         axes[2].set_title(f"gaps between consecutive rows ({order_by})", fontsize=10)
@@ -389,8 +377,6 @@ def write_report(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataF
     metrics = evaluate(train, holdout, synthetic, target=target, seed=seed, text_columns=text_columns,
                        categorical=categorical)
     if histories:
-        from dplm.evaluate_histories import history_scores
-
         sets, key, order_by = histories
         metrics["histories"] = history_scores(sets["training"], sets["holdout"], sets["synthetic"], key, order_by,
                                               seed=seed)
@@ -414,19 +400,10 @@ def write_report(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataF
         scores["run"] = run_info.get("summary", {})
         if run_info.get("audit"):
             scores["audit"] = run_info["audit"]
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    html_path, json_path = out_dir / "report.html", out_dir / "report.json"
-    write_atomic(json_path, json.dumps(scores, indent=2, default=float))
-    write_atomic(html_path, render_html(scores, charts, run_info))
-    return html_path, json_path
-
-
-def write_atomic(path: Path, content: str | bytes) -> None:
-    """Write a file whole or not at all (a temporary file renamed into place)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(content if isinstance(content, bytes) else content.encode())
-    tmp.replace(path)
+    out = RunDirectory(out_dir)
+    out.path.mkdir(parents=True, exist_ok=True)
+    json_path = out.write_json("report.json", scores)
+    return out.write_text("report.html", render_html(scores, charts, run_info)), json_path
 
 
 # ---- from a run directory ---------------------------------------------------------------
@@ -446,64 +423,53 @@ def headline_scores(metrics: dict) -> dict:
     return out
 
 
-def run_info(run_dir: Path) -> dict:
+def run_info(run: RunDirectory) -> dict:
     """Compute and privacy figures of a run, for the report."""
-    training = json.loads((run_dir / "training.json").read_text()) if (run_dir / "training.json").exists() else {}
-    privacy = json.loads((run_dir / "privacy.json").read_text())
-    log_path = run_dir / "train_log.jsonl"
-    log = [json.loads(x) for x in log_path.read_text().splitlines()] if log_path.exists() else []
+    training, privacy, log = run.json("training.json", {}), run.json("privacy.json"), run.train_log()
     summary = {k: training.get(k) for k in ("seconds", "steps", "epochs", "rows_seen", "tokens_seen",
                                             "rows_per_second", "stop_reason")}
     summary["dp"] = privacy.get("dp", False)
     if privacy.get("dp"):
         summary.update({k: privacy.get(k) for k in ("epsilon", "delta", "noise_multiplier", "max_grad_norm",
                                                     "sample_rate", "accountant", "privacy_unit")})
-    audit = json.loads((run_dir / "audit.json").read_text()) if (run_dir / "audit.json").exists() else None
-    return {"summary": summary, "log": log, "audit": audit}
+    return {"summary": summary, "log": log, "audit": run.json("audit.json")}
 
 
-def history_sets(synth, table: pd.DataFrame, synthetic: Path | None, num_subjects: int | None, progress: bool) -> dict:
+def history_sets(config: RunConfig, parts: tuple[Schema, Schema], split: dict, table: pd.DataFrame,
+                 synthetic: Path | None, sample) -> dict:
     """The training, holdout and synthetic subjects of a run of histories (`histories.Histories`,
-    typed by the run's schema): the synthetic ones from `synthetic` (its subject table beside
-    it) or `num_subjects` freshly sampled (by default as many as the holdout's)."""
-    from dplm.data import load_table
-    from dplm.histories import Histories, subjects_path
-
-    from dplm.synthesizer import _history_tables
-
-    key, codec = synth.config.data.subject, synth.codec
-    table, subject_table = _history_tables(table, None, synth.config)
-
+    typed by the run's subject and event schemas, `parts`): the synthetic ones from `synthetic`
+    (its subject table beside it), or `sample(n)` of them (by default as many as the holdout's)."""
+    key, (subject_schema, event_schema) = config.data.subject, parts
+    table, subject_table = history_tables(table, None, config)
     train_keys = None
     if subject_table is not None:  # subjects without events are on their side of the split too
-        from dplm.synthesizer import training_keys
-
-        train_keys = training_keys(table, synth.config, subject_table)
+        train_keys = training_keys(table, config, subject_table)
 
     def real(index, training: bool):
         events = table.iloc[index]
         subjects = pd.DataFrame({key: events[key].unique()})
         if subject_table is not None:
             subjects = subject_table[subject_table[key].isin(train_keys) == training]
-        return Histories(_typed(subjects, key, codec.subject_schema), _typed(events, key, codec.event_schema))
+        return Histories(typed(subjects, key, subject_schema), typed(events, key, event_schema))
 
-    sets = {"training": real(synth.split["train"], True), "holdout": real(synth.split["holdout"], False)}
+    sets = {"training": real(split["train"], True), "holdout": real(split["holdout"], False)}
     if synthetic is None:
-        sets["synthetic"] = synth.sample(num_subjects or len(sets["holdout"]), progress=progress)
+        sets["synthetic"] = sample(len(sets["holdout"]))
     else:
-        events = load_table(synthetic, codec.event_schema.names_of("categorical", "text"))
+        events = load_table(synthetic, event_schema.names_of("categorical", "text"))
         own = subjects_path(synthetic)
-        subjects = load_table(own, codec.subject_schema.names_of("categorical", "text")) if own.exists() else \
+        subjects = load_table(own, subject_schema.names_of("categorical", "text")) if own.exists() else \
             pd.DataFrame({key: events[key].unique()})
-        missing = [c for c in [key, *codec.event_schema.names] if c not in events.columns]
+        missing = [c for c in [key, *event_schema.names] if c not in events.columns]
         if missing:
             raise DplmError(f"synthetic file '{synthetic}' lacks column(s) {missing}; give a file with the run's "
                             "subject key and event columns")
-        sets["synthetic"] = Histories(_typed(subjects, key, codec.subject_schema), _typed(events, key, codec.event_schema))
+        sets["synthetic"] = Histories(typed(subjects, key, subject_schema), typed(events, key, event_schema))
     return sets
 
 
-def _typed(df: pd.DataFrame, key: str, schema) -> pd.DataFrame:
+def typed(df: pd.DataFrame, key: str, schema) -> pd.DataFrame:
     """`df`'s key and the schema's columns, with the schema's value types (`align_types`)."""
     out = align_types(df, schema) if schema.columns else pd.DataFrame(index=range(len(df)))
     out.insert(0, key, df[key].to_numpy())
@@ -515,53 +481,57 @@ def report_run(run_dir: str | Path, synthetic: str | Path | None = None, num_row
                progress: bool = True) -> tuple[Path, Path]:
     """The report of a run directory: its training rows and holdout (from `split.json` and the
     data source in its config) against synthetic rows (a CSV, the run's `synthetic.csv`, or
-    `num_rows` freshly sampled, by default as many as the holdout)."""
-    from dplm.data import load_table
-    from dplm.synthesizer import Synthesizer
-
-    run_dir = Path(run_dir)
-    synth = Synthesizer.load(run_dir)
-    if not synth.split:
+    `num_rows` freshly sampled, by default as many as the holdout). The model is loaded only to
+    sample."""
+    run = RunDirectory(run_dir).check()
+    run_dir, config, schema, split = run.path, run.config(), run.schema(), run.json("split.json")
+    if not split:
         raise DplmError(f"run directory '{run_dir}' has no split.json; retrain with a current dplm")
-    if synth.config.data.source is None:
+    if config.data.source is None:
         raise DplmError(f"run '{run_dir}' was fitted on an in-memory table; score it with "
                         "dplm.report.write_report(train, holdout, synthetic, out_dir)")
-    table = load_table(synth.config.data.source)
-    if len(synth.split["holdout"]) == 0:
+    table = load_table(config.data.source)
+    if len(split["holdout"]) == 0:
         raise DplmError("the run kept no holdout rows (data.holdout_fraction: 0); the report needs a holdout")
     synthetic = Path(synthetic) if synthetic else run_dir / "synthetic.csv"
     if num_rows is None and not synthetic.exists() and synthetic != run_dir / "synthetic.csv":
         raise DplmError(f"synthetic file '{synthetic}' not found; check the path")
     fresh = num_rows is not None or not synthetic.exists()
-    info = run_info(run_dir)
-    common = {"target": target, "run_info": info, "seed": synth.config.train.seed}
-    if synth.is_history:
-        sets = history_sets(synth, table, None if fresh else synthetic, num_rows, progress)
-        schema, key = synth.codec.event_schema, synth.config.data.subject
-        rows = {name: align_types(h.events, schema) for name, h in sets.items()}
+
+    def sample(n: int):
+        return Synthesizer.load(run_dir).sample(num_rows or n, progress=progress)
+
+    info = run_info(run)
+    common = {"target": target, "run_info": info, "seed": config.train.seed}
+    parts = run.history_schemas()
+    if parts:
+        sets = history_sets(config, parts, split, table, None if fresh else synthetic, sample)
+        events = parts[1]
+        names = [n for n in schema.output_order or schema.names if n in events.names]  # as for flat rows, below
+        rows = {name: align_types(h.events, events)[names] for name, h in sets.items()}
         paths = write_report(rows["training"], rows["holdout"], rows["synthetic"], Path(out_dir or run_dir),
-                             text_columns=schema.names_of("text"), categorical=schema.names_of("categorical"),
-                             histories=(sets, key, synth.config.data.order_by), **{
-                                 **common, "target": target if target in schema.names else None})
+                             text_columns=events.names_of("text"), categorical=events.names_of("categorical"),
+                             histories=(sets, config.data.subject, config.data.order_by), **{
+                                 **common, "target": target if target in events.names else None})
     else:
-        train = align_types(table.iloc[synth.split["train"]], synth.schema)
-        holdout = align_types(table.iloc[synth.split["holdout"]], synth.schema)
+        # In the table's column order (not the model's, which the statistics choose): the holdout's and
+        # the shuffled columns' figures are then the same for every run on the same split.
+        names = schema.output_order or schema.names
+        train = align_types(table.iloc[split["train"]], schema)[names]
+        holdout = align_types(table.iloc[split["holdout"]], schema)[names]
         if not fresh:
-            fake = load_table(synthetic, synth.schema.names_of("categorical", "text"))
-            missing = [c for c in synth.schema.names if c not in fake.columns]
+            fake = load_table(synthetic, schema.names_of("categorical", "text"))
+            missing = [c for c in schema.names if c not in fake.columns]
             if missing:
                 raise DplmError(f"synthetic file '{synthetic}' lacks column(s) {missing}; give a file with the run's "
                                 "columns")
-            fake = fake[synth.schema.names]
         else:
-            fake = synth.sample(num_rows or len(holdout), progress=progress)
-        paths = write_report(train, holdout, align_types(fake, synth.schema), Path(out_dir or run_dir),
-                             text_columns=synth.schema.names_of("text"), categorical=synth.schema.names_of("categorical"),
+            fake = sample(len(holdout))
+        paths = write_report(train, holdout, align_types(fake, schema)[names], Path(out_dir or run_dir),
+                             text_columns=schema.names_of("text"), categorical=schema.names_of("categorical"),
                              **common)
-    if synth.config.train.report_to and (run_dir / "tracking.json").exists():
-        from dplm.tracking import Trackers
-
-        trackers = Trackers(synth.config, json.loads((run_dir / "tracking.json").read_text()))
+    if config.train.report_to and run.has("tracking.json"):
+        trackers = Trackers(config, run.json("tracking.json"))
         try:
             trackers.log({"report": headline_scores(json.loads(paths[1].read_text()))}, info["summary"]["steps"] or 0)
         finally:

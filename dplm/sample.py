@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from dplm.model import output_head
-from dplm.schema import check_given, format_number
+from dplm.progress import progress as progress_display
+from dplm.schema import check_given
 from dplm.serialize import ParseError, RowCodec
 from dplm.train import GrammarMasks
 
@@ -358,7 +358,7 @@ def preallocated_cache(tokens: int):
     default cache concatenates every layer's keys and values each step, copying the whole
     cache: on 2 CPU cores that was 46 % of sampling time. Unlike its StaticCache, attention
     never spans unfilled positions, so no mask is needed. `keep_rows` drops ended rows."""
-    from transformers.cache_utils import Cache, DynamicLayer
+    from transformers.cache_utils import Cache, DynamicLayer  # heavy: imported when sampling starts
 
     class PreallocatedLayer(DynamicLayer):
         # DynamicLayer's own initialisation changed signature across transformers versions;
@@ -431,7 +431,7 @@ def sample_rows(model, codec: RowCodec, num_rows: int, batch_size: int = 64, tem
     generated = 0
     max_generated = 10 * num_rows + 10 * batch_size  # bound: sampling never loops forever
     start = time.perf_counter()
-    bar = tqdm(total=num_rows, disable=not progress, unit="row", desc="sampling", dynamic_ncols=True)
+    bar = progress_display(num_rows, "sampling", "rows", progress)
     while pending:
         if generated >= max_generated:
             raise RuntimeError(

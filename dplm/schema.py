@@ -18,6 +18,7 @@ import pandas as pd
 import yaml
 
 from dplm.errors import DplmError
+from dplm.privacy import dp_categories, dp_range, number_grid
 
 KINDS = ("categorical", "integer", "float", "datetime", "text")
 DATE_FORMAT = "%Y-%m-%d"
@@ -142,6 +143,15 @@ class Schema:
             raise DplmError(f"schema output_order {list(order)} must name each of the columns {self.names} once")
         self.output_order = None if order is None or list(order) == self.names else [str(c) for c in order]
 
+    def in_order(self, order: list[str]) -> Schema:
+        """This schema with its columns in `order` (any it leaves out follow, in this schema's
+        order: text columns after the rest, so they are written knowing it); the synthetic rows
+        keep the output order."""
+        names = list(order) + [n for n in self.names if n not in order]
+        out = Schema([self[n] for n in names])
+        out.set_output_order(self.output_order or self.names)
+        return out
+
     def to_dict(self) -> dict:
         out = {"columns": {c.name: c.to_dict() for c in self.columns}}
         return {**out, "output_order": self.output_order} if self.output_order else out
@@ -233,14 +243,26 @@ TEXT_LENGTH_EDGES = np.array([1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128,
                               1536, 2048])
 
 
-def dp_metadata_spend(schema: Schema, epsilon: float, delta: float) -> dict:
+@dataclass
+class MetadataSpend:
+    """Privacy spent on metadata before training: the schema's DP estimates and a history cap's."""
+
+    epsilon: float = 0.0
+    delta: float = 0.0
+    estimated: dict[str, list[str]] = field(default_factory=dict)  # column -> the fields estimated under DP
+
+    def plus(self, epsilon: float, estimated: dict[str, list[str]]) -> MetadataSpend:
+        """This spend and one more epsilon-DP estimate (basic composition)."""
+        return MetadataSpend(self.epsilon + epsilon, self.delta, {**self.estimated, **estimated})
+
+
+def dp_metadata_spend(schema: Schema, epsilon: float, delta: float) -> MetadataSpend:
     """What `estimate_schema_dp` will spend completing `schema` (every column's kind given):
     `epsilon` when any metadata is missing, `delta` when any category set is, and which
     fields of which columns. Depends on the schema alone, so `dplm plan` knows it in advance."""
     estimated = {c.name: c.missing_metadata() for c in schema.columns if c.missing_metadata()}
     categorical = any(schema[name].kind == "categorical" for name in estimated)
-    return {"epsilon": epsilon if estimated else 0.0, "delta": delta if categorical else 0.0,
-            "estimated": estimated}
+    return MetadataSpend(epsilon if estimated else 0.0, delta if categorical else 0.0, estimated)
 
 
 def require_kinds(df: pd.DataFrame, given: Schema | None) -> Schema:
@@ -257,7 +279,7 @@ def require_kinds(df: pd.DataFrame, given: Schema | None) -> Schema:
 
 
 def estimate_schema_dp(df: pd.DataFrame, given: Schema | None, units: list[list[int]], epsilon: float,
-                       delta: float, text_lengths, rng) -> tuple[Schema, dict]:
+                       delta: float, text_lengths, rng) -> tuple[Schema, MetadataSpend]:
     """Complete `given` with metadata estimated under DP (`source: dp`); user-given metadata
     is kept as it is. Returns the schema and what was spent on it (`dp_metadata_spend`).
 
@@ -275,8 +297,6 @@ def estimate_schema_dp(df: pd.DataFrame, given: Schema | None, units: list[list[
     Estimated columns are nullable.
     `rng` needs `integers(n)` and `laplace(loc, scale, size)` (`privacy.secret_rng`).
     """
-    from dplm.privacy import dp_categories, dp_range, number_grid
-
     given = require_kinds(df, given)
     columns, todo = [], []
     for name in map(str, df.columns):
@@ -543,3 +563,24 @@ def value_fits(col: Column, value) -> bool:
     if col.kind == "datetime":
         return pd.Timestamp(col.min) <= pd.Timestamp(value) <= pd.Timestamp(col.max)
     return isinstance(value, str)
+
+
+def random_records(schema: Schema, num: int, rng: np.random.Generator) -> pd.DataFrame:
+    """`num` records drawn uniformly and independently per column from the schema's domain
+    (the audit's canaries and their references)."""
+    columns = {}
+    for col in schema.columns:
+        if col.kind == "categorical":
+            columns[col.name] = rng.choice(np.array(col.categories, dtype=object), num)
+        elif col.kind in ("integer", "float"):
+            scale = 10**col.precision
+            values = rng.integers(math.ceil(float(col.min) * scale), math.floor(float(col.max) * scale) + 1, num)
+            columns[col.name] = values if col.kind == "integer" else values / scale
+        elif col.kind == "datetime":
+            lo, hi = pd.Timestamp(col.min), pd.Timestamp(col.max)
+            columns[col.name] = lo + pd.to_timedelta(rng.integers(0, (hi - lo).days + 1, num), unit="D")
+        else:
+            words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(2, 8)))
+                     for _ in range(num * 4)]
+            columns[col.name] = [" ".join(words[4 * i: 4 * i + 4]) for i in range(num)]
+    return pd.DataFrame(columns)

@@ -40,6 +40,7 @@ import re
 
 import numpy as np
 import pandas as pd
+from tokenizers import AddedToken
 
 from dplm.schema import DATE_FORMAT, Column, Schema, format_number
 
@@ -177,8 +178,6 @@ class RowCodec:
         self.char_ids = {c: self._single_token(c) for c in NUMBER_CHARS}
         self.id_chars = {i: c for c, i in self.char_ids.items()}
         if value_tokens:
-            from tokenizers import AddedToken
-
             names = [name for col in schema.columns
                      for name in [*value_token_names(col).values(), *sum(place_token_names(col), [])]]
             tokenizer.add_tokens([AddedToken(n, special=True, normalized=False) for n in names], special_tokens=True)

@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from dplm import model as models
 from dplm.config import PrivacyConfig, TrainConfig
 from dplm.errors import DplmError
+from dplm.progress import progress as progress_display
 from dplm.privacy import (
     PrivacyBudget, assert_weights_changed, make_private, poisson_sample, prepare_empty_step, sum_grad_samples_by_group,
     restore_trainable, secure_uniform, trainable_snapshot, unseeded_generator,
@@ -114,8 +114,9 @@ def row_losses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return (token_loss * mask).sum(1) / (mask.sum(1).clamp(min=1) if unit_tokens is None else unit_tokens)
 
 
-def planned_steps(num_units: int, cfg: TrainConfig) -> tuple[int, str]:
-    """Steps a run plans over `num_units` sampling units, and which limit sets them."""
+def planned_steps(num_units: int, cfg) -> tuple[int | None, str]:
+    """Steps a run plans over `num_units` sampling units, and which limit sets them; `cfg` holds
+    `batch_size`, `max_epochs` and `max_steps` (a `TrainConfig`, or a `planner.TrainingPlan`)."""
     if cfg.max_epochs is None:
         return cfg.max_steps, "max_steps"
     epoch_steps = math.ceil(cfg.max_epochs * num_units / cfg.batch_size)
@@ -289,7 +290,7 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
     eval_every = min(EVAL_EVERY_STEPS, max(1, num_rows // max(1, 2 * cfg.batch_size)))
     resumed_from = step
     model.train()
-    bar = tqdm(total=total_steps, initial=step, disable=not progress or rank != 0, unit="step", dynamic_ncols=True)
+    bar = progress_display(total_steps, "training", "steps", progress and rank == 0, initial=step)
     start = time.perf_counter() - seconds_before
     loss = None
     try:

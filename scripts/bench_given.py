@@ -36,7 +36,7 @@ def main() -> int:
 
     from dplm.data import load_table
     from dplm.evaluate import Binner, accuracy
-    from dplm.report import align_types
+    from dplm.evaluate import align_types
     from dplm.synthesizer import Synthesizer
 
     synth = Synthesizer.load(args.run_dir)

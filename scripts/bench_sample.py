@@ -24,7 +24,7 @@ def build(args):
     from dplm.config import RunConfig, from_dict
     from dplm.schema import Schema
     from dplm.serialize import RowCodec
-    from dplm.synthesizer import Synthesizer, _base_model
+    from dplm.synthesizer import Synthesizer
 
     if args.run_dir:
         return dplm.load(args.run_dir)
@@ -33,7 +33,7 @@ def build(args):
     config = from_dict(RunConfig, {"model": {"base": args.model, "prune_vocab": not args.full_vocab}})
     codec = RowCodec(Schema.from_yaml(ROOT / "recipes/census_schema.yaml"), models.load_tokenizer(args.model))
     device = models.default_device()
-    model = models.add_lora(_base_model(config, codec, device), 16, 32, 0.0, ["q_proj", "v_proj"]).eval()
+    model = models.add_lora(models.base_model(config.model, codec, device), 16, 32, 0.0, ["q_proj", "v_proj"]).eval()
     return Synthesizer(config, codec, model, device)
 
 

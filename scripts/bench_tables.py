@@ -60,7 +60,7 @@ def run_dplm(table, df, holdout, dp: bool, epsilon: float, overrides: list[str],
     rows = synth.sample(count(table, holdout), progress=False)
     synth.save(out / "run", synthetic=rows)
     return {"seconds": time.perf_counter() - start, "train_seconds": synth.training.seconds,
-            "epsilon": synth.privacy_record.get("epsilon"), "plan": synth.plan_record, **written(synth, rows, out)}
+            "epsilon": synth.privacy_record.get("epsilon"), "plan": synth.training_plan and synth.training_plan.to_dict(), **written(synth, rows, out)}
 
 
 def resample_dplm(table, holdout, out: Path) -> dict:
@@ -104,7 +104,8 @@ def run_engine(python: str, table, train, holdout, dp: bool, epsilon: float, out
 
 def score(table, train, holdout, synthetic_csv: Path, out: Path) -> dict:
     from dplm.data import load_table
-    from dplm.report import align_types, write_report
+    from dplm.evaluate import align_types
+    from dplm.report import write_report
     from dplm.schema import Schema
 
     schema = Schema.from_yaml(str(table.schema_path))
@@ -118,10 +119,10 @@ def score(table, train, holdout, synthetic_csv: Path, out: Path) -> dict:
     histories = None
     if table.subject:
         from dplm.histories import Histories
-        from dplm.report import _typed
+        from dplm.report import typed
 
         def subjects(df):
-            return Histories(pd.DataFrame({table.subject: df[table.subject].unique()}), _typed(df, table.subject, schema))
+            return Histories(pd.DataFrame({table.subject: df[table.subject].unique()}), typed(df, table.subject, schema))
 
         histories = ({"training": subjects(train), "holdout": subjects(holdout), "synthetic": subjects(fake)},
                      table.subject, table.order_by)

@@ -41,10 +41,10 @@ def seed_secret_draws(mp: pytest.MonkeyPatch, seed: int = 0) -> None:
     import torch
 
     import dplm.privacy
-    import dplm.synthesizer
+    import dplm.stages
     import dplm.train
 
-    mp.setattr(dplm.synthesizer, "secret_rng", lambda secure_mode=False: np.random.default_rng(seed))
+    mp.setattr(dplm.stages, "secret_rng", lambda secure_mode=False: np.random.default_rng(seed))
     generator = lambda device="cpu": torch.Generator(device=device).manual_seed(seed)  # noqa: E731
     mp.setattr(dplm.train, "unseeded_generator", generator)
     mp.setattr(dplm.privacy, "unseeded_generator", generator)

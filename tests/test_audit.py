@@ -9,10 +9,10 @@ import pytest
 
 import dplm
 from conftest import seed_secret_draws
-from dplm.audit import audit_run, exposure, membership_inference, random_records
+from dplm.audit import audit_run, exposure, membership_inference
 from dplm.cli import main
 from dplm.config import RunConfig, from_dict
-from dplm.schema import Schema, value_fits
+from dplm.schema import Schema
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,16 +83,6 @@ def test_exposure_and_attack_metrics_by_hand():
     assert exposure(np.array([0.1, 5.0]), np.array([1.0, 2.0, 3.0])).tolist() == pytest.approx([2.0, 0.0])
     mia = membership_inference(np.array([0.1, 0.2]), np.array([0.3, 0.4]))
     assert mia["auc"] == 1.0 and mia["tpr_at_1pct_fpr"] == 1.0
-
-
-def test_random_records_cover_the_schema(census_schema):
-    df = random_records(census_schema, 200, np.random.default_rng(0))
-    for col in census_schema.columns:
-        assert all(value_fits(col, v) for v in df[col.name]), col.name
-    schema = Schema.from_dict({"columns": {"t": {"kind": "text", "max_tokens": 8},
-                                           "d": {"kind": "datetime", "min": "2020-01-01", "max": "2020-01-31"}}})
-    df = random_records(schema, 5, np.random.default_rng(0))
-    assert df["d"].between("2020-01-01", "2020-01-31").all() and df["t"].str.len().gt(0).all()
 
 
 def test_a_columns_loss_is_the_mean_over_its_tokens_by_hand(tokenizer):

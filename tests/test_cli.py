@@ -190,7 +190,7 @@ def test_killed_run_resumes_to_the_same_epsilon_and_the_cap(tmp_path):
 def test_resume_key_holds_every_setting_that_shapes_training():
     """A resume may change stopping limits only; canaries change the training units."""
     from dplm.config import RunConfig
-    from dplm.synthesizer import RESUMABLE_CHANGES, checkpoints_for
+    from dplm.workspace import RESUMABLE_CHANGES, checkpoints_for
 
     key = checkpoints_for(RunConfig()).key
     assert {"audit.canaries", "audit.canary_repeats", "privacy.noise_multiplier", "data.subject"} <= set(key)

@@ -141,3 +141,15 @@ def test_rules_of_the_training_rows():
     assert len(floor) == 1000 and list(floor.columns) == list(train.columns)
     assert floor["level"].value_counts(normalize=True).sub(train["level"].value_counts(normalize=True)).abs().max() < 0.05
     assert not rule_kept(rules[0], floor).all()  # shuffling breaks the dependency
+
+
+def test_real_floats_are_compared_at_the_schemas_precision():
+    """The synthesizer writes a float at its column's precision: the real rows are read at it too,
+    so their extra digits do not tell them apart."""
+    from dplm.evaluate import align_types
+    from dplm.schema import Schema
+
+    schema = Schema.from_dict({"columns": {"wage": {"kind": "float", "min": -5, "max": 5, "precision": 2},
+                                           "n": {"kind": "integer", "min": 0, "max": 9}}})
+    out = align_types(pd.DataFrame({"wage": [1.19754, "-0.004", None], "n": [3, 4, 5]}), schema)
+    assert out["wage"].tolist()[:2] == [1.2, -0.0] and np.isnan(out["wage"][2]) and out["n"].tolist() == [3, 4, 5]

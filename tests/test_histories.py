@@ -9,7 +9,7 @@ import dplm
 from dplm.config import RunConfig, from_dict
 from dplm.histories import (
     HISTORY_PLAN_ROWS, LENGTH, LENGTH_EDGES, SPAN_SHARES, HistoryCodec, Histories, TrainingHistories,
-    LENGTH_TOLERANCE, calibrated_subjects, dp_history_length, drawn_lengths, history_units, length_counts, rows_gap,
+    LENGTH_TOLERANCE, calibrated_subjects, dp_history_length, drawn_lengths, length_counts, rows_gap,
     column_sums, sample_histories, span_bins, subject_counts, subject_spans, subject_sums, sum_bins,
 )
 from dplm.sample import CompiledGrammar, LazyGrammar, generate_sequences
@@ -38,6 +38,13 @@ def shop(num: int = 60, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
             rows.append({"cid": cid, "day": day, "spend": float(rng.integers(10, 50) + (30 if country == "fr" else 0))})
             day += pd.Timedelta(days=int(rng.integers(0, 20)))
     return pd.DataFrame(rows).sample(frac=1, random_state=0).reset_index(drop=True), customers
+
+
+def history_units(events: pd.DataFrame, subject: str, order_by: str) -> list[np.ndarray]:
+    """Each subject's row positions in `events`, in order (`order_by`, then the table's order)."""
+    order = np.lexsort((np.arange(len(events)), events[order_by].to_numpy()))
+    codes = pd.factorize(events[subject].to_numpy()[order])[0]
+    return [np.asarray(g) for g in pd.Series(order).groupby(codes, sort=False).agg(list)]
 
 
 SHOP_SCHEMA = {"columns": {
@@ -250,7 +257,7 @@ def test_calibrated_sampling_holds_lengths_the_model_misses(cdnow):
     config.data.subject, config.data.order_by, config.data.max_history = "users_id", None, 8  # short sequences
     config.sample.batch_size = 300
     synth = dplm.fit(cdnow, config, progress=False)
-    counts, cap = synth.subject_counts, synth.codec.max_rows
+    counts, cap = synth.bounds.subject_counts, synth.codec.max_rows
     own, _ = sample_histories(synth.model, synth.codec, 600, "users_id", 300, seed=0, progress=False)
     raked = calibrated_subjects(own, "users_id", counts, cap, 300, np.random.default_rng(0), synth.codec.order_column())
     assert rows_gap(raked, "users_id", counts, cap) > LENGTH_TOLERANCE
@@ -423,7 +430,7 @@ def test_dp_per_subject_histories(cdnow, tmp_path):
 def test_resumed_dp_histories_keep_their_cap_and_counts(cdnow, tmp_path, monkeypatch):
     """A resumed DP run of histories trains with the cap and rows-per-subject counts its
     checkpoint was drawn with (nothing drawn or charged twice); sampling follows the counts."""
-    import dplm.synthesizer
+    import dplm.stages
     from dplm.train import Checkpoints
 
     config = tiny(True, schema=str(CDNOW_SCHEMA))
@@ -431,16 +438,16 @@ def test_resumed_dp_histories_keep_their_cap_and_counts(cdnow, tmp_path, monkeyp
     config.privacy.noise_multiplier, config.privacy.statistics_share, config.privacy.max_epsilon = 1.5, 0.0, None
     config.train.max_steps = 2
     with monkeypatch.context() as m:  # as if killed after its last checkpoint: the checkpoint stays
-        m.setattr(dplm.synthesizer.shutil, "rmtree", lambda *a, **k: None)
+        m.setattr(dplm.stages.shutil, "rmtree", lambda *a, **k: None)
         first = dplm.fit(cdnow, config, progress=False, checkpoints=Checkpoints(tmp_path / "ck", every=1))
     config.train.max_steps = 4
     resumed = dplm.fit(cdnow, config, progress=False, checkpoints=Checkpoints(tmp_path / "ck", every=1, resume=True))
     assert resumed.training.resumed_from_step == 2 and resumed.training.steps == 4
-    assert resumed.codec.max_rows == first.codec.max_rows and resumed.subject_counts == first.subject_counts
+    assert resumed.codec.max_rows == first.codec.max_rows and resumed.bounds == first.bounds
     assert resumed.privacy_record["metadata_epsilon"] == pytest.approx(0.2)
     lengths = cdnow.iloc[first.split["train"]].groupby("users_id").size().to_numpy()
-    assert np.shape(first.subject_counts) == (len(LENGTH_EDGES) - 1, 1) and first.subject_sums is None  # under DP
-    assert np.array(first.subject_counts)[:, 0].tolist() != length_counts(lengths).tolist()  # rows alone, noisy
+    assert np.shape(first.bounds.subject_counts) == (len(LENGTH_EDGES) - 1, 1) and first.bounds.subject_sums is None  # under DP
+    assert np.array(first.bounds.subject_counts)[:, 0].tolist() != length_counts(lengths).tolist()  # rows alone, noisy
     out = resumed.sample(20, seed=0, progress=False)
     assert len(out) == 20 and resumed.last_sample_stats.rows_kept == 20
     # histories' default calibration 4: four times the subjects drawn (twice that where lengths are held)

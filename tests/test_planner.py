@@ -12,10 +12,11 @@ from dplm.marginals import noise_history
 from dplm.planner import (
     DEFAULT_BUDGET_TOKENS, DEFAULT_STATISTICS_NOISE, DP_LEARNING_RATE, MAX_SAMPLE_RATE, NODP_BATCH, NODP_BATCH_TOKENS,
     NODP_MIN_BATCH, NODP_TIME_BUDGET,
-    SGD_MIN_UNITS, STATISTICS_SHARE_LARGE, MachineSpeed, Plan, machine_speed, make_plan, micro_batch_size, planned_steps,
+    SGD_MIN_UNITS, STATISTICS_SHARE_LARGE, MachineSpeed, TrainingPlan, machine_speed, make_plan, micro_batch_size,
     resolved, rho_of, row_tokens, statistics_share,
 )
 from dplm.schema import Schema
+from dplm.train import planned_steps
 from test_privacy import ORDERS
 
 CENSUS_LIKE = Schema.from_dict({"columns": {
@@ -73,7 +74,7 @@ def test_dp_plan_reaches_the_cap_with_everything_counted(units):
     the cap; checked with dp-accounting's independent composition."""
     c = config(privacy={"enabled": True, "max_epsilon": 2.5, "accountant": "rdp"})
     plan = make_plan(c, units, CENSUS_LIKE, metadata_epsilon=0.2, metadata_delta=1e-6)
-    steps = planned_steps(plan)
+    steps = planned_steps(plan.units, plan)[0]
     rate = min(MAX_SAMPLE_RATE, plan.budget_rows / (150 * units))  # the budget's rows for 150 steps, at most q 0.25
     assert plan.batch_size == round(rate * units) and steps == min(300, plan.budget_rows // plan.batch_size)
     assert plan.statistics_share == statistics_share(units) and plan.statistics_noise > 0
@@ -94,7 +95,7 @@ def test_prv_plan_agrees_with_an_independent_pld_accountant():
     from dp_accounting.pld import pld_privacy_accountant
 
     plan = make_plan(config(privacy={"enabled": True, "max_epsilon": 2.5}), 39074, CENSUS_LIKE)
-    steps = planned_steps(plan)
+    steps = planned_steps(plan.units, plan)[0]
     history = noise_history({k: plan.statistics_noise for k in ("one_way", "two_way", "both_nonzero")}, CENSUS_LIKE)
     accountant = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-3)
     for noise, rate, count in history + [(plan.noise_multiplier, plan.batch_size / 39074, steps)]:
@@ -161,20 +162,20 @@ def test_dp_budget_fills_the_time_budget_at_the_measured_speed():
     assert given.budget_rows == 5000 and given.speed is None and "budget_rows" not in given.chosen
     fixed = make_plan(config(privacy=dp), 39074, CENSUS_LIKE)  # no speed: the fixed token budget
     assert fixed.budget_rows == DEFAULT_BUDGET_TOKENS // row_tokens(CENSUS_LIKE)
-    assert Plan.from_dict(plan.to_dict()) == plan
+    assert TrainingPlan.from_dict(plan.to_dict()) == plan
 
 
 def test_machine_speed_is_measured_once_and_only_where_it_sizes_a_budget(monkeypatch, tmp_path):
     import torch
 
-    import dplm.train
+    import dplm.planner
     from dplm.model import smollm2_dir
 
     converted = smollm2_dir()  # the converted model, shared: a fresh cache would convert the GGUF again (~40 s)
     monkeypatch.setenv("DPLM_CACHE", str(tmp_path))
     (tmp_path / converted.name).symlink_to(converted)
     calls = []
-    monkeypatch.setattr(dplm.train, "measure_speed", lambda model, tokens, micro, device, dp:
+    monkeypatch.setattr(dplm.planner, "measure_speed", lambda model, tokens, micro, device, dp:
                         calls.append((tokens, micro, dp)) or (50.0 if dp else 200.0))
     dp = config(model={"base": "tiny-random"}, privacy={"enabled": True, "max_epsilon": 2.5})
     first = machine_speed(dp, CENSUS_LIKE, torch.device("cpu"))

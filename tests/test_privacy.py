@@ -228,7 +228,7 @@ def test_dp_range_keeps_well_populated_bins_and_no_empty_one():
 
 
 def test_schema_estimated_under_dp_spends_the_metadata_budget():
-    from dplm.schema import estimate_schema_dp
+    from dplm.schema import MetadataSpend, estimate_schema_dp
 
     rng = np.random.default_rng(2)
     n = 4000
@@ -237,7 +237,7 @@ def test_schema_estimated_under_dp_spends_the_metadata_budget():
     given = Schema.from_dict({"columns": {"age": {"kind": "integer", "min": 0, "max": 120},
                                           "city": {"kind": "categorical"}, "score": {"kind": "float", "precision": 2}}})
     schema, spent = estimate_schema_dp(df, given, [[i] for i in range(n)], 1.0, 1e-6, None, rng)
-    assert spent == {"epsilon": 1.0, "delta": 1e-6, "estimated": {"city": ["categories"], "score": ["min", "max"]}}
+    assert spent == MetadataSpend(1.0, 1e-6, {"city": ["categories"], "score": ["min", "max"]})
     assert schema["city"].categories == ["north", "south"] and schema["city"].source == "dp"
     assert schema["age"].source == "user" and (schema["age"].min, schema["age"].max) == (0, 120)
     assert (schema["score"].min, schema["score"].max) == (30.0, 70.0)  # grid edges around the bulk

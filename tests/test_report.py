@@ -97,15 +97,3 @@ def test_cli_report_bad_synthetic_files(run_dir, tmp_path, capsys):
     pd.read_csv(run_dir / "synthetic.csv").iloc[:0].to_csv(tmp_path / "empty.csv", index=False)
     assert main(["report", str(run_dir), "-q", "--synthetic", str(tmp_path / "empty.csv")]) == 2
     assert "empty.csv' is empty" in capsys.readouterr().err
-
-
-def test_real_floats_are_compared_at_the_schemas_precision():
-    """The synthesizer writes a float at its column's precision: the real rows are read at it too,
-    so their extra digits do not tell them apart."""
-    from dplm.report import align_types
-    from dplm.schema import Schema
-
-    schema = Schema.from_dict({"columns": {"wage": {"kind": "float", "min": -5, "max": 5, "precision": 2},
-                                           "n": {"kind": "integer", "min": 0, "max": 9}}})
-    out = align_types(pd.DataFrame({"wage": [1.19754, "-0.004", None], "n": [3, 4, 5]}), schema)
-    assert out["wage"].tolist()[:2] == [1.2, -0.0] and np.isnan(out["wage"][2]) and out["n"].tolist() == [3, 4, 5]

@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 
 from dplm.errors import DplmError
-from dplm.schema import Column, Schema, coerce_table, format_number, infer_schema
+from dplm.schema import Column, Schema, coerce_table, format_number, infer_schema, random_records, value_fits
 
 
 def test_infer_kinds_and_metadata():
@@ -96,3 +96,13 @@ def test_format_number():
     assert [format_number(v, p) for v, p in [(3, 0), (-0.0, 1), (-0.04, 1), (12.5, 2), (1e7, 0)]] == [
         "3", "0.0", "0.0", "12.50", "10000000"]
     assert np.isclose(float(format_number(2 / 3, 3)), 0.667)
+
+
+def test_random_records_cover_the_schema(census_schema):
+    df = random_records(census_schema, 200, np.random.default_rng(0))
+    for col in census_schema.columns:
+        assert all(value_fits(col, v) for v in df[col.name]), col.name
+    schema = Schema.from_dict({"columns": {"t": {"kind": "text", "max_tokens": 8},
+                                           "d": {"kind": "datetime", "min": "2020-01-01", "max": "2020-01-31"}}})
+    df = random_records(schema, 5, np.random.default_rng(0))
+    assert df["d"].between("2020-01-01", "2020-01-31").all() and df["t"].str.len().gt(0).all()

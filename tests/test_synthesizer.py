@@ -3,7 +3,6 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
 import dplm
 from dplm.config import RunConfig, from_dict
@@ -95,22 +94,6 @@ def test_random_column_orders_train_and_sample_valid_rows(tmp_path, census):
         histories.validate()
 
 
-def test_holdout_split_follows_benchmark_protocol():
-    import numpy as np
-
-    train_idx, holdout_idx = dplm.synthesizer.split_indexes(48842, 0.2, 0)
-    order = np.random.default_rng(0).permutation(48842)
-    assert (train_idx == order[:39074]).all() and (holdout_idx == order[39074:]).all()
-
-
-def test_holdout_split_by_subject(tmp_path):
-    subjects = pd.Series([7, 7, 7, 3, 3, 9, 1, 1, 1, 1, 5, 2])
-    train_idx, holdout_idx = dplm.synthesizer.split_indexes(len(subjects), 0.4, 0, subjects)
-    assert sorted([*train_idx, *holdout_idx]) == list(range(12))
-    assert not set(subjects[train_idx]) & set(subjects[holdout_idx])
-    assert len(set(subjects[holdout_idx])) == 2  # 40 % of the 6 subjects
-
-
 def test_unknown_subject_column(tmp_path, census):
     config = tiny_config(True, tmp_path)
     config.data.subject = "nope"
@@ -200,49 +183,10 @@ def people_table(num_subjects: int = 300, seed: int = 0) -> pd.DataFrame:
                          "age": rng.integers(20, 70, len(ids))})
 
 
-def test_export_holds_only_what_may_be_shared(tmp_path):
-    """`export` copies the model, tokenizer, schema, config, privacy record and synthetic rows
-    with a MANIFEST; no per-step loss, timings, split or exact row count (under subjects one
-    person changes the row count by any amount) leaves the run directory."""
-    from dplm.synthesizer import PRIVATE_DIAGNOSTICS, RELEASE
-
-    table = people_table(1000)
-    config = tiny_config(True, tmp_path)
-    config.data.schema, config.data.max_rows, config.data.subject = None, None, "person"
-    config.data.mode = "rows"  # independent rows, DP per subject
-    config.audit.canaries, config.privacy.metadata_epsilon = 2, 2.0
-    synth = dplm.fit(table, config, schema=dplm.Schema.from_dict(KINDS_ONLY), progress=False)
-    run_dir = synth.save(tmp_path / "run", synthetic=synth.sample(20, progress=False))
-    (run_dir / "audit.json").write_text("{}")
-    out = dplm.export_run(run_dir, tmp_path / "shared")
-    assert {p.name for p in out.iterdir()} == set(RELEASE) - {"synthetic_subjects.csv", "history.json"} | {"MANIFEST.md"}  # flat
-    assert not set(PRIVATE_DIAGNOSTICS) & {p.name for p in out.iterdir()}
-    privacy = json.loads((out / "privacy.json").read_text())
-    assert privacy["privacy_unit"] == "subject (column 'person')" and "num_training_rows" not in privacy
-    assert privacy["num_training_subjects"] == len(set(table["person"].iloc[synth.split["train"]]))
-    text = "\n".join(p.read_text() for p in out.rglob("*")  # the tokenizer's vocabulary holds any word
-                     if p.suffix in (".json", ".yaml", ".md") and "tokenizer" not in p.parts)
-    log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
-    assert not any(f'"{key}"' in text for key in ("loss", "final_loss", "rows_seen", "batch_rows", "elapsed_s"))
-    for entry in log:
-        assert repr(entry["loss"]) not in text and f"{entry['loss']:.4f}" not in text
-    assert f": {len(synth.split['train'])}" not in text and f" {len(synth.split['train'])} " not in text
-    manifest = (out / "MANIFEST.md").read_text()
-    assert f"epsilon = {privacy['epsilon']:.4f}" in manifest and "`train_log.jsonl`" in manifest
-    assert "city (categories)" in manifest  # DP-estimated metadata is named as covered
-    assert dplm.load(out).sample(5, progress=False).shape == (5, 2)  # the export is a usable model
-    exported = yaml.safe_load((out / "config.yaml").read_text())
-    assert exported["output_dir"] == config.output_dir.rsplit("/", 1)[-1] and str(tmp_path) not in text
-    with pytest.raises(dplm.DplmError, match="already exists; give a new folder"):
-        dplm.export_run(run_dir, out)
-    shared = synth.export(tmp_path / "from_api")
-    assert {p.name for p in shared.iterdir()} == set(RELEASE) - {"synthetic.csv", "synthetic_subjects.csv", "history.json"} | {"MANIFEST.md"}
-
-
 def test_a_returned_model_cannot_be_resumed(tmp_path):
     """The checkpoint goes when `fit` returns: a resume would replay from the last checkpoint
     and leave the steps after it (already in the returned model) out of epsilon."""
-    from dplm.synthesizer import checkpoints_for
+    from dplm.workspace import checkpoints_for
 
     config = tiny_config(True, tmp_path)
     config.train.checkpoint_every, config.train.max_steps = 2, 3

@@ -1,0 +1,285 @@
+"""The stages of a run, in the order `Synthesizer.fit` calls them; each says what it reads and writes.
+
+    inputs.load_inputs   the table, the split, the training units
+    analyze              the completed schema, its DP spend, the history bounds, the canaries
+    type_rows            the training units' typed rows, with the canaries
+    plan_training        the settings the recipe leaves out (planner.make_plan)
+    measure_statistics   the table's statistics and the column order they choose
+    encode               the codec and the token sequences
+    build_model          the base model with a fresh LoRA adapter
+    first_stage          DP runs: training on rows drawn from the statistics (free)
+    train_model          DP-SGD or plain training
+    privacy_record       what privacy.json says
+
+Every stage reads the units through `units.TrainingUnits`, whatever their kind (rows, rows of
+subjects, whole histories): a new kind of unit is one more implementation of it, not a branch
+here. Each draw from the private data happens once, on rank 0 under a multi-process launcher
+(`from_rank0`), and is saved in the run state (`state.RunState`), which a resumed run reads
+back instead of drawing it again.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dplm import model as models
+from dplm.config import RunConfig, TrainConfig
+from dplm.errors import DplmError
+from dplm.marginals import Rules, measure
+from dplm.planner import TrainingPlan, machine_speed, make_plan, statistics_history
+from dplm.privacy import METADATA_DELTA_SHARE, NEIGHBOURS, PUBLIC_QUANTITIES, secret_rng
+from dplm.sample import grammar_masks, output_token_ids
+from dplm.schema import MetadataSpend, Schema, coerce_table, estimate_schema_dp, random_records, require_kinds
+from dplm.serialize import RowCodec
+from dplm.state import RunState
+from dplm.tracking import Trackers
+from dplm.train import Checkpoints, TrainResult, process_rank, train
+from dplm.units import TrainingUnits
+from dplm.workspace import PRIVATE_DIAGNOSTICS, PRIVATE_NOTE, RELEASE
+
+PRETRAINING = {"batch_size": 64, "learning_rate": 0.002, "warmup_steps": 10}  # the non-DP census settings
+
+
+def prepare_config(config: RunConfig | None, data, subjects) -> RunConfig:
+    """A checked copy of `config` that records where its rows came from (for `dplm report`):
+    a path given as `data` or `subjects`, or None for a table given in memory."""
+    config = copy.deepcopy(config or RunConfig())
+    config.validate()
+    if data is not None:
+        config.data.source = str(data) if isinstance(data, (str, Path)) else None
+    if subjects is not None:
+        config.data.subjects = str(subjects) if isinstance(subjects, (str, Path)) else None
+    return config
+
+
+def user_schema_of(schema: Schema | str | None, config: RunConfig) -> Schema | None:
+    """The user's schema: `schema`, or the file it names, or the file `data.schema` names."""
+    if isinstance(schema, str) or (schema is None and config.data.schema):
+        return Schema.from_yaml(schema or config.data.schema)
+    return schema
+
+
+def analyze(units: TrainingUnits, schema: Schema | str | None, config: RunConfig, tokenizer) -> RunState:
+    """Complete the user's `schema` from the units' rows (`units.frame`): under DP the metadata it
+    leaves out is estimated with DP mechanisms (one random row per unit) and the history cap
+    drawn as a noisy quantile, both counted in epsilon; without DP both are read off the data.
+    Draw the audit's canaries from the completed schema's domain. Reads the units; returns the
+    run state (nothing is written)."""
+    p = config.privacy
+    user_schema = user_schema_of(schema, config)
+
+    def text_lengths(texts: list[str]) -> list[int]:
+        return [len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids]
+
+    if p.enabled:
+        user_schema = require_kinds(units.frame, user_schema)
+        # Rank 0 draws (secret noise differs per process); every rank gets its result.
+        schema, spend = from_rank0(lambda: estimate_schema_dp(
+            units.frame, user_schema, units.groups, p.metadata_epsilon, p.delta * METADATA_DELTA_SHARE, text_lengths,
+            secret_rng(p.secure_mode)))
+        spend, bounds = from_rank0(lambda: units.bound(config, spend, schema, secret_rng(p.secure_mode)))
+        if p.max_epsilon is not None and spend.epsilon >= p.max_epsilon:
+            raise DplmError(f"privacy.metadata_epsilon {p.metadata_epsilon} leaves nothing of privacy.max_epsilon "
+                            f"{p.max_epsilon} for training; lower it or give the schema's metadata")
+        schema.check_dp_safe()
+    else:
+        schema = user_schema = units.complete_schema(user_schema, text_lengths)
+        spend, bounds = units.bound(config, MetadataSpend(), schema)
+    if schema.output_order is None and set(units.frame.columns) == set(schema.names):
+        schema.set_output_order(list(units.frame.columns))  # the rows come out in the table's column order
+    canaries = from_rank0(lambda: random_records(schema, config.audit.canaries, secret_rng())) \
+        if config.audit.canaries else None  # random records whose exposure `dplm audit` measures
+    return RunState(schema, user_schema, spend, bounds, canaries)
+
+
+def type_rows(units: TrainingUnits, state: RunState, config: RunConfig) -> None:
+    """Type the units' rows by the state's schema and add the state's canaries to them, each
+    canary one more unit with `audit.canary_repeats` copies of its record. Writes the units."""
+    units.type(state.schema)
+    if state.canaries is not None:
+        units.add_canaries(state.canaries, config.audit.canary_repeats)
+
+
+def plan_training(config: RunConfig, units: TrainingUnits, state: RunState, device) -> TrainingPlan:
+    """The settings the recipe leaves out (`planner.make_plan`), from public quantities: the
+    unit count (the audit's canaries included), the user's schema, the state's metadata spend,
+    and this machine's speed (measured on dummy rows; a resumed run keeps the speed its plan
+    was sized by, as another machine would measure another). Writes the state's speed."""
+    unit_rows = units.plan_rows(config.privacy.enabled)
+    if state.speed is None:
+        state.speed = machine_speed(config, state.user_schema, device, unit_rows)
+    count = units.public_count(config.audit.canaries, config.audit.canary_repeats)
+    return make_plan(config, count, state.user_schema, state.spend.epsilon, state.spend.delta, unit_rows=unit_rows,
+                     speed=state.speed)
+
+
+def measure_statistics(units: TrainingUnits, state: RunState, config: RunConfig) -> None:
+    """The table's statistics (`marginals.measure`) of the units' typed rows: without DP exact
+    counts, under DP Gaussian-noised counts at the plan's noise (one random row per unit; none
+    when the plan leaves them out), their tables chosen from the user's schema alone; with
+    `model.column_order: auto` the column order they choose. Writes the state's marginals and
+    schema."""
+    p, plan = config.privacy, state.plan
+    rows, groups = units.statistics_rows()
+    schema = units.statistics_schema(state.schema)
+    if not p.enabled:
+        state.marginals = measure(rows, schema, groups, None)
+    elif plan.statistics_noise:
+        z = plan.statistics_noise
+        state.marginals = from_rank0(lambda: measure(
+            rows, schema, groups, {"one_way": z, "two_way": z, "both_nonzero": z}, secret_rng(p.secure_mode),
+            units.statistics_schema(state.user_schema)))
+    if state.marginals and config.model.column_order == "auto":
+        state.schema = state.schema.in_order(state.marginals.column_order(config.train.seed))
+
+
+def statistics_prior(plan: TrainingPlan, units: TrainingUnits, user_schema: Schema) -> list:
+    """The accountant's entries of the plan's statistics rounds, spent before DP-SGD's steps
+    (their tables depend on the user's schema alone)."""
+    return statistics_history(plan, units.statistics_schema(user_schema))
+
+
+@dataclass
+class Encoded:
+    """The units as the model reads them: the codec, each sequence's tokens, and with
+    `model.column_order: random` each row's column order."""
+
+    codec: object
+    sequences: list[list[int]]
+    orders: list[list[int]] | None = None
+
+
+def encode(units: TrainingUnits, state: RunState, tokenizer, config: RunConfig) -> Encoded:
+    """The codec of the state's schema and the units' token sequences (`model.column_order:
+    random`: each row in its own column order). Reads the typed units."""
+    codec = units.codec(state.schema, tokenizer, config.model.value_tokens, state.bounds)
+    orders = row_orders(codec, units.count(), config) if config.model.column_order == "random" else None
+    return Encoded(codec, units.encode(codec, orders), orders)
+
+
+def build_model(config: RunConfig, codec, device):
+    """The frozen base model for the codec's tokens, on `device`, with a fresh LoRA adapter
+    (seeded by `train.seed`)."""
+    # On its device before LoRA: peft/Opacus need the adapter created where it will train.
+    model = models.base_model(config.model, codec, device)
+    torch.manual_seed(config.train.seed)  # LoRA's random init
+    m = config.model
+    return models.add_lora(model, m.lora_r, m.lora_alpha, m.lora_dropout, m.target_modules)
+
+
+def first_stage(model, codec, state: RunState, rules: Rules | None, config: RunConfig, device,
+                progress: bool) -> TrainResult | None:
+    """A DP run's first stage (`plan.pretrain_rows`): one epoch, as non-DP training goes, on
+    rows drawn from a tree model over the DP statistics. Post-processing: no privacy cost.
+    Trains `model` in place; None when the plan draws no rows."""
+    plan = state.plan
+    if not plan.pretrain_rows:
+        return None
+    rows = coerce_table(state.marginals.tree_rows(plan.pretrain_rows, state.schema,
+                                                  np.random.default_rng(config.train.seed), rules), state.schema)
+    orders = row_orders(codec, len(rows), config) if config.model.column_order == "random" else None
+    sequences = codec.encode_table(rows, orders)
+    masks = grammar_masks(codec, output_token_ids(model), sequences, device, orders) \
+        if config.train.grammar_loss else None
+    return train(model, sequences, codec.tokenizer.pad_token_id, pretraining_config(config.train),
+                 dataclasses.replace(config.privacy, enabled=False), device, progress=progress, masks=masks)
+
+
+def pretraining_config(train_config: TrainConfig) -> TrainConfig:
+    """The first stage of a DP run: one epoch over the rows drawn from the DP statistics, as
+    non-DP training goes (no privacy cost: the rows are post-processing)."""
+    return dataclasses.replace(train_config, **PRETRAINING, max_epochs=1.0, max_steps=None, max_training_time=None,
+                               early_stopping=False, micro_batch_size=min(PRETRAINING["batch_size"],
+                                                                          train_config.micro_batch_size))
+
+
+def train_model(model, encoded: Encoded, units: TrainingUnits, state: RunState, config: RunConfig, device,
+                progress: bool, checkpoints: Checkpoints | None) -> tuple[TrainResult, dict]:
+    """DP-SGD (each unit clipped as one, the statistics' rounds and the metadata spend composed
+    in the accountant, the cap checked before every step) or plain training, of `model` in place
+    on the encoded units; resumes from `checkpoints` when they hold one, and saves the run state
+    with each. Returns the result and the experiment trackers' run ids."""
+    if checkpoints:
+        checkpoints.run_state = state.to_dict()
+    masks = grammar_masks(encoded.codec, output_token_ids(model), encoded.sequences, device, encoded.orders) \
+        if config.train.grammar_loss else None
+    trackers = Trackers(config) if config.train.report_to and process_rank()[0] == 0 else None
+    tracking_ids = {}
+    try:
+        result = train(model, encoded.sequences, encoded.codec.tokenizer.pad_token_id, config.train, config.privacy,
+                       device, progress=progress, subjects=units.clip_groups(), checkpoints=checkpoints,
+                       metadata_epsilon=state.spend.epsilon, metadata_delta=state.spend.delta, masks=masks,
+                       log_step=None if trackers is None else lambda entry: trackers.log(entry, entry["step"]),
+                       prior=statistics_prior(state.plan, units, state.user_schema),
+                       unit_tokens=units.loss_tokens(state.schema))
+    finally:
+        if trackers:
+            tracking_ids = trackers.run_ids
+            trackers.finish()
+    if checkpoints and process_rank()[0] == 0:
+        # The model is out: a checkpoint of it would resume without the steps taken since.
+        shutil.rmtree(checkpoints.folder, ignore_errors=True)
+    return result, tracking_ids
+
+
+def row_orders(codec: RowCodec, num_rows: int, config: RunConfig) -> list[list[int]]:
+    """`model.column_order: random`: each training row's own random column order (drawn from
+    `train.seed`, not from the data), so the model learns every column given any others; rows
+    are sampled in the schema's order."""
+    if not codec.any_order():
+        names = [f.col.name for f in codec.fields if not f.self_delimiting]
+        raise DplmError(f"model.column_order: random needs every column in value tokens (model.value_tokens: true, "
+                        f"no text columns); column '{names[0]}' is not: use column_order auto or schema")
+    rng = np.random.default_rng([config.train.seed, num_rows])
+    return [rng.permutation(len(codec.fields)).tolist() for _ in range(num_rows)]
+
+
+def privacy_record(config: RunConfig, state: RunState, training: TrainResult, split: dict, unit: dict) -> dict:
+    """privacy.json: under DP the accountant's record, the settings and where each column's
+    metadata came from, the privacy unit (`unit`: what the training units say of it) and its
+    count, the quantities treated as public, and which files of the run are released and which
+    are private diagnostics; without DP the metadata sources and the files."""
+    metadata = {c.name: c.source for c in state.schema.columns}
+    release = {"release": dict(RELEASE), "private_diagnostics": {"note": PRIVATE_NOTE, **PRIVATE_DIAGNOSTICS}}
+    p = config.privacy
+    if not p.enabled:
+        return {"dp": False, "metadata_sources": metadata, **release}
+    unit = dict(unit)
+    record = {"dp": True, **training.privacy, "max_grad_norm": p.max_grad_norm,
+              "metadata_estimated_under_dp": state.spend.estimated,
+              "metadata_user_given": [c.name for c in state.schema.columns if c.source == "user"],
+              "privacy_unit": unit.pop("privacy_unit"), "neighbouring": NEIGHBOURS, "secure_mode": p.secure_mode,
+              "metadata_sources": metadata, "public_quantities": dict(PUBLIC_QUANTITIES), **release}
+    if state.canaries is not None:  # random records, also sampling units: q counts them
+        record["audit_canary_rows"] = len(state.canaries) * config.audit.canary_repeats
+    if config.data.subject:
+        # Rows per subject are unbounded: one subject changes the row count by any amount,
+        # so no exact row count is released, only the subject count (changed by one).
+        record["num_training_subjects"] = split["num_training_subjects"]
+    else:
+        record["num_training_rows"] = len(split["train"])
+    return {**record, **unit}
+
+
+def from_rank0(compute):
+    """`compute()` on rank 0 and its result (or its DplmError) on every rank; with one process,
+    just `compute()`."""
+    rank, world = process_rank()
+    result = [None]
+    if rank == 0:
+        try:
+            result = [compute()]
+        except DplmError as e:
+            result = [e]
+    if world > 1:
+        torch.distributed.broadcast_object_list(result, src=0)
+    if isinstance(result[0], DplmError):
+        raise result[0]
+    return result[0]

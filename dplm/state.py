@@ -1,0 +1,63 @@
+"""What a run derived from its data before training, and what it spent on it: the run state.
+
+`stages.analyze` draws it (the completed schema, its DP spend, the history bounds, the audit's
+canaries), `stages.plan_training` and `stages.measure_statistics` add the plan and the table's
+statistics. Every checkpoint saves it (`to_dict`) and a resumed run reads it back (`from_dict`)
+instead of drawing it again: nothing estimated from the data is drawn, or charged, twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import pandas as pd
+
+from dplm.histories import HistoryBounds
+from dplm.marginals import Marginals
+from dplm.planner import MachineSpeed, TrainingPlan
+from dplm.schema import MetadataSpend, Schema
+
+
+@dataclass
+class RunState:
+    """The run's state before training; `schema` in the order the model writes the columns."""
+
+    schema: Schema  # completed (user-given, DP-estimated, or without DP read off the data)
+    user_schema: Schema  # as the user gave it (under DP, before any estimate): the plan and the statistics' rounds
+    spend: MetadataSpend  # epsilon and delta spent on the schema's metadata and the history cap
+    bounds: HistoryBounds | None = None  # histories: the cap and the counts calibrated sampling follows
+    canaries: pd.DataFrame | None = None  # the audit's random records, added to the training units
+    plan: TrainingPlan | None = None
+    speed: MachineSpeed | None = None  # what sized the plan's compute budget (a resumed run keeps it)
+    marginals: Marginals | None = None  # the table's statistics (noisy under DP)
+
+    def to_dict(self) -> dict:
+        return {"schema": self.schema.to_dict(), "user_schema": self.user_schema.to_dict(),
+                "spend": dataclasses.asdict(self.spend),
+                "bounds": None if self.bounds is None else dataclasses.asdict(self.bounds),
+                "canaries": None if self.canaries is None else self.canaries.to_dict("list"),
+                "plan": None if self.plan is None else self.plan.to_dict(),
+                "speed": None if self.speed is None else dataclasses.asdict(self.speed),
+                "marginals": None if self.marginals is None else self.marginals.to_dict()}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> RunState:
+        """The state a checkpoint saved, in today's layout or in the layout of checkpoints
+        written before the state was typed (`given_schema`, and one `metadata` dict holding the
+        spend and the history bounds)."""
+        if "metadata" in values:  # before RunState
+            metadata = values["metadata"]
+            spend = MetadataSpend(metadata["epsilon"], metadata["delta"], metadata["estimated"])
+            bounds = HistoryBounds(metadata["max_history"], metadata["subject_counts"], metadata["subject_sums"]) \
+                if "max_history" in metadata else None
+            user_schema = values["given_schema"]
+        else:
+            spend, user_schema = MetadataSpend(**values["spend"]), values["user_schema"]
+            bounds = values["bounds"] and HistoryBounds(**values["bounds"])
+        speed = values.get("speed")
+        return cls(Schema.from_dict(values["schema"]), Schema.from_dict(user_schema), spend, bounds,
+                   None if values.get("canaries") is None else pd.DataFrame(values["canaries"]),
+                   values.get("plan") and TrainingPlan.from_dict(values["plan"]),
+                   MachineSpeed(**speed) if isinstance(speed, dict) else None,
+                   values.get("marginals") and Marginals.from_dict(values["marginals"]))
