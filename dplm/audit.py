@@ -95,6 +95,86 @@ def membership_inference(member_losses: np.ndarray, other_losses: np.ndarray) ->
             "members": len(member_losses), "non_members": len(other_losses)}
 
 
+def read_canaries(run_dir: Path, names: list[str]) -> tuple[pd.DataFrame | None, np.ndarray | None]:
+    """The run's canaries (their `names` columns) and which of them trained (canaries.csv's
+    "(included)"; a run saved before the coins trained every canary); (None, None) without any."""
+    path = Path(run_dir) / "canaries.csv"
+    if not path.exists():
+        return None, None
+    canaries = pd.read_csv(path)
+    included = canaries["(included)"].to_numpy(dtype=bool) if "(included)" in canaries else np.ones(len(canaries), bool)
+    return canaries[names], included
+
+
+def canary_scores(losses_of, canaries: pd.DataFrame, included: np.ndarray, references: pd.DataFrame, synth) -> dict:
+    """The canaries' audit: the exposure of those that trained among fresh `references`, and the
+    one-run lower bound on epsilon (`one_run_epsilon`) from telling the trained ones from the
+    others by their loss (`losses_of(records)`, a loss per record: lower, more familiar)."""
+    canary_losses, reference_losses = losses_of(canaries), losses_of(references)
+    out = {"count": len(canaries), "training": int(included.sum()), "references": len(references),
+           "repeats": synth.config.audit.canary_repeats, "max_possible": float(math.log2(len(references) + 1))}
+    if included.any():
+        bits = exposure(canary_losses[included], reference_losses)
+        out.update(mean_exposure=float(bits.mean()), max_exposure=float(bits.max()))
+    if synth.config.audit.canary_inclusion == 0.5 and 0 < included.sum() < len(included):
+        delta = synth.privacy_record.get("delta") or 0.0
+        out["one_run"] = one_run_epsilon(-canary_losses, included, delta)
+    return out
+
+
+AUDIT_CONFIDENCE = 0.95  # of the one-run lower bound on epsilon
+GUESS_SHARES = (0.05, 0.1, 0.2, 0.5)  # canaries guessed on each side (shares of all); the rest abstain
+
+
+def one_run_epsilon(scores: np.ndarray, trained: np.ndarray, delta: float, confidence: float = AUDIT_CONFIDENCE
+                    ) -> dict:
+    """A lower bound on epsilon from one training run (Steinke, Nasr and Jagielski 2023, "Privacy
+    Auditing with One (1) Training Run"): each of m canaries trained with probability 1/2 (a
+    secret coin, `trained`); the auditor guesses "trained" for the k highest `scores` and "not"
+    for the k lowest, abstaining on the rest. Under (epsilon, delta)-DP the correct guesses are
+    at most a Binomial(2k, e^epsilon / (1 + e^epsilon)) plus a delta term, so a count that such a
+    binomial reaches with probability below 1 - `confidence` rules epsilon out. The bound is the
+    largest such epsilon over k in `GUESS_SHARES` of m (Bonferroni over the k tried)."""
+    m = len(scores)
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    alpha = (1 - confidence) / len(GUESS_SHARES)
+    best = {"epsilon_lower_bound": 0.0, "guesses": 0, "correct": 0}
+    for share in GUESS_SHARES:
+        k = max(1, min(m // 2, int(share * m)))
+        correct = int(trained[order[:k]].sum() + (~trained[order[m - k:]]).sum())
+        epsilon = epsilon_lower_bound(m, 2 * k, correct, delta, alpha)
+        if epsilon > best["epsilon_lower_bound"] or not best["guesses"]:
+            best = {"epsilon_lower_bound": epsilon, "guesses": 2 * k, "correct": correct}
+    return {**best, "canaries": m, "confidence": confidence, "delta": delta}
+
+
+def epsilon_lower_bound(m: int, guesses: int, correct: int, delta: float, alpha: float) -> float:
+    """The largest epsilon (to 1e-4) whose `guess_p_value` for `correct` of `guesses` is below
+    `alpha` (0 if none is)."""
+    if guess_p_value(m, guesses, correct, 0.0, delta) >= alpha:
+        return 0.0
+    low, high = 0.0, 1.0
+    while guess_p_value(m, guesses, correct, high, delta) < alpha:
+        low, high = high, 2 * high
+    while high - low > 1e-4:
+        mid = (low + high) / 2
+        low, high = (mid, high) if guess_p_value(m, guesses, correct, mid, delta) < alpha else (low, mid)
+    return low
+
+
+def guess_p_value(m: int, guesses: int, correct: int, epsilon: float, delta: float) -> float:
+    """Steinke et al.'s bound on P[at least `correct` of `guesses` right] for an (epsilon, delta)-DP
+    run with m canaries: P[Binomial(guesses, q) >= correct] with q = e^eps / (1 + e^eps), plus
+    2 m delta times the largest P[correct > Binomial >= correct - i] / i."""
+    from scipy.stats import binom  # heavy: imported when an audit runs
+
+    q = 1.0 / (1.0 + math.exp(-epsilon))
+    tail = float(binom.sf(correct - 1, guesses, q))
+    below = np.cumsum(binom.pmf(correct - np.arange(1, correct + 1), guesses, q))
+    spread = float((below / np.arange(1, correct + 1)).max()) if correct else 0.0
+    return min(1.0, tail + 2 * m * delta * spread)
+
+
 def exposure(canary_losses: np.ndarray, reference_losses: np.ndarray) -> np.ndarray:
     """Carlini et al.'s exposure of each canary among the references (in bits)."""
     ranks = 1 + (reference_losses[None, :] < canary_losses[:, None]).sum(axis=1)
@@ -168,17 +248,14 @@ def audit_run(run_dir: str | Path, num_records: int = 1000, num_references: int 
     losses = {name: record_losses(synth, table.iloc[idx][names]) for name, idx in picks.items()}
     result = {"membership_inference": membership_inference(losses["train"], losses["holdout"]),
               "dp": synth.privacy_record.get("dp", False), "epsilon": synth.privacy_record.get("epsilon")}
-    if (run_dir / "canaries.csv").exists():
-        canaries = pd.read_csv(run_dir / "canaries.csv")
+    canaries, included = read_canaries(run_dir, names)
+    if canaries is not None:
         references = random_records(synth.schema, num_references, rng)
-        bits = exposure(record_losses(synth, canaries[names]), record_losses(synth, references))
-        result["canaries"] = {"count": len(canaries), "references": num_references,
-                              "repeats": synth.config.audit.canary_repeats,
-                              "mean_exposure": float(bits.mean()), "max_exposure": float(bits.max()),
-                              "max_possible": float(math.log2(num_references + 1))}
-        for col in synth.schema.columns:  # the canaries' random word strings alone, given their rows
-            if col.kind == "text":
-                bits = exposure(record_losses(synth, canaries[names], column=col.name),
+        result["canaries"] = canary_scores(lambda records: record_losses(synth, records), canaries, included,
+                                           references, synth)
+        for col in synth.schema.columns:  # the trained canaries' random word strings alone, given their rows
+            if col.kind == "text" and included.any():
+                bits = exposure(record_losses(synth, canaries[included], column=col.name),
                                 record_losses(synth, references, column=col.name))
                 result["canaries"].setdefault("text", {})[col.name] = {"mean_exposure": float(bits.mean()),
                                                                        "max_exposure": float(bits.max())}
@@ -213,8 +290,8 @@ def _audit_histories(synth, run_dir: Path, table: pd.DataFrame, rng, num_records
         raise DplmError("the run kept no holdout subjects (data.holdout_fraction: 0); membership inference needs them")
     result = {"membership_inference": membership_inference(losses["train"], losses["holdout"]), "unit": "subject",
               "dp": synth.privacy_record.get("dp", False), "epsilon": synth.privacy_record.get("epsilon")}
-    if (run_dir / "canaries.csv").exists():
-        canaries = pd.read_csv(run_dir / "canaries.csv")
+    canaries, included = read_canaries(run_dir, synth.schema.names)
+    if canaries is not None:
         repeats = synth.config.audit.canary_repeats
 
         def as_subjects(records: pd.DataFrame) -> pd.DataFrame:
@@ -222,11 +299,7 @@ def _audit_histories(synth, run_dir: Path, table: pd.DataFrame, rng, num_records
             rows.insert(0, key, np.tile(np.arange(len(records)), repeats))
             return rows.sort_values(key, kind="stable")
 
-        references = random_records(synth.schema, num_references, rng)
-        bits = exposure(history_losses(synth, as_subjects(canaries[synth.schema.names]), key),
-                        history_losses(synth, as_subjects(references), key))
-        result["canaries"] = {"count": len(canaries), "references": num_references, "repeats": repeats,
-                              "mean_exposure": float(bits.mean()), "max_exposure": float(bits.max()),
-                              "max_possible": float(math.log2(num_references + 1))}
+        result["canaries"] = canary_scores(lambda records: history_losses(synth, as_subjects(records), key), canaries,
+                                           included, random_records(synth.schema, num_references, rng), synth)
     RunDirectory(run_dir).write_json("audit.json", result)
     return result

@@ -131,9 +131,15 @@ def cmd_audit(args) -> None:
           f"{mia['tpr_at_1pct_fpr']:.3f} (chance 0.01), {mia['members']} training vs {mia['non_members']} holdout {unit}")
     if "canaries" in result:
         c = result["canaries"]
-        print(f"canaries: {c['count']} x {c['repeats']} inserted, exposure mean {c['mean_exposure']:.2f} / max "
-              f"{c['max_exposure']:.2f} bits (unseen ~1, memorized up to {c['max_possible']:.1f}; "
-              f"{c['references']} references)")
+        if "mean_exposure" in c:
+            print(f"canaries: {c['count']} drawn, {c['training']} trained ({c['repeats']} rows each); exposure of the "
+                  f"trained mean {c['mean_exposure']:.2f} / max {c['max_exposure']:.2f} bits (unseen ~1, memorized up "
+                  f"to {c['max_possible']:.1f}; {c['references']} references)")
+        if "one_run" in c:
+            o = c["one_run"]
+            claimed = f"; the accountant's epsilon {result['epsilon']:.4g}" if result["dp"] else ""
+            print(f"empirical epsilon (one run, {o['confidence']:.0%} confidence): at least {o['epsilon_lower_bound']:.3f}, "
+                  f"from {o['correct']} of {o['guesses']} membership guesses on {o['canaries']} canaries{claimed}")
         for column, t in c.get("text", {}).items():
             print(f"text canaries in '{column}' (random words, their tokens alone): exposure mean "
                   f"{t['mean_exposure']:.2f} / max {t['max_exposure']:.2f} bits")

@@ -31,7 +31,10 @@ class DataConfig:
     # histories: rows of one subject's history kept (longer ones are cut, and counted); default:
     # the longest without DP, a DP estimate (a noisy 99th percentile, its epsilon counted) under DP
     max_history: int | None = None
-    max_rows: int | None = None  # train on a seeded random subset (after the holdout split)
+    # Train on a subset of the training units (after the holdout split): each kept with this
+    # probability, by a keyed draw of the unit alone (valid under DP)
+    sample_fraction: float = 1.0
+    max_rows: int | None = None  # without DP: whole training units in a seeded random order, up to this many rows
 
 
 TRACKERS = ("tensorboard", "mlflow")
@@ -108,6 +111,9 @@ class PrivacyConfig:
     # Spent only when the schema leaves metadata out: DP estimates of categories, bounds and
     # text lengths share this epsilon (and a tenth of delta when categories are estimated).
     metadata_epsilon: float = 0.2
+    # The training units' count is released only with DP noise (discrete Laplace) at this epsilon:
+    # it sizes the sampling rate and the plan (std 28 units at 0.05)
+    count_epsilon: float = 0.05
 
 
 @dataclass
@@ -132,6 +138,9 @@ class SampleConfig:
 class AuditConfig:
     canaries: int = 0  # random records added to the training rows, for `dplm audit`'s exposure test
     canary_repeats: int = 1  # copies of each canary (rows; one subject with data.subject)
+    # each canary trains with this probability (a secret coin): the others are the audit's non-members,
+    # against which the trained ones are told apart (`dplm audit`'s empirical epsilon)
+    canary_inclusion: float = 0.5
     # categorical column the attribute-inference attack guesses (default: the report's target, else the last one)
     sensitive_column: str | None = None
 
@@ -187,6 +196,8 @@ class RunConfig:
             (p.accountant in ("rdp", "prv"), "privacy.accountant must be 'rdp' or 'prv'"),
             (p.max_records_per_subject >= 1, "privacy.max_records_per_subject must be >= 1"),
             (p.metadata_epsilon > 0, "privacy.metadata_epsilon must be > 0 (e.g. 0.2)"),
+            (p.count_epsilon > 0, "privacy.count_epsilon must be > 0 (e.g. 0.05)"),
+            (0 < self.audit.canary_inclusion <= 1, "audit.canary_inclusion must be in (0, 1] (e.g. 0.5)"),
             ((t.batch_size is None or t.batch_size >= 1) and (t.micro_batch_size is None or t.micro_batch_size >= 1),
              "train.batch_size and train.micro_batch_size must be >= 1"),
             (t.learning_rate is None or t.learning_rate > 0, "train.learning_rate must be > 0"),
@@ -199,6 +210,10 @@ class RunConfig:
              "on the private rows; set train.max_steps or train.max_epochs instead (`dplm plan` prints their epsilon)"),
             (t.checkpoint_every is None or t.checkpoint_every >= 1, "train.checkpoint_every must be >= 1 (or unset)"),
             (0 <= self.data.holdout_fraction < 1, "data.holdout_fraction must be in [0, 1)"),
+            (0 < self.data.sample_fraction <= 1, "data.sample_fraction must be in (0, 1]"),
+            (self.data.max_rows is None or not p.enabled,
+             "data.max_rows cuts the table at a row count, which depends on every unit's rows: not DP; under DP keep "
+             "a share of the units with data.sample_fraction (e.g. 0.1), or give dplm the rows to train on"),
             (self.data.mode in ("histories", "rows"), "data.mode must be 'histories' or 'rows'"),
             (self.data.max_history is None or self.data.max_history >= 1, "data.max_history must be >= 1 (or unset)"),
             (self.data.subject is not None or (self.data.order_by is None and self.data.subjects is None

@@ -50,8 +50,10 @@ from dplm.audit import audit_run
 from dplm.config import RunConfig, apply_overrides, from_dict, load_recipe
 from dplm.data import load_table, write_atomic
 from dplm.errors import DplmError
+from dplm.model import default_device
 from dplm.report import headline_scores, pyplot, report_run
 from dplm.schema import Schema
+from dplm.stages import speed_before_data
 from dplm.synthesizer import Synthesizer
 from dplm.tracking import flatten, prepare_mlflow
 from dplm.workspace import RunDirectory
@@ -148,6 +150,7 @@ def run_point(values: dict, point: dict, threads: int | None = None) -> dict:
             "train_seconds": t.seconds, "rows_per_second": t.rows_per_second, "sample_seconds": sample_seconds,
             **headline_scores(json.loads(report_json.read_text())),
             "membership_auc": mia["auc"], "membership_tpr_at_1pct_fpr": mia["tpr_at_1pct_fpr"],
+            "empirical_epsilon": audit.get("canaries", {}).get("one_run", {}).get("epsilon_lower_bound"),
             "attribute_column": attr.get("column"), "attribute_advantage": attr.get("advantage"),
             **{f"attribute_{a}_{who}": attr[a][f"accuracy_{who}"] for a in ("nearest_neighbour", "classifier")
                for who in ("members", "non_members") if a in attr},
@@ -258,6 +261,7 @@ def sweep(config: RunConfig, out_dir: str | Path, workers: int = 1, ray_address:
 def _run_in_processes(jobs, workers: int, finished) -> None:
     gpus = torch.cuda.device_count()
     threads = None if gpus else max(1, len(os.sched_getaffinity(0)) // min(workers, len(jobs)))
+    measure_speeds_alone([values for values, _ in jobs], threads)
     context = multiprocessing.get_context("spawn")
     slots = context.Queue()
     for i in range(workers):
@@ -271,6 +275,23 @@ def _run_in_processes(jobs, workers: int, finished) -> None:
             except Exception as e:  # the worker process died (out of memory, killed): rerun to retry
                 result = {**futures[future], "error": _one_line(e)}
             finished(result)
+
+
+def measure_speeds_alone(settings: list[dict], threads: int | None) -> None:
+    """Each DP point's machine speed (`stages.speed_before_data`), measured here, one at a time
+    and before any point runs, with the threads a worker will have: the workers read it from the
+    cache. A timing taken in a worker beside other points' private training would depend on
+    them, and it sizes the batch, steps and noise the point's plan releases."""
+    before = torch.get_num_threads()
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        for values in settings:
+            config = from_dict(RunConfig, values)
+            if config.privacy.enabled:
+                speed_before_data(config, config.data.schema, default_device())
+    finally:
+        torch.set_num_threads(before)
 
 
 def _worker_start(slots, gpus: int) -> None:
@@ -369,11 +390,16 @@ def charts(table: pd.DataFrame, default: tuple[float, float]) -> dict[str, bytes
             panel(ax, column, label)
         ax.set_title(CHARTS[name])
         save(fig, name)
-    fig, axes = plt.subplots(1, 2, figsize=(15, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(22, 4.5))
     for ax, column, label, chance in ((axes[0], "membership_auc", "membership inference AUC (model losses)", 0.5),
-                                      (axes[1], "attribute_advantage", "attribute inference advantage", 0.0)):
-        if column in ok:
+                                      (axes[1], "attribute_advantage", "attribute inference advantage", 0.0),
+                                      (axes[2], "empirical_epsilon", "empirical epsilon (one-run lower bound, 95 %)",
+                                       None)):
+        if column in ok and ok[column].notna().any():
             panel(ax, column, label, chance)
+    if len(dp):  # what the accountant promises: no empirical bound may pass it
+        axes[2].plot(dp["epsilon"], dp["epsilon"], color="black", lw=0.8, ls=":", label="the accountant's epsilon")
+        axes[2].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle(CHARTS["privacy"])
     save(fig, "privacy")
     fig, ax = plt.subplots(figsize=(max(7, 0.3 * len(ok)), 4.5))
@@ -416,7 +442,7 @@ def default_summary(table: pd.DataFrame, default: tuple[float, float]) -> str | 
 
 TABLE_COLUMNS = ["name", "noise_multiplier", "max_grad_norm", "baseline_epochs", "epsilon", "steps", "epochs",
                  "accuracy", "discriminator_auc", "dcr_share", "tstr_accuracy", "membership_auc",
-                 "attribute_advantage", "train_seconds", "seconds", "stop_reason", "error"]
+                 "attribute_advantage", "empirical_epsilon", "train_seconds", "seconds", "stop_reason", "error"]
 
 
 def write_page(table: pd.DataFrame, config: RunConfig, out_dir: Path) -> Path:

@@ -5,6 +5,7 @@ from the recipe. `Synthesizer.fit`, `dplm.plan`, the report and the audit read t
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,49 +98,89 @@ def history_tables(events: pd.DataFrame, subjects, config: RunConfig) -> tuple[p
 
 def split_rows(table: pd.DataFrame, config: RunConfig, subject_table: pd.DataFrame | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
-    """Training and holdout row indexes (by subject when `data.subject` is set: over the subject
-    table's subjects when there is one, `subject_table` or the file `data.subjects`)."""
+    """Training and holdout row positions. Each unit's side is a keyed draw of that unit alone
+    (`unit_draws`: of its subject key with `data.subject`, over the subject table's subjects when
+    there is one, `subject_table` or the file `data.subjects`; else of its row): adding or removing
+    one unit moves no other unit from one side to the other. `data.sample_fraction` keeps each
+    training unit with that probability (a second draw); `data.max_rows` (without DP) keeps whole
+    training units, in a seeded random order, up to that many rows."""
     subject = config.data.subject
     if subject is not None and subject not in table.columns:
         raise DplmError(f"data.subject '{subject}' is not a column of the table; choose one of {list(table.columns)}")
     if subject_table is None and subject and config.data.subjects and config.data.mode == "histories":
         subject_table = load_table(config.data.subjects)
-    if subject_table is not None:
-        keys = training_keys(table, config, subject_table)
-        in_train = table[subject].isin(keys).to_numpy()
-        train_idx, holdout_idx = np.flatnonzero(in_train), np.flatnonzero(~in_train)
+    if subject:
+        in_train = table[subject].isin(training_keys(table, config, subject_table)).to_numpy()
+        held = ~in_train & table[subject].isin(holdout_keys(table, config, subject_table)).to_numpy()
     else:
-        train_idx, holdout_idx = split_indexes(len(table), config.data.holdout_fraction, config.train.seed,
-                                               table[subject] if subject else None)
+        draws = unit_draws(table, config.train.seed, "holdout")
+        held = draws < config.data.holdout_fraction
+        in_train = ~held & (unit_draws(table, config.train.seed, "sample") < config.data.sample_fraction)
+    train_idx, holdout_idx = np.flatnonzero(in_train), np.flatnonzero(held)
     if config.data.max_rows:
-        train_idx = train_idx[: config.data.max_rows]
+        train_idx = seeded_first_rows(table, train_idx, config)
     if len(train_idx) == 0:
         raise DplmError("no training rows left after the holdout split; lower data.holdout_fraction")
     return train_idx, holdout_idx
 
 
-def split_indexes(num_rows: int, holdout_fraction: float, seed: int,
-                  subjects: pd.Series | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded train/holdout split: `permutation[:n_train]` trains, the rest is held out.
+def seeded_first_rows(table: pd.DataFrame, rows: np.ndarray, config: RunConfig) -> np.ndarray:
+    """`rows` cut to `data.max_rows`: whole units (rows, or subjects) in a seeded random order."""
+    subject, most = config.data.subject, config.data.max_rows
+    units = table[subject].iloc[rows] if subject else table.iloc[rows]
+    ordered = rows[np.lexsort((rows, unit_draws(units, config.train.seed, "order")))]  # a subject's rows together
+    kept = ordered[:most]
+    if subject and len(ordered) > most:
+        keys = table[subject].iloc[ordered].to_numpy()
+        if keys[most - 1] == keys[most] and keys[0] != keys[most]:  # the cut went through a subject: it leaves
+            kept = kept[keys[:most] != keys[most]]
+    return np.sort(kept)
 
-    With `subjects` (one id per row) the permutation is over the sorted distinct subjects, so
-    all rows of a subject fall on the same side."""
-    if subjects is None:
-        order = np.random.default_rng(seed).permutation(num_rows)
-        n_train = int(round(num_rows * (1 - holdout_fraction)))
-        return order[:n_train], order[n_train:]
-    in_train = subjects.isin(subject_split(subjects, holdout_fraction, seed)).to_numpy()
-    return np.flatnonzero(in_train), np.flatnonzero(~in_train)
+
+def unit_draws(units: pd.DataFrame | pd.Series, seed: int, purpose: str) -> np.ndarray:
+    """A draw uniform in [0, 1) for each unit (a subject key, or a row's values) from its
+    `unit_hashes`: it depends on nothing else in the table."""
+    return (unit_hashes(units, seed, purpose) >> np.uint64(11)).astype(np.float64) / 2.0**53
 
 
-def subject_split(keys: pd.Series, holdout_fraction: float, seed: int) -> set:
-    """The training subjects: the permutation over the sorted distinct `keys`, its first share."""
-    uniques = np.unique(keys.dropna().to_numpy())
-    train, _ = split_indexes(len(uniques), holdout_fraction, seed)
-    return set(uniques[train].tolist())
+def unit_hashes(units: pd.DataFrame | pd.Series, seed: int, purpose: str) -> np.ndarray:
+    """A 64-bit hash of each unit alone (a subject key (`units` a Series), or a row's values and how
+    many identical rows come before it (a DataFrame)), mixed with a key made of `train.seed` and `purpose` (holdout, sample,
+    order, ...): independent across purposes. Identical rows are interchangeable, so numbering
+    their copies keeps each one's draw its own: removing a copy leaves the others' draws as a
+    table without that copy would have them."""
+    key = np.frombuffer(hashlib.blake2b(f"dplm:{purpose}:{seed}".encode(), digest_size=8).digest(), dtype=np.uint64)
+    hashes = pd.util.hash_pandas_object(units, index=False).to_numpy(dtype=np.uint64)  # keyless for numbers
+    copies = pd.Series(hashes).groupby(hashes).cumcount().to_numpy(dtype=np.uint64) \
+        if isinstance(units, pd.DataFrame) else np.uint64(0)  # keys: a subject's rows share its draw
+    return _splitmix64(_splitmix64(hashes ^ key[0]) ^ copies)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser: each output bit depends on every input bit (uint64 arithmetic wraps)."""
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def subject_keys(table: pd.DataFrame, config: RunConfig, subject_table: pd.DataFrame | None) -> np.ndarray:
+    """The distinct subjects: of the subject table when there is one, else of the events."""
+    keys = subject_table[config.data.subject] if subject_table is not None else table[config.data.subject]
+    return pd.unique(keys.dropna())
+
+
+def holdout_keys(table: pd.DataFrame, config: RunConfig, subject_table: pd.DataFrame | None) -> set:
+    """The held-out subjects' keys: those whose draw falls below `data.holdout_fraction`."""
+    keys = subject_keys(table, config, subject_table)
+    return set(keys[unit_draws(pd.Series(keys), config.train.seed, "holdout") < config.data.holdout_fraction].tolist())
 
 
 def training_keys(table: pd.DataFrame, config: RunConfig, subject_table: pd.DataFrame | None) -> set:
-    """The training subjects' keys: of the subject table when there is one, else of the events."""
-    keys = subject_table[config.data.subject] if subject_table is not None else table[config.data.subject]
-    return subject_split(keys, config.data.holdout_fraction, config.train.seed)
+    """The training subjects' keys: not held out, and kept by `data.sample_fraction`."""
+    keys = pd.Series(subject_keys(table, config, subject_table))
+    seed = config.train.seed
+    kept = (unit_draws(keys, seed, "holdout") >= config.data.holdout_fraction) & \
+        (unit_draws(keys, seed, "sample") < config.data.sample_fraction)
+    return set(keys[kept].tolist())

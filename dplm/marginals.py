@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pandas as pd
 
-from dplm.privacy import number_grid
+from dplm.privacy import integer_release, number_grid
 from dplm.schema import Schema
 from dplm.serialize import from_scaled, scaled_bounds, to_scaled_many
 
@@ -330,41 +330,65 @@ class Marginals:
 
 
 def measure(df: pd.DataFrame, schema: Schema, units: list[list[int]], noise: dict[str, float] | None,
-            rng=None, given: Schema | None = None) -> Marginals:
+            rng=None, given: Schema | None = None, count: int | None = None) -> Marginals:
     """The marginals of `df` (typed by `schema`, as `coerce_table` returns it) over its
     non-text columns: exact with `noise=None`, else each round with its Gaussian noise
-    multiplier (`noise["one_way"]`, `noise["two_way"]`, `noise["both_nonzero"]`) and one random
-    row per privacy unit. Which tables a round holds depends on the `given` schema only (the
-    user's, before any DP estimate: `statistics_rounds`). `rng` draws the rows and the noise
-    (`privacy.secret_rng`)."""
+    multiplier (`noise["one_way"]`, `noise["two_way"]`, `noise["both_nonzero"]`), released as
+    integers, and one random row per privacy unit (none for a unit without rows: a subject
+    without events). Which tables a round holds depends on the `given` schema only (the user's,
+    before any DP estimate: `statistics_rounds`); the coarse bins and `Marginals.units` on
+    `count`, the public count of units (under DP their DP count; default: `units`' count).
+    `rng` draws the rows and the noise (`privacy.secret_rng`)."""
     columns = [schema[name] for name in schema.names if schema[name].kind != "text"]
     bins = [ColumnBins.of(col) for col in columns]
+    count = len(units) if count is None else count
     if noise is not None:  # one random row per unit: each unit adds one to one cell of each table
-        picks = np.array([unit[rng.integers(len(unit))] for unit in units])
+        picks = np.array([unit[rng.integers(len(unit))] for unit in units if unit], dtype=np.int64)
         df = df.iloc[picks]
-    fine = {b.name: b.fine_index(df[b.name], col) for b, col in zip(bins, columns)}
+    fine = fine_indexes(df, bins, columns)
     candidates = exclusive_candidates(given or schema)
     sizes = statistics_rounds(given or schema)
     sigma = {k: 0.0 if noise is None else noise[k] * math.sqrt(sizes[k]) for k in sizes}
 
     def noisy(counts: np.ndarray, k: str) -> np.ndarray:
-        return counts if noise is None else counts + rng.normal(0.0, sigma[k], size=counts.shape)
+        return counts if noise is None else integer_release(counts + rng.normal(0.0, sigma[k], size=counts.shape))
 
-    one_way = {b.name: noisy(np.bincount(fine[b.name], minlength=b.num_fine).astype(float), "one_way")
-               for b in bins}
-    coarse_bins = coarse_bin_count(len(units), sigma["two_way"])
+    # Round 1, then round 2 over coarse bins chosen from round 1's release, then round 3.
+    one_way = {name: noisy(counts, "one_way") for name, counts in one_way_counts(fine, bins).items()}
+    coarse_bins = coarse_bin_count(count, sigma["two_way"])
     for b in bins:
         b.coarse = _coarsen(b, one_way[b.name], coarse_bins)
-    two_way = {}
+    two_way = {key: noisy(counts, "two_way").tolist() for key, counts in two_way_counts(fine, bins).items()}
+    both_nonzero = {key: float(noisy(np.array([n]), "both_nonzero")[0])
+                    for key, n in both_nonzero_counts(df, candidates).items()}
+    return Marginals(bins, count, {k: v.tolist() for k, v in one_way.items()}, two_way, both_nonzero, sigma)
+
+
+def fine_indexes(df: pd.DataFrame, bins: list[ColumnBins], columns: list) -> dict[str, np.ndarray]:
+    """Each row's fine bin of each column."""
+    return {b.name: b.fine_index(df[b.name], col) for b, col in zip(bins, columns)}
+
+
+def one_way_counts(fine: dict[str, np.ndarray], bins: list[ColumnBins]) -> dict[str, np.ndarray]:
+    """Round 1: each column's rows per fine bin."""
+    return {b.name: np.bincount(fine[b.name], minlength=b.num_fine).astype(float) for b in bins}
+
+
+def two_way_counts(fine: dict[str, np.ndarray], bins: list[ColumnBins]) -> dict[str, np.ndarray]:
+    """Round 2: each pair of columns' rows per pair of coarse bins (`ColumnBins.coarse` set)."""
+    out = {}
     for a, b in itertools.combinations(bins, 2):
         ca, cb = np.asarray(a.coarse)[fine[a.name]], np.asarray(b.coarse)[fine[b.name]]
         counts = np.bincount(ca * b.num_coarse + cb, minlength=a.num_coarse * b.num_coarse).astype(float)
-        two_way[f"{a.name}|{b.name}"] = noisy(counts.reshape(a.num_coarse, b.num_coarse), "two_way").tolist()
+        out[f"{a.name}|{b.name}"] = counts.reshape(a.num_coarse, b.num_coarse)
+    return out
+
+
+def both_nonzero_counts(df: pd.DataFrame, candidates: list[str]) -> dict[str, float]:
+    """Round 3: for each pair of `candidates`, the rows where both are present and not 0."""
     nonzero = {c: (df[c].notna() & (pd.to_numeric(df[c], errors="coerce").fillna(0) != 0)).to_numpy()
                for c in candidates}
-    both_nonzero = {f"{a}|{b}": float(noisy(np.array([float((nonzero[a] & nonzero[b]).sum())]), "both_nonzero")[0])
-                    for a, b in itertools.combinations(candidates, 2)}
-    return Marginals(bins, len(units), {k: v.tolist() for k, v in one_way.items()}, two_way, both_nonzero, sigma)
+    return {f"{a}|{b}": float((nonzero[a] & nonzero[b]).sum()) for a, b in itertools.combinations(candidates, 2)}
 
 
 def exclusive_candidates(schema: Schema) -> list[str]:

@@ -159,7 +159,8 @@ def machine_speed(config: RunConfig, schema, device, unit_rows: float | None = N
         return None
     tokens = unit_tokens(schema, unit_rows)
     texts = any(c.kind == "text" for c in schema.columns)
-    key = json.dumps([platform.node(), platform.processor(), str(device), torch.get_num_threads(), m.base, m.layers,
+    # No host name: plan.json, which holds the key, is released (the cache lives on this machine anyway).
+    key = json.dumps([platform.machine(), platform.processor(), str(device), torch.get_num_threads(), m.base, m.layers,
                       m.precision, m.lora_r, sorted(m.target_modules), m.prune_vocab and not texts, tokens])
     path = models.cache_dir() / "speed.json"
     cached = json.loads(path.read_text()) if path.exists() else {}
@@ -341,6 +342,16 @@ def statistics_history(plan: TrainingPlan, schema) -> list:
         return []
     z = plan.statistics_noise
     return noise_history({"one_way": z, "two_way": z, "both_nonzero": z}, schema)
+
+
+def resumed(plan: TrainingPlan, config: RunConfig) -> TrainingPlan:
+    """A checkpoint's plan for its resumed run: the same noise, batch, rate and statistics, with
+    the stopping limits (and micro-batch) the recipe gives now (`workspace.RESUMABLE_CHANGES`)."""
+    t = config.train
+    changes = {name: getattr(t, name) for name in ("max_steps", "max_epochs", "max_training_time", "micro_batch_size")
+               if getattr(t, name) is not None}
+    chosen = [name for name in plan.chosen if name not in changes]
+    return dataclasses.replace(plan, **changes, chosen=chosen)
 
 
 def resolved(config: RunConfig, plan: TrainingPlan) -> RunConfig:

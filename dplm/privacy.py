@@ -21,6 +21,7 @@ import torch
 
 from dplm.errors import DplmError
 
+PRV_STEP_EPS_ERROR, PRV_RECORD_EPS_ERROR = 0.01, 0.001  # the PRV accountant's error: before each step, reported
 # Opacus' RDP warns when its largest order is optimal (tiny epsilons); the bound is still valid.
 warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
 
@@ -30,22 +31,22 @@ PUBLIC_QUANTITIES = {
         "the table's column names and their order (the synthetic rows' column order), which must match the "
         "schema, and every column's kind, which under DP the schema gives (never read off the data)"
     ),
-    "num_training_units": (
-        "exact count of training units (rows, or subjects with data.subject), used for the sampling rate "
-        "q = batch_size / N; treated as public, as in Opacus and the DP-SGD literature (add/remove-one-unit "
-        "neighbours change it by one)"
-    ),
     "steps": (
         "the number of DP steps: fixed before training by train.max_steps, train.max_epochs and the epsilon "
         "cap (data-independent; train.max_training_time is refused under DP)"
     ),
     "plan": (
-        "the settings dplm chose (plan.json): from the unit count, epsilon, delta, the schema's kinds and given "
-        "bounds, and the compute budget only (a history counts as a fixed number of rows in the budget)"
+        "the settings dplm chose (plan.json): from the DP count of training units, epsilon, delta, the schema's "
+        "kinds and given bounds, and the compute budget, measured on dummy rows before the data was read (a "
+        "history counts as a fixed number of rows in the budget)"
     ),
+    "audit_canaries": "the audit's random records and which of them trained: drawn from the schema, not the data",
 }
-NEIGHBOURS = ("training tables that differ by adding or removing one privacy unit; the holdout split is fixed "
-              "by train.seed before training and held-out rows reach nothing that is released")
+NEIGHBOURS = ("add/remove one privacy unit: training tables that differ by one unit (a row, or a subject with all "
+              "of its rows). No exact count of units is released (only a DP count, counted in epsilon, which sizes "
+              "the sampling rate); each unit's side of the holdout split is a keyed draw of that unit alone "
+              "(train.seed), so adding or removing a unit moves no other, and held-out units reach nothing that "
+              "is released")
 
 
 def make_accountant(name: str):
@@ -129,11 +130,16 @@ class PrivacyBudget:
         return sum(h[2] for h in self.accountant.history) - sum(h[2] for h in self.prior)
 
     @staticmethod
-    def _epsilon_of(accountant, delta: float) -> float:
+    def _epsilon_of(accountant, delta: float, fine: bool = False) -> float:
+        """The accountant's epsilon at `delta`: an upper bound. PRV's is within its `eps_error` of
+        the exact figure: 0.01 for the check before every step (fast, conservative), 0.001 with
+        `fine` for the epsilon a run reports (about a second)."""
         if not accountant.history:
             return 0.0
+        errors = {"eps_error": PRV_RECORD_EPS_ERROR if fine else PRV_STEP_EPS_ERROR} \
+            if not isinstance(accountant, _cached_rdp_class()) else {}
         with np.errstate(divide="ignore", invalid="ignore"):  # PRV's log(1 - q) at q = 1 (the statistics' rounds)
-            return float(accountant.get_epsilon(delta=delta))
+            return float(accountant.get_epsilon(delta=delta, **errors))
 
     def training_epsilon(self) -> float:
         if self._training_epsilon is None:
@@ -165,9 +171,12 @@ class PrivacyBudget:
         self._training_epsilon = self._next_training_epsilon = None
 
     def record(self) -> dict:
+        """The accounting a run reports, its training epsilon the finer of the accountant's two
+        upper bounds (`_epsilon_of`)."""
+        training = min(self.training_epsilon(), self._epsilon_of(self.accountant, self.delta, fine=True))
         return {
-            "epsilon": self.epsilon(),
-            "training_epsilon": self.training_epsilon(),
+            "epsilon": self.metadata_epsilon + training,
+            "training_epsilon": training,
             "metadata_epsilon": self.metadata_epsilon,
             "delta": self.delta + self.metadata_delta,
             "training_delta": self.delta,
@@ -256,6 +265,27 @@ class SecureRandom:
         """Laplace(loc, scale) by inversion of uniforms in (0, 1) from `secure_uniform`."""
         u = secure_uniform(size) - 0.5
         return loc - scale * np.sign(u) * np.log1p(-2.0 * np.abs(u))
+
+    def geometric(self, p: float, size: int | None = None):
+        """Trials to the first success of probability p (1, 2, ...), by inversion."""
+        draws = np.ceil(np.log(secure_uniform(1 if size is None else size)) / np.log1p(-p)).astype(np.int64)
+        return int(draws[0]) if size is None else draws
+
+
+def dp_count(count: int, epsilon: float, rng) -> int:
+    """A count of units (sensitivity 1 under adding or removing one) released epsilon-DP as an
+    integer: plus discrete Laplace noise, P(k) proportional to exp(-epsilon |k|) (the difference
+    of two geometric draws), and at least 1."""
+    p = 1.0 - math.exp(-epsilon)
+    return max(1, int(count) + int(rng.geometric(p)) - int(rng.geometric(p)))
+
+
+def integer_release(noisy: np.ndarray) -> np.ndarray:
+    """Noisy counts as the integers a release holds: rounded (post-processing). A count with
+    continuous noise released at full precision lets its low bits tell which value the noise was
+    added to (Mironov 2012); rounded to integers far coarser than the floats' spacing, nothing of
+    them is left."""
+    return np.rint(noisy).astype(np.int64)
 
 
 def category_threshold(epsilon: float, delta: float) -> float:

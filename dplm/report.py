@@ -321,8 +321,17 @@ def render_html(metrics: dict, charts: dict, run_info: dict | None) -> str:
                     ("true-positive rate at 1% false positives (chance 0.01)", mia["tpr_at_1pct_fpr"])]
             if "canaries" in audit:
                 c = audit["canaries"]
-                rows += [(f"canary exposure, mean of {c['count']} (bits; unseen ~1, max {c['max_possible']:.1f})",
-                          c["mean_exposure"]), ("canary exposure, max (bits)", c["max_exposure"])]
+                if "mean_exposure" in c:
+                    rows += [(f"canary exposure, mean of the {c.get('training', c['count'])} trained (bits; unseen "
+                              f"~1, max {c['max_possible']:.1f})", c["mean_exposure"]),
+                             ("canary exposure, max (bits)", c["max_exposure"])]
+                if "one_run" in c:
+                    o = c["one_run"]
+                    rows.append((f"empirical epsilon, a lower bound from one run ({o['confidence']:.0%}; "
+                                 f"{o['correct']} of {o['guesses']} guesses right on {o['canaries']} canaries)",
+                                 o["epsilon_lower_bound"]))
+                    if audit.get("dp"):
+                        rows.append(("the accountant's epsilon (an upper bound)", audit["epsilon"]))
                 rows += [(f"text canaries in '{column}' (random words, their tokens alone): exposure mean / max "
                           "(bits)", f"{t['mean_exposure']:.2f} / {t['max_exposure']:.2f}")
                          for column, t in c.get("text", {}).items()]

@@ -27,16 +27,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from dplm import model as models
 from dplm.config import RunConfig, TrainConfig
 from dplm.errors import DplmError
 from dplm.marginals import Rules, measure
-from dplm.planner import TrainingPlan, machine_speed, make_plan, statistics_history
-from dplm.privacy import METADATA_DELTA_SHARE, NEIGHBOURS, PUBLIC_QUANTITIES, secret_rng
+from dplm.histories import HISTORY_PLAN_ROWS
+from dplm.inputs import is_history, unit_hashes
+from dplm.planner import MachineSpeed, TrainingPlan, machine_speed, make_plan, resumed, statistics_history
+from dplm.privacy import METADATA_DELTA_SHARE, NEIGHBOURS, PUBLIC_QUANTITIES, dp_count, secret_rng
 from dplm.sample import grammar_masks, output_token_ids
-from dplm.schema import MetadataSpend, Schema, coerce_table, estimate_schema_dp, random_records, require_kinds
+from dplm.schema import (
+    MetadataSpend, Schema, coerce_table, dp_metadata_spend, estimate_schema_dp, random_records, require_kinds,
+)
 from dplm.serialize import RowCodec
 from dplm.state import RunState
 from dplm.tracking import Trackers
@@ -66,58 +71,99 @@ def user_schema_of(schema: Schema | str | None, config: RunConfig) -> Schema | N
     return schema
 
 
-def analyze(units: TrainingUnits, schema: Schema | str | None, config: RunConfig, tokenizer) -> RunState:
+def speed_before_data(config: RunConfig, schema: Schema | str | None, device) -> MachineSpeed | None:
+    """Under DP with a compute budget to size: this machine's training speed, measured on dummy
+    rows shaped by the user's schema (`planner.machine_speed`) before any private data is read,
+    so its timing owes nothing to the private rows (it sizes the batch, steps and noise the plan
+    releases). None where no budget is sized (or the schema is missing: `analyze` says so)."""
+    user_schema = user_schema_of(schema, config)
+    if user_schema is None:
+        return None
+    return machine_speed(config, user_schema, device, HISTORY_PLAN_ROWS if is_history(config) else None)
+
+
+def analyze(units: TrainingUnits, schema: Schema | str | None, config: RunConfig, tokenizer,
+            speed: MachineSpeed | None = None) -> RunState:
     """Complete the user's `schema` from the units' rows (`units.frame`): under DP the metadata it
-    leaves out is estimated with DP mechanisms (one random row per unit) and the history cap
-    drawn as a noisy quantile, both counted in epsilon; without DP both are read off the data.
-    Draw the audit's canaries from the completed schema's domain. Reads the units; returns the
-    run state (nothing is written)."""
+    leaves out is estimated with DP mechanisms (one random row per unit), the history cap drawn
+    as a noisy quantile and the units counted with noise, all counted in epsilon (`planned_spend`);
+    without DP all are read off the data. Draw the audit's canaries from the completed schema's
+    domain, each to train or not by a secret coin (`audit.canary_inclusion`). Reads the units;
+    returns the run state (with the machine's `speed`; nothing is written)."""
     p = config.privacy
     user_schema = user_schema_of(schema, config)
 
     def text_lengths(texts: list[str]) -> list[int]:
         return [len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids]
 
+    count = None
     if p.enabled:
         user_schema = require_kinds(units.frame, user_schema)
         # Rank 0 draws (secret noise differs per process); every rank gets its result.
-        schema, spend = from_rank0(lambda: estimate_schema_dp(
+        schema, _ = from_rank0(lambda: estimate_schema_dp(
             units.frame, user_schema, units.groups, p.metadata_epsilon, p.delta * METADATA_DELTA_SHARE, text_lengths,
             secret_rng(p.secure_mode)))
-        spend, bounds = from_rank0(lambda: units.bound(config, spend, schema, secret_rng(p.secure_mode)))
-        if p.max_epsilon is not None and spend.epsilon >= p.max_epsilon:
-            raise DplmError(f"privacy.metadata_epsilon {p.metadata_epsilon} leaves nothing of privacy.max_epsilon "
-                            f"{p.max_epsilon} for training; lower it or give the schema's metadata")
+        _, bounds = from_rank0(lambda: units.bound(config, MetadataSpend(), schema, secret_rng(p.secure_mode)))
+        count = from_rank0(lambda: dp_count(units.count(), p.count_epsilon, secret_rng(p.secure_mode)))
+        spend = planned_spend(units, user_schema, config)  # what those draws spent
         schema.check_dp_safe()
     else:
         schema = user_schema = units.complete_schema(user_schema, text_lengths)
         spend, bounds = units.bound(config, MetadataSpend(), schema)
     if schema.output_order is None and set(units.frame.columns) == set(schema.names):
         schema.set_output_order(list(units.frame.columns))  # the rows come out in the table's column order
-    canaries = from_rank0(lambda: random_records(schema, config.audit.canaries, secret_rng())) \
-        if config.audit.canaries else None  # random records whose exposure `dplm audit` measures
-    return RunState(schema, user_schema, spend, bounds, canaries)
+    canaries, included = None, None
+    if config.audit.canaries:  # random records whose membership and exposure `dplm audit` measures
+        canaries, included = from_rank0(lambda: canary_records(schema, config))
+    return RunState(schema, user_schema, spend, bounds, canaries, speed=speed, count=count, canary_included=included)
+
+
+def planned_spend(units: TrainingUnits, user_schema: Schema, config: RunConfig) -> MetadataSpend:
+    """What a DP run spends before training, from public quantities alone (so `dplm plan` knows
+    it): the schema's metadata estimates (`schema.dp_metadata_spend`), the history cap's
+    (`TrainingUnits.planned_spend`) and the DP count of units (`privacy.count_epsilon`)."""
+    p = config.privacy
+    spend = dp_metadata_spend(user_schema, p.metadata_epsilon, p.delta * METADATA_DELTA_SHARE)
+    return units.planned_spend(config, spend).plus(p.count_epsilon, {"(training units)": ["count"]})
+
+
+def canary_records(schema: Schema, config: RunConfig) -> tuple:
+    """`audit.canaries` random records of the schema's domain, and for each a secret coin:
+    whether it trains (probability `audit.canary_inclusion`)."""
+    rng = secret_rng()
+    records = random_records(schema, config.audit.canaries, rng)
+    return records, (rng.random(len(records)) < config.audit.canary_inclusion).tolist()
+
+
+def check_spend(state: RunState, config: RunConfig) -> None:
+    """The spend before training must leave room under `privacy.max_epsilon` (checked on resume too)."""
+    p = config.privacy
+    if p.enabled and p.max_epsilon is not None and state.spend.epsilon >= p.max_epsilon:
+        raise DplmError(f"the epsilon spent before training, {state.spend.epsilon:.4g} (privacy.metadata_epsilon "
+                        f"{p.metadata_epsilon} where metadata is estimated, privacy.count_epsilon {p.count_epsilon}), "
+                        f"leaves nothing of privacy.max_epsilon {p.max_epsilon} for training; lower them or give the "
+                        "schema's metadata")
 
 
 def type_rows(units: TrainingUnits, state: RunState, config: RunConfig) -> None:
-    """Type the units' rows by the state's schema and add the state's canaries to them, each
-    canary one more unit with `audit.canary_repeats` copies of its record. Writes the units."""
+    """Type the units' rows by the state's schema and add the canaries that train to them, each
+    one more unit with `audit.canary_repeats` copies of its record. Writes the units."""
     units.type(state.schema)
     if state.canaries is not None:
-        units.add_canaries(state.canaries, config.audit.canary_repeats)
+        units.add_canaries(state.training_canaries(), config.audit.canary_repeats)
 
 
-def plan_training(config: RunConfig, units: TrainingUnits, state: RunState, device) -> TrainingPlan:
+def plan_training(config: RunConfig, units: TrainingUnits, state: RunState) -> TrainingPlan:
     """The settings the recipe leaves out (`planner.make_plan`), from public quantities: the
-    unit count (the audit's canaries included), the user's schema, the state's metadata spend,
-    and this machine's speed (measured on dummy rows; a resumed run keeps the speed its plan
-    was sized by, as another machine would measure another). Writes the state's speed."""
-    unit_rows = units.plan_rows(config.privacy.enabled)
-    if state.speed is None:
-        state.speed = machine_speed(config, state.user_schema, device, unit_rows)
-    count = units.public_count(config.audit.canaries, config.audit.canary_repeats)
-    return make_plan(config, count, state.user_schema, state.spend.epsilon, state.spend.delta, unit_rows=unit_rows,
-                     speed=state.speed)
+    unit count (under DP the DP count) with the canaries that train, the user's schema, the
+    state's spend and machine speed. A resumed run keeps its checkpoint's plan (its noise, batch
+    and statistics), with the stopping limits the recipe gives now."""
+    if state.plan is not None:
+        return resumed(state.plan, config)
+    count = (units.count() if state.count is None else state.count) + units.canary_units(
+        sum(state.canary_included or []), config.audit.canary_repeats)
+    return make_plan(config, count, state.user_schema, state.spend.epsilon, state.spend.delta,
+                     unit_rows=units.plan_rows(config.privacy.enabled), speed=state.speed)
 
 
 def measure_statistics(units: TrainingUnits, state: RunState, config: RunConfig) -> None:
@@ -135,7 +181,7 @@ def measure_statistics(units: TrainingUnits, state: RunState, config: RunConfig)
         z = plan.statistics_noise
         state.marginals = from_rank0(lambda: measure(
             rows, schema, groups, {"one_way": z, "two_way": z, "both_nonzero": z}, secret_rng(p.secure_mode),
-            units.statistics_schema(state.user_schema)))
+            units.statistics_schema(state.user_schema), count=plan.units))
     if state.marginals and config.model.column_order == "auto":
         state.schema = state.schema.in_order(state.marginals.column_order(config.train.seed))
 
@@ -160,7 +206,7 @@ def encode(units: TrainingUnits, state: RunState, tokenizer, config: RunConfig) 
     """The codec of the state's schema and the units' token sequences (`model.column_order:
     random`: each row in its own column order). Reads the typed units."""
     codec = units.codec(state.schema, tokenizer, config.model.value_tokens, state.bounds)
-    orders = row_orders(codec, units.count(), config) if config.model.column_order == "random" else None
+    orders = row_orders(codec, units.statistics_rows()[0], config) if config.model.column_order == "random" else None
     return Encoded(codec, units.encode(codec, orders), orders)
 
 
@@ -184,7 +230,7 @@ def first_stage(model, codec, state: RunState, rules: Rules | None, config: RunC
         return None
     rows = coerce_table(state.marginals.tree_rows(plan.pretrain_rows, state.schema,
                                                   np.random.default_rng(config.train.seed), rules), state.schema)
-    orders = row_orders(codec, len(rows), config) if config.model.column_order == "random" else None
+    orders = row_orders(codec, rows, config) if config.model.column_order == "random" else None
     sequences = codec.encode_table(rows, orders)
     masks = grammar_masks(codec, output_token_ids(model), sequences, device, orders) \
         if config.train.grammar_loss else None
@@ -218,7 +264,7 @@ def train_model(model, encoded: Encoded, units: TrainingUnits, state: RunState, 
                        metadata_epsilon=state.spend.epsilon, metadata_delta=state.spend.delta, masks=masks,
                        log_step=None if trackers is None else lambda entry: trackers.log(entry, entry["step"]),
                        prior=statistics_prior(state.plan, units, state.user_schema),
-                       unit_tokens=units.loss_tokens(state.schema))
+                       unit_tokens=units.loss_tokens(state.schema), num_units=state.plan.units)
     finally:
         if trackers:
             tracking_ids = trackers.run_ids
@@ -229,21 +275,22 @@ def train_model(model, encoded: Encoded, units: TrainingUnits, state: RunState, 
     return result, tracking_ids
 
 
-def row_orders(codec: RowCodec, num_rows: int, config: RunConfig) -> list[list[int]]:
-    """`model.column_order: random`: each training row's own random column order (drawn from
-    `train.seed`, not from the data), so the model learns every column given any others; rows
-    are sampled in the schema's order."""
+def row_orders(codec: RowCodec, rows: pd.DataFrame, config: RunConfig) -> list[list[int]]:
+    """`model.column_order: random`: each training row's own random column order, drawn from a
+    keyed hash of the row alone (`inputs.unit_hashes` under `train.seed`), so no row's order
+    depends on any other row; the model learns every column given any others, and rows are
+    sampled in the schema's order."""
     if not codec.any_order():
         names = [f.col.name for f in codec.fields if not f.self_delimiting]
         raise DplmError(f"model.column_order: random needs every column in value tokens (model.value_tokens: true, "
                         f"no text columns); column '{names[0]}' is not: use column_order auto or schema")
-    rng = np.random.default_rng([config.train.seed, num_rows])
-    return [rng.permutation(len(codec.fields)).tolist() for _ in range(num_rows)]
+    return [np.random.default_rng(int(h)).permutation(len(codec.fields)).tolist()
+            for h in unit_hashes(rows, config.train.seed, "column order")]
 
 
-def privacy_record(config: RunConfig, state: RunState, training: TrainResult, split: dict, unit: dict) -> dict:
+def privacy_record(config: RunConfig, state: RunState, training: TrainResult, unit: dict) -> dict:
     """privacy.json: under DP the accountant's record, the settings and where each column's
-    metadata came from, the privacy unit (`unit`: what the training units say of it) and its
+    metadata came from, the privacy unit (`unit`: what the training units say of it) and its DP
     count, the quantities treated as public, and which files of the run are released and which
     are private diagnostics; without DP the metadata sources and the files."""
     metadata = {c.name: c.source for c in state.schema.columns}
@@ -255,16 +302,15 @@ def privacy_record(config: RunConfig, state: RunState, training: TrainResult, sp
     record = {"dp": True, **training.privacy, "max_grad_norm": p.max_grad_norm,
               "metadata_estimated_under_dp": state.spend.estimated,
               "metadata_user_given": [c.name for c in state.schema.columns if c.source == "user"],
-              "privacy_unit": unit.pop("privacy_unit"), "neighbouring": NEIGHBOURS, "secure_mode": p.secure_mode,
-              "metadata_sources": metadata, "public_quantities": dict(PUBLIC_QUANTITIES), **release}
-    if state.canaries is not None:  # random records, also sampling units: q counts them
-        record["audit_canary_rows"] = len(state.canaries) * config.audit.canary_repeats
-    if config.data.subject:
-        # Rows per subject are unbounded: one subject changes the row count by any amount,
-        # so no exact row count is released, only the subject count (changed by one).
-        record["num_training_subjects"] = split["num_training_subjects"]
-    else:
-        record["num_training_rows"] = len(split["train"])
+              "privacy_unit": unit.pop("privacy_unit"), "neighbouring": NEIGHBOURS,
+              "num_training_units": state.count,
+              "num_training_units_source": f"DP count: discrete Laplace at privacy.count_epsilon {p.count_epsilon}, "
+                                           "counted in epsilon (the exact count is never released)",
+              "secure_mode": p.secure_mode, "metadata_sources": metadata, "public_quantities": dict(PUBLIC_QUANTITIES),
+              **release}
+    if state.canaries is not None:  # random records, also sampling units: q counts those that train
+        record["audit_canaries"] = {"drawn": len(state.canaries), "training": int(sum(state.canary_included)),
+                                    "rows_each": config.audit.canary_repeats}
     return {**record, **unit}
 
 

@@ -27,10 +27,16 @@ class RunState:
     user_schema: Schema  # as the user gave it (under DP, before any estimate): the plan and the statistics' rounds
     spend: MetadataSpend  # epsilon and delta spent on the schema's metadata and the history cap
     bounds: HistoryBounds | None = None  # histories: the cap and the counts calibrated sampling follows
-    canaries: pd.DataFrame | None = None  # the audit's random records, added to the training units
+    canaries: pd.DataFrame | None = None  # the audit's random records
     plan: TrainingPlan | None = None
     speed: MachineSpeed | None = None  # what sized the plan's compute budget (a resumed run keeps it)
     marginals: Marginals | None = None  # the table's statistics (noisy under DP)
+    count: int | None = None  # under DP the DP count of the training units (the exact one is never released)
+    canary_included: list[bool] | None = None  # which canaries train (secret coins; the others are the audit's)
+
+    def training_canaries(self) -> pd.DataFrame:
+        """The canaries that train."""
+        return self.canaries[self.canary_included].reset_index(drop=True)
 
     def to_dict(self) -> dict:
         return {"schema": self.schema.to_dict(), "user_schema": self.user_schema.to_dict(),
@@ -39,7 +45,8 @@ class RunState:
                 "canaries": None if self.canaries is None else self.canaries.to_dict("list"),
                 "plan": None if self.plan is None else self.plan.to_dict(),
                 "speed": None if self.speed is None else dataclasses.asdict(self.speed),
-                "marginals": None if self.marginals is None else self.marginals.to_dict()}
+                "marginals": None if self.marginals is None else self.marginals.to_dict(),
+                "count": self.count, "canary_included": self.canary_included}
 
     @classmethod
     def from_dict(cls, values: dict) -> RunState:
@@ -56,8 +63,10 @@ class RunState:
             spend, user_schema = MetadataSpend(**values["spend"]), values["user_schema"]
             bounds = values["bounds"] and HistoryBounds(**values["bounds"])
         speed = values.get("speed")
-        return cls(Schema.from_dict(values["schema"]), Schema.from_dict(user_schema), spend, bounds,
-                   None if values.get("canaries") is None else pd.DataFrame(values["canaries"]),
+        canaries = None if values.get("canaries") is None else pd.DataFrame(values["canaries"])
+        return cls(Schema.from_dict(values["schema"]), Schema.from_dict(user_schema), spend, bounds, canaries,
                    values.get("plan") and TrainingPlan.from_dict(values["plan"]),
                    MachineSpeed(**speed) if isinstance(speed, dict) else None,
-                   values.get("marginals") and Marginals.from_dict(values["marginals"]))
+                   values.get("marginals") and Marginals.from_dict(values["marginals"]), values.get("count"),
+                   # before the coins every canary trained
+                   values.get("canary_included", None if canaries is None else [True] * len(canaries)))

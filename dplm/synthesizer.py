@@ -22,9 +22,9 @@ from dplm.histories import HistoryBounds, HistoryCodec, Histories, sample_subjec
 from dplm.inputs import Inputs, load_inputs
 from dplm.marginals import Marginals, Rules
 from dplm.planner import TrainingPlan, resolved
-from dplm.privacy import METADATA_DELTA_SHARE, PrivacyBudget, epsilon_of_history
+from dplm.privacy import PrivacyBudget, epsilon_of_history
 from dplm.sample import SampleStats, sample_rows
-from dplm.schema import MetadataSpend, Schema, dp_metadata_spend, require_kinds
+from dplm.schema import MetadataSpend, Schema, require_kinds
 from dplm.serialize import RowCodec
 from dplm.state import RunState
 from dplm.train import Checkpoints, TrainResult, planned_steps
@@ -66,17 +66,19 @@ class Synthesizer:
         is the subject table (or `data.subjects`)."""
         config = stages.prepare_config(config, data, subjects)
         device = models.default_device()  # first: under a multi-process launcher this joins the group
+        saved = checkpoints.load() if checkpoints else None
+        # The order is the data flow: the machine's speed is measured before any private data is
+        # read; the schema and its DP spend come next, as the plan keeps room for that spend
+        # below the cap; the plan sets the statistics' noise; the statistics choose the column
+        # order the encoding writes; the model is built for the codec's tokens. A resumed run
+        # reads back what its checkpoint drew: nothing is drawn, or charged, twice.
+        speed = None if saved else stages.speed_before_data(config, schema, device)
         inputs = load_inputs(data, config, subjects)
         tokenizer = models.load_tokenizer(config.model.base)
-        saved = checkpoints.load() if checkpoints else None
-        # The order is the data flow: the schema and its DP spend come first, as the plan keeps
-        # room for that spend below the cap; the plan sets the statistics' noise; the statistics
-        # choose the column order the encoding writes; the model is built for the codec's
-        # tokens. A resumed run reads back what its checkpoint drew: nothing is drawn, or
-        # charged, twice.
         state = RunState.from_dict(saved["run_state"]) if saved else stages.analyze(inputs.units, schema, config,
-                                                                                   tokenizer)
-        state.plan = stages.plan_training(config, inputs.units, state, device)
+                                                                                   tokenizer, speed)
+        stages.check_spend(state, config)
+        state.plan = stages.plan_training(config, inputs.units, state)
         config = resolved(config, state.plan)
         stages.type_rows(inputs.units, state, config)
         if not saved:
@@ -98,12 +100,13 @@ class Synthesizer:
         training leave for sampling, saving and the privacy record."""
         synth = cls(config, codec, model, device)
         synth.training_plan, synth.marginals, synth.rules = state.plan, state.marginals, rules
-        synth.spend, synth.canaries, synth.bounds = state.spend, state.canaries, state.bounds
-        synth.split = inputs.split_record(config, 0 if state.canaries is None else len(state.canaries))
+        synth.spend, synth.bounds = state.spend, state.bounds
+        synth.canaries = state.canaries if state.canaries is None else state.canaries.assign(
+            **{"(included)": state.canary_included})
+        synth.split = inputs.split_record(config, sum(state.canary_included or []))
         synth.training, synth.pretraining, synth.tracking_ids = training, pretraining, tracking_ids
         synth.values_cut = inputs.units.values_cut(codec)
-        synth.privacy_record = stages.privacy_record(config, state, training, synth.split,
-                                                     inputs.units.privacy_unit(config, codec))
+        synth.privacy_record = stages.privacy_record(config, state, training, inputs.units.privacy_unit(config, codec))
         return synth
 
     # ---- sample -----------------------------------------------------------------------
@@ -208,19 +211,25 @@ def plan(config: RunConfig, data=None, schema: Schema | str | None = None) -> di
     config = copy.deepcopy(config)
     config.validate()
     p = config.privacy
+    speed = stages.speed_before_data(config, schema, models.default_device())
     units = load_inputs(data, config).units
-    count = units.public_count(config.audit.canaries, config.audit.canary_repeats)
     unit = "subjects" if config.data.subject else "rows"
     user_schema = stages.user_schema_of(schema, config)
+    # The canaries that will train: the expected number (the run's secret coins decide it).
+    canaries = [True] * round(config.audit.canaries * config.audit.canary_inclusion)
     if not p.enabled:
         user_schema = units.complete_schema(user_schema, None)
-        chosen = stages.plan_training(config, units, RunState(user_schema, user_schema, MetadataSpend()), None)
-        return {"units": count, "unit": unit, "plan": chosen.to_dict(), "plan_lines": chosen.lines()}
+        chosen = stages.plan_training(config, units, RunState(user_schema, user_schema, MetadataSpend(),
+                                                              canary_included=canaries))
+        return {"units": chosen.units, "unit": unit, "plan": chosen.to_dict(), "plan_lines": chosen.lines()}
     user_schema = require_kinds(units.frame, user_schema)
-    spend = units.planned_spend(config, dp_metadata_spend(user_schema, p.metadata_epsilon,
-                                                          p.delta * METADATA_DELTA_SHARE))
-    state = RunState(user_schema, user_schema, spend)
-    chosen = stages.plan_training(config, units, state, models.default_device())
+    spend = stages.planned_spend(units, user_schema, config)
+    stages.check_spend(RunState(user_schema, user_schema, spend), config)
+    # The run plans from its DP count of the units (privacy.count_epsilon), this preview from the
+    # exact count: their batch, sampling rate and epsilon can differ a little.
+    chosen = stages.plan_training(config, units, RunState(user_schema, user_schema, spend, speed=speed,
+                                                          count=units.count(), canary_included=canaries))
+    count = chosen.units
     t = resolved(config, chosen).train
     sample_rate = t.batch_size / count
     steps_per_epoch = math.ceil(count / t.batch_size)
@@ -244,6 +253,8 @@ def plan(config: RunConfig, data=None, schema: Schema | str | None = None) -> di
                            spend.epsilon, spend.delta, prior)
     budget.restore(prior + ([(chosen.noise_multiplier, sample_rate, steps)] if steps else []))
     return {"units": count, "unit": unit, "sample_rate": sample_rate,
+            "count_note": "planned from the exact count of units; the run plans from their DP count "
+                          f"(privacy.count_epsilon {p.count_epsilon}), so its figures can differ a little",
             "steps_per_epoch": steps_per_epoch, "planned_steps": total_steps, "stop_reason": stop_reason,
             "epochs": epochs, "metadata_estimated": spend.estimated, "plan": chosen.to_dict(),
             "plan_lines": chosen.lines(), **budget.record()}

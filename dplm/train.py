@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -196,7 +197,7 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
           checkpoints: Checkpoints | None = None, metadata_epsilon: float = 0.0,
           metadata_delta: float = 0.0, masks: GrammarMasks | None = None,
           log_step: Callable[[dict], None] | None = None, prior: list | None = None,
-          unit_tokens: float | None = None) -> TrainResult:
+          unit_tokens: float | None = None, num_units: int | None = None) -> TrainResult:
     """Train the trainable (LoRA) parameters of `model` in place; returns what was done.
 
     `subjects` lists the row indexes of each privacy unit (default: every row is its own).
@@ -212,7 +213,9 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
     of the table's statistics rounds, spent before training (`PrivacyBudget`). With `unit_tokens`
     (histories) a sequence's loss is its token losses' sum over that public constant, not their
     mean: a mean would weigh the end of a 1-row history as much as the whole of a 20-row one, and
-    the model would learn to end histories early.
+    the model would learn to end histories early. Under DP `num_units` is the public count of
+    units (their DP count) that the sampling rate and an epoch's steps are sized by; the exact
+    count is never used (default: the count of `subjects`).
 
     With `cfg.early_stopping` (without DP only) a tenth of the rows (at most
     `MAX_VALIDATION_ROWS`) is held back: their mean loss is measured every half epoch (and at
@@ -232,8 +235,9 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
     num_rows = len(rows_index) if rows_index is not None else len(sequences)
     units = subjects if subjects is not None else [[i] for i in range(num_rows)]
     records_cap = privacy.max_records_per_subject if subjects is not None else 1
-    # An epoch is one pass over the sampling units: subjects under DP, else rows.
-    total_steps, stop_reason = planned_steps(len(units) if privacy.enabled else num_rows, cfg)
+    # An epoch is one pass over the sampling units: subjects under DP (their public count), else rows.
+    public_units = num_units or len(units)
+    total_steps, stop_reason = planned_steps(public_units if privacy.enabled else num_rows, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     before = trainable_snapshot(model)
     target_index = models.target_index(model)
@@ -241,12 +245,15 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
     budget = None
     forward_model = model
     if privacy.enabled:
-        sample_rate = cfg.batch_size / len(units)
+        sample_rate = cfg.batch_size / public_units
         if sample_rate > 1:
             raise DplmError(
-                f"train.batch_size {cfg.batch_size} is larger than the {len(units)} training "
-                f"{'subjects' if subjects is not None else 'rows'}; lower it"
+                f"train.batch_size {cfg.batch_size} is larger than the {public_units} training "
+                f"{'subjects' if subjects is not None else 'rows'} (under DP their DP count); lower it"
             )
+        # LoRA dropout draws its masks from torch's global generator: under DP from a secret seed,
+        # not from train.seed, which the run directory records.
+        torch.manual_seed(secrets.randbits(63))
         if cfg.micro_batch_size < records_cap:
             raise DplmError(
                 f"train.micro_batch_size {cfg.micro_batch_size} must be at least privacy.max_records_per_subject "
@@ -284,6 +291,7 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
         torch.set_rng_state(saved["torch_rng"])
         if budget:
             budget.restore(saved["accountant_history"])
+            check_resumed_budget(budget)
         step, rows_seen, tokens_seen = saved["step"], saved["rows_seen"], saved["tokens_seen"]
         seconds_before, log = saved["seconds"], saved["log"]
     early = (saved or {}).get("early") or {"best": math.inf, "weights": None, "since": 0}
@@ -385,6 +393,23 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
                        seconds=time.perf_counter() - start, stop_reason=stop_reason, final_loss=loss,
                        privacy=budget.record() if budget else None, log=log, resumed_from_step=resumed_from,
                        processes=world)
+
+
+def check_resumed_budget(budget: PrivacyBudget) -> None:
+    """A resumed run goes on as its checkpoint's steps went (the same statistics rounds, noise
+    and sampling rate), below its cap: else a one-line error, never a record of settings the
+    run did not use or an epsilon past the cap."""
+    history = budget.accountant.history
+    before, steps = history[: len(budget.prior)], history[len(budget.prior):]
+    if [tuple(h) for h in before] != budget.prior or any(
+            (noise, rate) != (budget.noise_multiplier, budget.sample_rate) for noise, rate, _ in steps):
+        ran = sorted({(noise, rate) for noise, rate, _ in steps})
+        raise DplmError(f"resume: the checkpoint's steps ran at (noise, sampling rate) {ran} and the resumed run would "
+                        f"take ({budget.noise_multiplier}, {budget.sample_rate}); resume with the recipe it was "
+                        "trained with (only stopping limits may change)")
+    if budget.max_epsilon is not None and budget.epsilon() > budget.max_epsilon:
+        raise DplmError(f"resume: privacy.max_epsilon {budget.max_epsilon} is below the epsilon {budget.epsilon():.4g} "
+                        "the checkpoint already spent; resume with a cap at or above it")
 
 
 def measure_speed(model, tokens: int, micro_batch_size: int, device, dp: bool) -> float:

@@ -35,8 +35,8 @@ class TrainingUnits(Protocol):
     def count(self) -> int:
         """Training units, canaries included once added."""
 
-    def public_count(self, canaries: int, repeats: int) -> int:
-        """The units a run will have with the audit's canaries (the sampling rate's N)."""
+    def canary_units(self, canaries: int, repeats: int) -> int:
+        """The units `canaries` training canaries of `repeats` rows each add."""
 
     def plan_rows(self, dp: bool) -> float | None:
         """Rows a unit counts as in the training plan (None: one row)."""
@@ -111,9 +111,8 @@ class RowUnits:
     def count(self) -> int:
         return len(self.groups)
 
-    def public_count(self, canaries: int, repeats: int) -> int:
-        """The units a run will have with the audit's canaries (before any is added)."""
-        return len(self.groups) + canaries * (1 if self.subjects is not None else repeats)
+    def canary_units(self, canaries: int, repeats: int) -> int:
+        return canaries * (1 if self.subjects is not None else repeats)
 
     def plan_rows(self, dp: bool) -> float | None:
         return None

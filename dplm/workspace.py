@@ -219,7 +219,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> Path:
 def without_local_folders(config: dict) -> dict:
     """The run's settings with each input and output file path cut to its file name: where the
     data owner keeps files (user names, folder names) is not part of the release."""
-    for section, key in (("", "output_dir"), ("", "output_csv"), ("data", "source"), ("data", "schema")):
+    for section, key in (("", "output_dir"), ("", "output_csv"), ("data", "source"), ("data", "schema"),
+                         ("data", "subjects"), ("train", "tracking_dir")):
         holder = config.get(section, {}) if section else config
         if isinstance(holder.get(key), str):
             holder[key] = Path(holder[key].replace("\\", "/")).name

@@ -6,7 +6,7 @@
         [--set section.key=value ...] [--rescore | --resample]
 
 For each table (scripts/dev_tables.py: its schema from the public codebook, nothing else) it
-splits 80/20 by `numpy.random.default_rng(0).permutation` (dplm's own split), trains dplm with
+splits 80/20 by the benchmark protocol (`dev_tables.protocol_split`), trains dplm on the training rows with
 the defaults only (the schema; under DP `privacy.enabled` and `privacy.max_epsilon`), samples
 as many rows as the holdout has, and scores them with `dplm report` (DIR/TABLE/SYSTEM-MODE/
 report.json). The engine (mostlyai-engine, in its own environment: `--engine-python`) trains on
@@ -33,30 +33,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from dev_tables import ROOT, TABLES  # noqa: E402
+from dev_tables import ROOT, TABLES, protocol_split  # noqa: E402
 
 
 def split(table):
-    """The table, its training and its holdout rows (by subject for histories)."""
-    from dplm.synthesizer import split_indexes
-
-    df = table.load()
-    train_idx, holdout_idx = split_indexes(len(df), 0.2, 0, df[table.subject] if table.subject else None)
-    return df, df.iloc[train_idx].reset_index(drop=True), df.iloc[holdout_idx].reset_index(drop=True)
+    """The table's training and holdout rows by the benchmark protocol (by subject for histories)."""
+    return protocol_split(table.load(), table.subject)
 
 
-def run_dplm(table, df, holdout, dp: bool, epsilon: float, overrides: list[str], out: Path) -> dict:
+def run_dplm(table, train, holdout, dp: bool, epsilon: float, overrides: list[str], out: Path) -> dict:
     from dplm.config import RunConfig, apply_overrides, from_dict
     from dplm.synthesizer import Synthesizer
 
-    values = {"data": {"schema": str(table.schema_path), "source": None}}
+    # dplm trains on the protocol's training rows, all of them (its report here uses the protocol's holdout)
+    values = {"data": {"schema": str(table.schema_path), "source": None, "holdout_fraction": 0.0}}
     if table.subject:
         values["data"].update(subject=table.subject, order_by=table.order_by)
     if dp:
         values["privacy"] = {"enabled": True, "max_epsilon": epsilon}
     config = from_dict(RunConfig, apply_overrides(values, overrides))
     start = time.perf_counter()
-    synth = Synthesizer.fit(df, config, progress=False)
+    synth = Synthesizer.fit(train, config, progress=False)
     rows = synth.sample(count(table, holdout), progress=False)
     synth.save(out / "run", synthetic=rows)
     return {"seconds": time.perf_counter() - start, "train_seconds": synth.training.seconds,
@@ -151,7 +148,7 @@ def main() -> int:
     results = []
     for name in args.tables.split(","):
         table = TABLES[name]
-        df, train, holdout = split(table)
+        train, holdout = split(table)
         for system in args.systems.split(","):
             for mode in args.modes.split(","):
                 cell = out / name / f"{system}-{mode}"
@@ -162,7 +159,7 @@ def main() -> int:
                 cell.mkdir(parents=True, exist_ok=True)
                 dp = mode == "dp"
                 if not ran.exists():
-                    info = (run_dplm(table, df, holdout, dp, args.epsilon, args.set, cell) if system == "dplm"
+                    info = (run_dplm(table, train, holdout, dp, args.epsilon, args.set, cell) if system == "dplm"
                             else run_engine(args.engine_python, table, train, holdout, dp, args.epsilon, cell,
                                             args.engine_minutes))
                     ran.write_text(json.dumps(info, indent=2, default=str))

@@ -18,6 +18,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,3 +92,22 @@ TABLES = {
     "cdnow": Table("cdnow", "recipes/cdnow_schema.yaml", None, subject="users_id", order_by="date"),
     "baseball": Table("baseball", "recipes/baseball_schema.yaml", None, subject="id", order_by="year"),
 }
+
+
+def protocol_split(df: pd.DataFrame, subject: str | None = None, holdout_fraction: float = 0.2, seed: int = 0
+                   ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The benchmark protocol's split (../shared/data/README.md): the first 80 % of
+    `numpy.random.default_rng(0).permutation` trains (census: `idx[:39074]`), the rest is held out;
+    with a subject column the permutation is over the sorted distinct subjects. (dplm's own split
+    draws each unit's side from a keyed hash of the unit alone: `dplm.inputs.split_rows`.)"""
+    def first_share(n: int) -> np.ndarray:
+        order = np.random.default_rng(seed).permutation(n)
+        return order[: int(round(n * (1 - holdout_fraction)))]
+
+    if subject is None:
+        in_train = np.zeros(len(df), dtype=bool)
+        in_train[first_share(len(df))] = True
+    else:
+        keys = np.unique(df[subject].dropna().to_numpy())
+        in_train = df[subject].isin(set(keys[first_share(len(keys))].tolist())).to_numpy()
+    return df[in_train].reset_index(drop=True), df[~in_train].reset_index(drop=True)

@@ -17,15 +17,18 @@ from dplm.schema import Schema
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def fitted_run(tmp_path, dp: bool, rows: int, epochs: int, canaries: int, noise: float = 2.0) -> Path:
+def fitted_run(tmp_path, dp: bool, rows: int, epochs: int, canaries: int, noise: float = 2.0,
+               inclusion: float = 1.0) -> Path:
+    # Under DP a share of the training rows (each kept by its own draw: ~`rows` of them), else a cut at `rows`.
+    subset = {"sample_fraction": rows / 39_074} if dp else {"max_rows": rows}
     config = from_dict(RunConfig, {
         "output_dir": str(tmp_path / ("dp" if dp else "no_dp")),
-        "data": {"schema": str(ROOT / "recipes/census_schema.yaml"), "max_rows": rows},
+        "data": {"schema": str(ROOT / "recipes/census_schema.yaml"), **subset},
         "model": {"base": "tiny-random"},
         "train": {"batch_size": 8, "micro_batch_size": 8, "max_epochs": epochs, "learning_rate": 0.03,
                   "warmup_steps": 5},
         "privacy": {"enabled": dp, "noise_multiplier": noise, "accountant": "rdp"},  # PRV's epsilon per step is slower
-        "audit": {"canaries": canaries, "canary_repeats": 4},
+        "audit": {"canaries": canaries, "canary_repeats": 4, "canary_inclusion": inclusion},
     })
     synth = dplm.fit("census", config, progress=False)
     return synth.save(config.output_dir)
@@ -63,7 +66,7 @@ def test_memorizing_run_is_caught_and_dp_run_is_near_chance(runs):
 def test_audit_cli_prints_both_attacks(runs, capsys):
     assert main(["audit", str(runs["dp"]), "-n", "32", "--references", "50"]) == 0
     out = capsys.readouterr().out
-    assert "membership inference AUC" in out and "canaries: 10 x 4 inserted" in out
+    assert "membership inference AUC" in out and "canaries: 10 drawn, 10 trained (4 rows each)" in out
     assert "attribute inference" not in out  # the run saved no synthetic rows
     assert main(["audit", str(runs["dp"]), "--sensitive", "income"]) == 2
     assert "has no synthetic.csv" in capsys.readouterr().err
@@ -73,10 +76,13 @@ def test_canaries_are_saved_and_fit_the_schema(runs, census_schema):
     import pandas as pd
 
     canaries = pd.read_csv(runs["dp"] / "canaries.csv")
-    assert len(canaries) == 10 and list(canaries.columns) == census_schema.names
+    assert len(canaries) == 10 and list(canaries.columns) == [*census_schema.names, "(included)"]
+    assert canaries["(included)"].all()  # audit.canary_inclusion 1.0: every canary trained
     record = json.loads((runs["dp"] / "privacy.json").read_text())
-    assert record["num_training_rows"] == 64 and record["audit_canary_rows"] == 40  # canaries are units too
-    assert record["sample_rate"] == pytest.approx(8 / 104)
+    assert record["audit_canaries"] == {"drawn": 10, "training": 10, "rows_each": 4} and "num_training_rows" not in record
+    split = json.loads((runs["dp"] / "split.json").read_text())
+    assert abs(record["num_training_units"] - len(split["train"])) < 200  # the DP count (epsilon 0.05)
+    assert record["sample_rate"] == pytest.approx(8 / (record["num_training_units"] + 40))  # canaries are units too
 
 
 def test_exposure_and_attack_metrics_by_hand():
@@ -124,7 +130,7 @@ def test_text_canaries_get_their_own_exposure(tmp_path):
     config = from_dict(RunConfig, {
         "output_dir": str(tmp_path / "run"), "data": {"source": None, "columns": ["room_type", "title"]},
         "model": {"base": "tiny-random"}, "train": {"batch_size": 8, "max_steps": 3},
-        "audit": {"canaries": 3, "canary_repeats": 2}})
+        "audit": {"canaries": 3, "canary_repeats": 2, "canary_inclusion": 1.0}})
     synth = dplm.fit(table, config, progress=False)
     table.to_csv(tmp_path / "london.csv", index=False)
     synth.config.data.source = str(tmp_path / "london.csv")
@@ -133,7 +139,7 @@ def test_text_canaries_get_their_own_exposure(tmp_path):
     text = result["canaries"]["text"]["title"]
     assert 0 <= text["mean_exposure"] <= text["max_exposure"] <= np.log2(21)
     canaries = pd.read_csv(run / "canaries.csv")
-    assert list(canaries.columns) == ["room_type", "title"] and canaries["title"].str.count(" ").eq(3).all()
+    assert list(canaries.columns) == ["room_type", "title", "(included)"] and canaries["title"].str.count(" ").eq(3).all()
 
 
 def test_attribute_inference_by_hand():
@@ -167,3 +173,42 @@ def test_attribute_inference_column_must_be_categorical(runs, tmp_path):
     assert result["attribute_inference"]["members"] == 16
     assert main(["audit", str(run), "-n", "16", "--references", "20", "--sensitive", "sex"]) == 0
     assert json.loads((run / "audit.json").read_text())["attribute_inference"]["column"] == "sex"
+
+
+def test_one_run_bound_by_hand():
+    """Steinke et al.'s p-value without delta is the binomial tail (summed here from its terms);
+    scores that tell every trained canary from the others give a bound near what 2k guesses can
+    show, scores unrelated to training give 0, and an epsilon-DP coin (randomized response at
+    epsilon 1) is not bounded above its epsilon."""
+    import math
+
+    from dplm.audit import guess_p_value, one_run_epsilon
+
+    q = 1 / (1 + math.exp(-1.0))
+    tail = sum(math.comb(40, j) * q**j * (1 - q) ** (40 - j) for j in range(35, 41))
+    assert guess_p_value(200, 40, 35, 1.0, 0.0) == pytest.approx(tail, rel=1e-9)
+    assert guess_p_value(200, 40, 35, 1.0, 1e-5) > tail  # the delta term
+    rng = np.random.default_rng(0)
+    trained = rng.random(1000) < 0.5
+    perfect = one_run_epsilon(trained.astype(float) + rng.random(1000) * 0.1, trained, 1e-5)
+    assert perfect["correct"] == perfect["guesses"] and perfect["epsilon_lower_bound"] > 3.0
+    assert one_run_epsilon(rng.random(1000), trained, 1e-5)["epsilon_lower_bound"] < 0.5
+    for seed in range(5):  # randomized response at epsilon 1: each coin reported right with probability q
+        coins = np.random.default_rng(seed).random(1000) < 0.5
+        reported = np.where(np.random.default_rng(seed + 10).random(1000) < q, coins, ~coins)
+        assert one_run_epsilon(reported + 0.01 * np.random.default_rng(seed).random(1000), coins, 0.0)[
+            "epsilon_lower_bound"] <= 1.0
+
+
+def test_one_run_audit_of_a_memorizing_run_and_a_dp_run(tmp_path):
+    """With canaries trained by secret coins, a run that memorizes them is caught (a bound above
+    0) and a DP run is not bounded above its own epsilon."""
+    with pytest.MonkeyPatch.context() as mp:
+        seed_secret_draws(mp)
+        no_dp = fitted_run(tmp_path, dp=False, rows=16, epochs=30, canaries=60, inclusion=0.5)
+        dp = fitted_run(tmp_path, dp=True, rows=64, epochs=4, canaries=60, noise=1.0, inclusion=0.5)
+    memorized = audit_run(no_dp, num_records=16, num_references=50)["canaries"]
+    assert memorized["training"] + (60 - memorized["training"]) == 60 and 15 < memorized["training"] < 45
+    assert memorized["one_run"]["epsilon_lower_bound"] > 0.5, memorized
+    private = audit_run(dp, num_records=16, num_references=50)
+    assert private["canaries"]["one_run"]["epsilon_lower_bound"] <= private["epsilon"], private

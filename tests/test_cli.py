@@ -21,7 +21,9 @@ def workspace(tmp_path):
               "data": {"source": str(tmp_path / "t.csv"), "schema": str(tmp_path / "schema.yaml"),
                        "holdout_fraction": 0.0},
               "model": {"base": "tiny-random"}, "train": {"batch_size": 2, "max_steps": 1},
-              "privacy": {"enabled": True, "noise_multiplier": 1.5, "accountant": "rdp"}, "sample": {"num_rows": 2}}
+              # a 4-row toy table: its DP count (the sampling rate's N) nearly exact at this count_epsilon
+              "privacy": {"enabled": True, "noise_multiplier": 1.5, "accountant": "rdp", "count_epsilon": 2},
+              "sample": {"num_rows": 2}}
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     return tmp_path
 
@@ -146,14 +148,14 @@ def test_killed_run_resumes_to_the_same_epsilon_and_the_cap(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "run"
-    q, steps = 8 / 502, 120  # 500 rows + 2 canaries
-    training_epsilon = independent_epsilon(1.5, q, steps, 0.9e-5)  # a tenth of delta went to the category sets
-    cap = 30 + training_epsilon * 1.0001  # metadata 30 + training: the cap stops the run after 120 steps
+    steps = 120
     cmd = [sys.executable, "-m", "dplm.cli", "train", str(root / "recipes/census_dp.yaml"), "model.base=tiny-random",
-           "data.max_rows=500", "train.batch_size=8", "train.micro_batch_size=8", "train.max_epochs=100", "train.max_steps=null",
-           "train.checkpoint_every=1", f"privacy.max_epsilon={cap}", "privacy.accountant=rdp", "privacy.noise_multiplier=1.5",
-           f"data.schema={census_kinds_file(tmp_path)}", "privacy.metadata_epsilon=30", "audit.canaries=2",
-           "sample.num_rows=5", f"output_dir={out}", "output_csv=null", "-q"]
+           "data.sample_fraction=0.0128", "train.batch_size=8", "train.micro_batch_size=8", "train.max_epochs=100",
+           "train.max_steps=null", "train.checkpoint_every=1", "privacy.max_epsilon=100", "privacy.accountant=rdp",
+           "privacy.statistics_share=0",
+           "privacy.noise_multiplier=1.5", f"data.schema={census_kinds_file(tmp_path)}", "privacy.metadata_epsilon=30",
+           "audit.canaries=2", "audit.canary_inclusion=1", "sample.num_rows=5", f"output_dir={out}", "output_csv=null",
+           "-q"]  # ~500 training rows (their DP count sizes q) and 2 canaries
     checkpoint = tmp_path / "run.checkpoint" / "checkpoint.pt"
     kill_at = random.Random().randint(3, 60)
     proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -167,19 +169,24 @@ def test_killed_run_resumes_to_the_same_epsilon_and_the_cap(tmp_path):
     killed = torch.load(checkpoint, weights_only=False)
     assert kill_at <= killed["step"] < steps and not (out / "config.yaml").exists()
     assert len(killed["accountant_history"]) == 1 and killed["accountant_history"][0][2] == killed["step"]
+    q = 8 / (killed["run_state"]["count"] + 2)  # the DP count drawn before training, and the canaries
+    training_epsilon = independent_epsilon(1.5, q, steps, 0.9e-5)  # a tenth of delta went to the category sets
+    cap = 30 + 0.05 + training_epsilon * 1.0001  # metadata 30, the count 0.05 + training: the cap stops after 120 steps
+    capped = [c if not c.startswith("privacy.max_epsilon=") else f"privacy.max_epsilon={cap}" for c in cmd]
 
-    again = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+    again = subprocess.run(capped, cwd=root, capture_output=True, text=True)
     assert again.returncode == 2 and "pass --resume" in again.stderr  # never restarts silently
 
-    resumed = subprocess.run(cmd + ["--resume"], cwd=root, capture_output=True, text=True)
+    resumed = subprocess.run(capped + ["--resume"], cwd=root, capture_output=True, text=True)  # the cap may change
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     privacy = json.loads((out / "privacy.json").read_text())
     training = json.loads((out / "training.json").read_text())
     assert privacy["steps"] == steps and training["stop_reason"] == "max_epsilon"
-    assert privacy["epsilon"] == pytest.approx(30 + training_epsilon, rel=1e-4) and privacy["metadata_epsilon"] == 30
+    assert privacy["sample_rate"] == pytest.approx(q)
+    assert privacy["epsilon"] == pytest.approx(30.05 + training_epsilon, rel=1e-4) and privacy["metadata_epsilon"] == 30.05
     assert privacy["epsilon"] <= cap
     assert yaml.safe_load((out / "schema.yaml").read_text()) == killed["run_state"]["schema"]
-    assert pd.read_csv(out / "canaries.csv").astype(str).to_dict("list") == \
+    assert pd.read_csv(out / "canaries.csv").drop(columns="(included)").astype(str).to_dict("list") == \
         pd.DataFrame(killed["run_state"]["canaries"]).astype(str).to_dict("list")
     assert training["resumed_from_step"] >= killed["step"]
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
@@ -207,9 +214,10 @@ def test_text_recipes_end_to_end(tmp_path, capsys, recipe, given):
     from conftest import ROOT, shared_file
 
     source = shared_file("london.csv.gz" if recipe.startswith("london") else "sacred.csv.gz")
+    fraction = 0.035 if recipe.startswith("london") else 0.08  # ~2,000 training rows
     run = tmp_path / "run"
     assert main(["train", str(ROOT / "recipes" / recipe), f"data.source={source}", f"output_dir={run}",
-                 "output_csv=null", "model.base=tiny-random", "data.max_rows=2000", "train.max_steps=2",
+                 "output_csv=null", "model.base=tiny-random", f"data.sample_fraction={fraction}", "train.max_steps=2",
                  "train.max_training_time=null", "train.batch_size=16", "sample.num_rows=4", "-q"]) == 0
     out = capsys.readouterr().out
     # Even a random model writes only valid rows (the grammar tracks a text's escapes); twice the

@@ -80,14 +80,16 @@ def test_torchrun_launch_of_the_cli(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "dplm.cli", "train",
            str(ROOT / "recipes/census_dp.yaml"), "model.base=tiny-random", "train.max_steps=2",
            "train.batch_size=32", "train.micro_batch_size=32", "privacy.accountant=rdp", "privacy.noise_multiplier=1.5",
-           "data.max_rows=1000", "sample.num_rows=5", f"output_dir={out}",
+           "data.sample_fraction=0.0256", "sample.num_rows=5", f"output_dir={out}",  # ~1,000 training rows
            "output_csv=null", f"data.schema={census_kinds_file(tmp_path)}", "privacy.metadata_epsilon=30", "privacy.max_epsilon=null",
-           "audit.canaries=2", "-q"]
+           "audit.canaries=2", "audit.canary_inclusion=1", "-q"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "2 processes" in done.stdout
     privacy = json.loads((out / "privacy.json").read_text())
     assert privacy["steps"] == 2
-    assert len(privacy["metadata_estimated_under_dp"]) == 15  # every census column, under DP
-    training = independent_epsilon(1.5, 32 / 1002, 2, 0.9e-5)  # 1,000 rows + 2 canaries; 0.1 delta to categories
-    assert privacy["epsilon"] == pytest.approx(30 + training, rel=1e-4)
+    assert len(privacy["metadata_estimated_under_dp"]) == 16  # every census column, and the count of units
+    units = privacy["num_training_units"] + 2  # the DP count of ~1,000 rows, and 2 canaries
+    assert privacy["sample_rate"] == pytest.approx(32 / units)
+    training = independent_epsilon(1.5, 32 / units, 2, 0.9e-5)  # 0.1 of delta went to the category sets
+    assert privacy["epsilon"] == pytest.approx(30 + 0.05 + training, rel=1e-4)

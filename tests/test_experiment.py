@@ -13,7 +13,8 @@ from test_report import screenshot, share_of_color
 # Tiny runs: a random 2-layer model, a few steps, 60 sampled rows per point.
 TINY = ["model.base=tiny-random", "train.batch_size=64", "train.micro_batch_size=64", "train.max_epochs=0.1",
         "train.warmup_steps=1", "privacy.accountant=rdp", "privacy.max_epsilon=null", "sweep.num_rows=60",
-        "sweep.audit_records=60", "sweep.target=income", "sample.batch_size=64"]
+        "sweep.audit_records=60", "sweep.target=income", "sample.batch_size=64", "data.sample_fraction=1",
+        "audit.canaries=20"]
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +49,17 @@ def test_sweep_writes_one_scored_row_per_point_with_the_accountants_epsilon(fini
     config, out, table = finished
     assert list(table["name"]) == ["dp-noise1-clip1", "dp-noise4-clip1", "nodp-epochs0.1"]
     assert table["error"].isna().all()
-    train_rows = round(1200 * (1 - config.data.holdout_fraction))
     for r in table[table["dp"]].to_dict("records"):
-        assert r["epsilon"] == pytest.approx(rdp_epsilon(r["noise_multiplier"], 64 / train_rows, r["steps"], 1e-5),
+        record = json.loads((out / "points" / r["name"] / "privacy.json").read_text())
+        units = record["num_training_units"] + record["audit_canaries"]["training"]  # the DP count and the canaries
+        assert abs(units - 970) < 200 and record["sample_rate"] == pytest.approx(64 / units)
+        assert r["epsilon"] == pytest.approx(0.05 + rdp_epsilon(r["noise_multiplier"], 64 / units, r["steps"], 1e-5),
                                              rel=1e-6)
+        assert 0 <= r["empirical_epsilon"] <= r["epsilon"]  # the one-run audit's lower bound, beside the claim
     dp = table[table["dp"]].set_index("noise_multiplier")
     assert dp.loc[1.0, "epsilon"] > dp.loc[4.0, "epsilon"] > 0
     baseline = table[~table["dp"]].iloc[0]
-    assert np.isnan(baseline["epsilon"]) and baseline["steps"] == 2  # 0.1 epoch of 960 rows, batch 64
+    assert np.isnan(baseline["epsilon"]) and baseline["steps"] == 2  # 0.1 epoch of ~970 rows, batch 64
     for column in ("accuracy", "discriminator_auc", "dcr_share", "tstr_accuracy", "membership_auc",
                    "attribute_advantage", "train_seconds", "seconds"):
         assert table[column].between(-1, 10_000).all(), column
@@ -128,8 +132,12 @@ def test_two_workers_and_a_local_ray_cluster_give_the_same_points(tmp_path, data
     by_ray = sweep(config, tmp_path / "ray", ray_address="local", progress=False)
     for table in (by_workers, by_ray):
         assert table["error"].isna().all() and list(table["name"]) == ["dp-noise2-clip0.5", "dp-noise2-clip1"]
-    # Epsilon depends only on the settings, not on where a point ran.
-    assert list(by_workers["epsilon"]) == pytest.approx(list(by_ray["epsilon"]), rel=1e-9)
+    # Epsilon is the accountant's for the settings and the point's DP count, wherever the point ran.
+    for folder, table in (("workers", by_workers), ("ray", by_ray)):
+        for r in table.to_dict("records"):
+            record = json.loads((tmp_path / folder / "points" / r["name"] / "privacy.json").read_text())
+            assert r["epsilon"] == pytest.approx(
+                0.05 + rdp_epsilon(2.0, record["sample_rate"], r["steps"], 1e-5), rel=1e-9)
 
 
 def test_cli_sweep_prints_each_point_and_a_rerun_keeps_its_grid(tmp_path, data, capsys):

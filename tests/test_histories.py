@@ -351,10 +351,13 @@ def test_two_tables_fit_sample_save_load(tmp_path):
     """An event table and a subject table: the subject's columns come first in its sequence and
     condition its rows; the output is both tables with matching fresh keys; given subject rows
     get histories of their own (and keep their keys)."""
+    from dplm.inputs import training_keys
+
     events, customers = shop()
     synth = dplm.fit(events, tiny(False), schema=Schema.from_dict(SHOP_SCHEMA), subjects=customers, progress=False)
     assert synth.is_history and synth.codec.subject_schema.names == ["country", "since"]
-    assert synth.split["num_training_subjects"] == 48  # 80 % of the 60 customers, those without visits too
+    trained = training_keys(events, tiny(False), customers)  # ~80 % of the 60 customers, those without visits too
+    assert synth.split["num_training_subjects"] == len(trained) and 40 <= len(trained) <= 56
     out = synth.sample(10, seed=1, progress=False)
     assert isinstance(out, Histories) and list(out.subjects.columns) == ["cid", "country", "since"]
     assert list(out.subjects["cid"]) == list(range(1, 11)) and set(out.events["cid"]) <= set(range(1, 11))
@@ -404,10 +407,11 @@ def test_bad_history_input_is_one_line(change, message):
         dplm.fit(events, tiny(False), schema=Schema.from_dict(SHOP_SCHEMA), subjects=customers, progress=False)
 
 
-def test_dp_per_subject_histories(cdnow, tmp_path):
+def test_dp_per_subject_histories(cdnow, tmp_path, monkeypatch):
     """Under DP one subject's whole history is one unit: Poisson sampling over subjects, one
     clipped sequence each; the history cap is a DP estimate counted in epsilon, longer
     histories are cut and counted; plan() says what the run reports."""
+    import dplm.stages
     from test_privacy import independent_epsilon
 
     config = tiny(True, schema=str(CDNOW_SCHEMA))
@@ -416,15 +420,19 @@ def test_dp_per_subject_histories(cdnow, tmp_path):
     config.privacy.max_epsilon = None
     synth = dplm.fit(cdnow, config, progress=False)
     record = synth.privacy_record
-    subjects = record["num_training_subjects"]
-    assert subjects == len(set(cdnow["users_id"].iloc[synth.split["train"]]))
+    subjects = record["num_training_units"]  # the DP count of the subjects
+    assert abs(subjects - len(set(cdnow["users_id"].iloc[synth.split["train"]]))) < 200
     assert record["privacy_unit"] == "subject (column 'users_id')" and record["sample_rate"] == pytest.approx(8 / subjects)
-    assert record["metadata_estimated_under_dp"] == {"(rows per subject)": ["max_history"]}
-    assert record["epsilon"] == pytest.approx(0.2 + independent_epsilon(1.5, 8 / subjects, 3, 1e-5), rel=1e-4)
+    assert record["metadata_estimated_under_dp"] == {"(rows per subject)": ["max_history"], "(training units)": ["count"]}
+    assert record["epsilon"] == pytest.approx(0.25 + independent_epsilon(1.5, 8 / subjects, 3, 1e-5), rel=1e-4)
     lengths = cdnow.iloc[synth.split["train"]].groupby("users_id").size()
     assert synth.values_cut["histories cut at data.max_history"] == int((lengths > synth.codec.max_rows).sum()) > 0
+    # The plan sees the exact count: with the run's count exact too, the two agree exactly.
+    monkeypatch.setattr(dplm.stages, "dp_count", lambda count, epsilon, rng: count)
+    record = dplm.fit(cdnow, config, progress=False).privacy_record
     planned = dplm.plan(config, cdnow)
-    assert planned["epsilon"] == pytest.approx(record["epsilon"], rel=1e-9) and planned["units"] == subjects
+    assert planned["epsilon"] == pytest.approx(record["epsilon"], rel=1e-9)
+    assert planned["units"] == record["num_training_units"] == synth.split["num_training_subjects"]
 
 
 def test_resumed_dp_histories_keep_their_cap_and_counts(cdnow, tmp_path, monkeypatch):
@@ -444,7 +452,8 @@ def test_resumed_dp_histories_keep_their_cap_and_counts(cdnow, tmp_path, monkeyp
     resumed = dplm.fit(cdnow, config, progress=False, checkpoints=Checkpoints(tmp_path / "ck", every=1, resume=True))
     assert resumed.training.resumed_from_step == 2 and resumed.training.steps == 4
     assert resumed.codec.max_rows == first.codec.max_rows and resumed.bounds == first.bounds
-    assert resumed.privacy_record["metadata_epsilon"] == pytest.approx(0.2)
+    assert resumed.privacy_record["metadata_epsilon"] == pytest.approx(0.25)  # the cap and the count
+    assert resumed.privacy_record["num_training_units"] == first.privacy_record["num_training_units"]  # not drawn again
     lengths = cdnow.iloc[first.split["train"]].groupby("users_id").size().to_numpy()
     assert np.shape(first.bounds.subject_counts) == (len(LENGTH_EDGES) - 1, 1) and first.bounds.subject_sums is None  # under DP
     assert np.array(first.bounds.subject_counts)[:, 0].tolist() != length_counts(lengths).tolist()  # rows alone, noisy
@@ -468,9 +477,10 @@ def test_history_report_and_audit(tmp_path):
     run = synth.save(tmp_path / "run", synthetic=synth.sample(30, progress=False))
     _, report = report_run(run, out_dir=tmp_path / "report", progress=False)
     h = json.loads(report.read_text())["histories"]
-    visitors = events["cid"].nunique()  # the subjects: customers with a visit (no subject table)
-    assert h["subjects"] == {"training": round(0.8 * visitors), "holdout": visitors - round(0.8 * visitors),
-                             "synthetic": 30}
+    split = json.loads((run / "split.json").read_text())  # the subjects: customers with a visit (no subject table)
+    visitors = {name: joined["cid"].iloc[split[name]].nunique() for name in ("train", "holdout")}
+    assert h["subjects"] == {"training": visitors["train"], "holdout": visitors["holdout"], "synthetic": 30}
+    assert visitors["train"] + visitors["holdout"] == events["cid"].nunique() and visitors["holdout"] >= 12
     hol = h["holdout"]
     # 24 holdout subjects of the same generator against 30 from an untrained random model
     assert 0.7 < hol["flat"]["univariate"] <= 1 and 0 <= h["synthetic"]["overall"] < hol["overall"] - 0.1
@@ -490,3 +500,17 @@ def test_subject_texts_keep_subjects_with_missing_values():
                            "hr": pd.Series([3, 4, None], dtype="Int64")})
     texts = subject_texts(Histories(subjects, events), events, "id", ["team", "hr"])
     assert texts.to_dict() == {1: "uk | a, 3; <NA>, 4", 2: "<NA> | b, <NA>"}
+
+
+def test_one_more_subject_moves_one_length_count_and_the_noise_is_laplace_at_epsilon():
+    """The history cap's histogram on neighbouring tables: one more subject changes one bin by
+    one (sensitivity 1), so Laplace noise of scale 1 / epsilon makes it epsilon-DP; it is
+    released as integers."""
+    from test_privacy import Recorder
+
+    lengths = np.r_[np.ones(900, dtype=int), np.full(95, 5), np.full(5, 40)]
+    grown = np.r_[lengths, 17]
+    assert np.abs(length_counts(grown) - length_counts(lengths)).sum() == 1
+    recorder = Recorder(np.random.default_rng(0))
+    _, noisy = dp_history_length(lengths, 0.3, recorder)
+    assert recorder.scales == [1 / 0.3] and noisy.dtype.kind == "i"

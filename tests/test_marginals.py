@@ -176,3 +176,58 @@ def test_calibrated_rows_follow_the_statistics_one_way_counts():
     assert abs(before["x"] - real["x"]) > 0.15 and abs(after["x"] - real["x"]) < 0.02
     assert abs(rows["d"].eq(1).mean() - real["x"]) < 0.02  # its one-to-one partner too
     assert (rows["gain"].gt(0) & rows["loss"].gt(0)).sum() == 0  # the rows themselves, unchanged
+
+
+class NoNoise:
+    """An rng for the mechanisms' sensitivity tests: each unit's first row, zero noise, and the
+    scale of every noise draw recorded."""
+
+    def __init__(self):
+        self.scales = []
+
+    def integers(self, high):
+        return 0
+
+    def normal(self, loc, scale, size):
+        self.scales.append(scale)
+        return np.zeros(size)
+
+    def laplace(self, loc, scale, size):
+        self.scales.append(scale)
+        return np.zeros(size)
+
+
+def test_one_more_unit_changes_each_released_table_by_one_count(census, census_schema):
+    """The statistics' rounds on neighbouring tables (one unit more), each over the bins the
+    rounds before released: each one-way and each two-way table differs in one cell by one, each
+    both-non-zero count by at most one, so a round of T tables has L2 sensitivity sqrt(T); the
+    Gaussian noise of a round is its noise multiplier times that, and the counts come out as integers."""
+    from dplm.marginals import both_nonzero_counts, exclusive_candidates, fine_indexes, one_way_counts, two_way_counts
+    from dplm.schema import coerce_table
+
+    rows, grown = coerce_table(census.iloc[:500], census_schema), coerce_table(census.iloc[:501], census_schema)
+    noise = {"one_way": 2.0, "two_way": 3.0, "both_nonzero": 4.0}
+    rng = NoNoise()
+    released = measure(rows, census_schema, [[i] for i in range(500)], noise, rng, count=500)
+    columns = [census_schema[c.name] for c in released.columns]
+    candidates = exclusive_candidates(census_schema)
+    for query in (one_way_counts, two_way_counts):
+        before, after = (query(fine_indexes(t, released.columns, columns), released.columns) for t in (rows, grown))
+        assert all(np.abs(after[k] - before[k]).sum() == 1 for k in before), query.__name__
+    before, after = both_nonzero_counts(rows, candidates), both_nonzero_counts(grown, candidates)
+    assert list(before) == ["capital_gain|capital_loss"] and all(after[k] - before[k] in (0, 1) for k in before)
+    sizes = statistics_rounds(census_schema)
+    assert sorted(set(rng.scales)) == sorted({noise[k] * np.sqrt(sizes[k]) for k in noise})
+    assert all(isinstance(v, int) for v in released.one_way["age"])  # released as integers
+
+
+def test_a_subject_without_rows_adds_nothing(census, census_schema):
+    """A unit without rows (a subject without events) is skipped, not drawn from."""
+    from dplm.schema import coerce_table
+
+    rows = coerce_table(census.iloc[:50], census_schema)
+    with_empty = measure(rows, census_schema, [[i] for i in range(50)] + [[]], {"one_way": 1.0, "two_way": 1.0,
+                                                                              "both_nonzero": 1.0}, NoNoise(), count=51)
+    plain = measure(rows, census_schema, [[i] for i in range(50)], {"one_way": 1.0, "two_way": 1.0,
+                                                                     "both_nonzero": 1.0}, NoNoise(), count=51)
+    assert with_empty.one_way == plain.one_way and with_empty.two_way == plain.two_way

@@ -76,7 +76,9 @@ def test_cli_report_on_a_run(run_dir, capsys):
     out = capsys.readouterr().out
     assert "accuracy" in out and (run_dir / "report.html").exists()
     metrics = json.loads((run_dir / "report.json").read_text())
-    assert metrics["rows"] == {"training": 1200, "holdout": 300, "synthetic": 40}
+    split = json.loads((run_dir / "split.json").read_text())  # ~80 / 20 of the 1,500 rows
+    assert metrics["rows"] == {"training": len(split["train"]), "holdout": len(split["holdout"]), "synthetic": 40}
+    assert len(split["train"]) + len(split["holdout"]) == 1500 and 250 < len(split["holdout"]) < 350
     assert metrics["run"]["steps"] == 2
 
 

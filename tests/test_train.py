@@ -346,3 +346,25 @@ def test_speed_is_measured_on_dummy_rows_and_leaves_the_weights(tokenizer):
     for dp in (True, False):
         assert measure_speed(model, 12, 8, torch.device("cpu"), dp) > 0
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_a_resume_that_would_misreport_is_refused():
+    """A resumed run continues its checkpoint's steps at their noise and rate, below its cap:
+    other settings, or a cap lowered below what the checkpoint spent, are one-line errors."""
+    from dplm.errors import DplmError
+    from dplm.privacy import PrivacyBudget
+    from dplm.train import check_resumed_budget
+
+    history = [(10.0, 1.0, 1), (1.5, 0.01, 40)]
+    budget = PrivacyBudget("rdp", 1.5, 0.01, 1e-5, max_epsilon=5.0, prior=[(10.0, 1.0, 1)])
+    budget.restore(history)
+    check_resumed_budget(budget)  # the same run
+    spent = budget.epsilon()
+    for noise, rate, prior, cap, message in [(2.0, 0.01, [(10.0, 1.0, 1)], 5.0, "steps ran at"),
+                                             (1.5, 0.02, [(10.0, 1.0, 1)], 5.0, "steps ran at"),
+                                             (1.5, 0.01, [], 5.0, "steps ran at"),
+                                             (1.5, 0.01, [(10.0, 1.0, 1)], spent * 0.9, "is below the epsilon")]:
+        other = PrivacyBudget("rdp", noise, rate, 1e-5, max_epsilon=cap, prior=prior)
+        other.restore(history)
+        with pytest.raises(DplmError, match=message):
+            check_resumed_budget(other)

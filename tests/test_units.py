@@ -15,9 +15,9 @@ def test_canaries_are_units_of_their_own():
     rows.type(SCHEMA)
     rows.add_canaries(canary, 3)
     assert rows.rows["x"].tolist() == [1, 2, 3, 9, 9, 9] and rows.groups == [[i] for i in range(6)]
-    assert rows.clip_groups() is None and rows.count() == rows.public_count(0, 0) == 6
+    assert rows.clip_groups() is None and rows.count() == 6 and rows.canary_units(1, 3) == 3
     subjects = RowUnits.of(table, "who")
-    assert subjects.public_count(1, 3) == 3
+    assert subjects.count() == 2 and subjects.canary_units(1, 3) == 1
     subjects.type(SCHEMA)
     subjects.add_canaries(canary, 3)
     assert subjects.groups == [[0, 1], [2], [3, 4, 5]] == subjects.clip_groups() and subjects.count() == 3

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from dplm.privacy import range_threshold
+from dplm.privacy import integer_release, range_threshold
 
 LENGTH_EDGES = np.array([1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 15, 20, 25, 30, 40, 50, 60, 80, 100, 120, 150, 200, 250, 300,
                          400, 500, 600, 800, 1000, 1500, 2000, 3000, 5000, 10000])
@@ -81,10 +81,10 @@ def subject_sums(sums: dict[str, np.ndarray]) -> dict[str, dict]:
 def dp_history_length(lengths: np.ndarray, epsilon: float, rng) -> tuple[int, np.ndarray]:
     """(cap, noisy `length_counts`) of the rows per subject, epsilon-DP: Laplace(1/epsilon) noise
     on every count (a subject is in one bin), counts below `privacy.range_threshold` taken as
-    empty (noise alone would fill the tail), the cap the upper end of the bin where the noisy
-    share reaches `CAP_QUANTILE`."""
+    empty (noise alone would fill the tail), released as integers (`privacy.integer_release`),
+    the cap the upper end of the bin where the noisy share reaches `CAP_QUANTILE`."""
     noisy = length_counts(lengths) + rng.laplace(0.0, 1.0 / epsilon, size=len(LENGTH_EDGES) - 1)
-    noisy = np.where(noisy > range_threshold(epsilon, len(noisy)), noisy, 0.0)
+    noisy = integer_release(np.where(noisy > range_threshold(epsilon, len(noisy)), noisy, 0.0))
     if noisy.sum() <= 0:
         return 1, noisy
     b = int(np.searchsorted(np.cumsum(noisy) / noisy.sum(), CAP_QUANTILE))

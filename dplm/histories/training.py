@@ -124,9 +124,9 @@ class TrainingHistories:
     def count(self) -> int:
         return len(self.units)
 
-    def public_count(self, canaries: int, repeats: int) -> int:
-        """The units a run will have with the audit's canaries (each one more subject)."""
-        return len(self.units) + canaries
+    def canary_units(self, canaries: int, repeats: int) -> int:
+        """Each canary is one more subject."""
+        return canaries
 
     def plan_rows(self, dp: bool) -> float:
         """Rows a subject counts as in the training plan: under DP the public `HISTORY_PLAN_ROWS`,
