@@ -48,8 +48,9 @@ def record_losses(synth, df: pd.DataFrame, batch_size: int = 64, column: str | N
     """The model's mean next-token loss of each record (lower: more familiar), or of the tokens
     of one `column`'s value, given the record's other columns before it."""
     codec = synth.codec
-    encoded = [codec.encode_with_spans(row) for row in coerce_table(df, synth.schema).itertuples(index=False, name=None)]
-    return sequence_losses(synth, encoded, batch_size, None if column is None else synth.schema.names.index(column))
+    typed = coerce_table(df[codec.schema.names], codec.schema)  # the columns the model writes
+    encoded = [codec.encode_with_spans(row) for row in typed.itertuples(index=False, name=None)]
+    return sequence_losses(synth, encoded, batch_size, None if column is None else codec.schema.names.index(column))
 
 
 def history_losses(synth, events: pd.DataFrame, key: str, batch_size: int = 16) -> np.ndarray:

@@ -11,6 +11,8 @@ import sys
 import warnings
 from pathlib import Path
 
+import yaml
+
 from dplm.audit import audit_run
 from dplm.config import load_recipe
 from dplm.data import check_output_file, load_table, write_table
@@ -18,6 +20,7 @@ from dplm.errors import DplmError
 from dplm.experiment import default_summary, load_sweep_config, sweep
 from dplm.histories import Histories
 from dplm.report import report_run
+from dplm.rules import suggested
 from dplm.synthesizer import Synthesizer, plan
 from dplm.train import process_rank
 from dplm.workspace import checkpoints_for, export_run
@@ -65,7 +68,18 @@ def summary(synth, df=None) -> str:
                      + (f"; kept {s.rows_kept} of them, nearest the "
                         + ("training subjects' counts per rows and span" if synth.is_history else "statistics' one-way counts")
                         + " (sample.calibration)" if s.rows_kept is not None else ""))
+    suggestions = suggested(synth.rules.to_dict(), synth.schema.rules) if synth.rules else []
+    if suggestions:
+        lines.append("rules the statistics show, kept in every row once declared under the schema's rules: "
+                     + "; ".join(rule_line(r) for r in suggestions))
     return "\n".join(lines)
+
+
+def rule_line(entry: dict) -> str:
+    """A suggested `rules:` entry in one line (a mapping without its values)."""
+    kind, body = next(iter(entry.items()))
+    return f"mapping: {{from: {body['from']}, to: {body['to']}, values: ...}}" if kind == "mapping" else \
+        f"{kind}: [{', '.join(body)}]"
 
 
 def cmd_train(args) -> None:
@@ -119,6 +133,10 @@ def cmd_report(args) -> None:
     print(f"accuracy {acc['synthetic']['overall']:.4f} (holdout {acc['holdout']['overall']:.4f}, shuffled columns "
           f"{acc['shuffled']['overall']:.4f}), discriminator AUC {emb['synthetic']:.3f} (holdout {emb['holdout']:.3f}, "
           f"shuffled {emb['shuffled']:.3f}), DCR share {metrics['privacy']['synthetic']['dcr_share']:.3f}{kept}")
+    declared = metrics.get("declared_rules")
+    if declared:
+        print(f"rows keeping the schema's {len(declared['rules'])} declared rules: "
+              f"{declared['synthetic']['all_rules']:.1%} (holdout {declared['holdout']['all_rules']:.1%})")
 
 
 def cmd_audit(args) -> None:
@@ -166,6 +184,9 @@ def cmd_plan(args) -> None:
         print(line)
     if not config.privacy.enabled:
         print(f"{result['units']} training {result['unit']}; no DP")
+        if result["suggested_rules"]:
+            print("rules the table's statistics show, kept in every row once declared under the schema's rules:\n"
+                  + yaml.safe_dump({"rules": result["suggested_rules"]}, sort_keys=False, allow_unicode=True).rstrip())
         return
     p, chosen = config.privacy, result["plan"]
     print(f"{result['units']} training {result['unit']}, batch {chosen['batch_size']}: sample rate "

@@ -23,6 +23,7 @@ import torch
 
 from dplm.errors import DplmError
 from dplm.model import weight_dtype
+from dplm.rules import kept_shares
 
 NUM_BINS = 10
 TOP_CATEGORIES = 10
@@ -543,9 +544,10 @@ def shuffled_columns(train: pd.DataFrame, n: int, seed: int = 0) -> pd.DataFrame
 
 def evaluate(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataFrame, target: str | None = None,
              embed_sample: int = EMBED_SAMPLE, seed: int = 0, text_columns: list[str] | None = None,
-             categorical: list[str] | None = None) -> dict:
+             categorical: list[str] | None = None, declared: list | None = None) -> dict:
     """All scores; `text_columns` get a section each (`text_scores`), whose utility predicts one
-    of the `categorical` columns. Arrays kept for plotting sit under keys starting with '_'."""
+    of the `categorical` columns; the schema's `declared` rules (`rules.Rule`) a share of rows
+    keeping each. Arrays kept for plotting sit under keys starting with '_'."""
     check_inputs(train, holdout, synthetic, target)
     binner = Binner(train)
     rng = np.random.default_rng(seed)
@@ -579,6 +581,8 @@ def evaluate(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataFrame
     }
     if target:
         results["utility"] = utility(train, holdout, synthetic, target, seed)
+    if declared:
+        results["declared_rules"] = kept_shares(declared, holdout, synthetic)
     if text_columns:
         results["text"] = {c: text_scores(train, holdout, synthetic, c,
                                           text_context_column(train, c, categorical or [], target), embed_sample, seed)

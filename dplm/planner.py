@@ -15,7 +15,8 @@ different sizes (docs/benchmarks.md, issue 19):
   budget within [`DP_MIN_STEPS`, `DP_MAX_STEPS`]. The table's statistics get a share of the
   budget that grows as N shrinks (`statistics_share`): below `SGD_MIN_UNITS` units DP-SGD's
   steps would be mostly noise, so all of it goes to the statistics and the model learns from
-  rows drawn from them alone (post-processing). The noise multiplier is then the smallest
+  rows drawn from them alone (post-processing); so too when the compute budget is under
+  `SGD_MIN_EPOCHS` epochs (the census demo: 1.2 epochs of DP-SGD added nothing). The noise multiplier is then the smallest
   that keeps the whole run, statistics and schema metadata included, within the cap.
   The compute budget is the rows DP-SGD can process in `train.dp_time_budget` seconds (less the
   first stage's) at this machine's speed, measured once on dummy rows (`machine_speed`: public,
@@ -59,6 +60,7 @@ NODP_BATCH_TOKENS, NODP_MIN_BATCH = 8_192, 4  # baseball (442 tokens a player): 
 NODP_TIME_BUDGET = 900.0  # seconds
 NODP_MAX_EPOCHS = 100.0
 SGD_MIN_UNITS = 2_000  # below: no DP-SGD steps, the statistics get the whole budget
+SGD_MIN_EPOCHS = 2.0  # a compute budget of fewer epochs: no DP-SGD steps either (census demo: they added nothing)
 STATISTICS_SHARE_LARGE = 0.1  # the statistics' share of rho at >= STATISTICS_LARGE_UNITS units
 STATISTICS_LARGE_UNITS = 20_000
 PRETRAIN_ROWS = 40_000  # rows drawn from the statistics for the first (free) stage of a DP run (census: 2.3 min)
@@ -271,6 +273,9 @@ def make_plan(config: RunConfig, units: int, schema, metadata_epsilon: float = 0
     # Histories: the statistics would only order the event columns (no first stage on their
     # rows), so by default the whole budget goes to DP-SGD.
     auto_share = statistics_share(units) if target is not None and not unit_rows else 0.0
+    few_epochs = auto_share > 0 and not texts and budget_rows < SGD_MIN_EPOCHS * units
+    if few_epochs:  # a short DP-SGD run adds nothing to what the statistics' rows teach: all for them
+        auto_share = 1.0
     if t.max_steps is not None or t.max_epochs is not None:  # steps are asked for: DP-SGD keeps part of the budget
         auto_share = min(auto_share, GIVEN_STEPS_STATISTICS_SHARE)
     share = pick(p.statistics_share, auto_share, "statistics_share")
@@ -327,8 +332,10 @@ def make_plan(config: RunConfig, units: int, schema, metadata_epsilon: float = 0
     elif steps == 0:
         plan.noise_multiplier = 1.0  # unused: no DP-SGD step
         chosen.append("noise_multiplier")
-        plan.notes.append(f"{units} training units: too few for DP-SGD's steps to add to the DP statistics; the "
-                          "model learns from rows drawn from the statistics alone (post-processing)")
+        why = (f"a compute budget of {budget_rows:,} rows, under {SGD_MIN_EPOCHS:g} epochs," if few_epochs and
+               units >= SGD_MIN_UNITS else f"{units} training units:")
+        plan.notes.append(f"{why} too few for DP-SGD's steps to add to the DP statistics; the model learns from rows "
+                          "drawn from the statistics alone (post-processing)")
     else:
         plan.noise_multiplier = calibrate_noise(target, delta, batch / units, steps, p.accountant,
                                                 statistics_history(plan, schema))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from dplm.config import RunConfig
 from dplm.data import load_table
@@ -21,6 +22,7 @@ from dplm.evaluate import align_types, evaluate
 from dplm.evaluate_histories import gaps, history_scores, ordered_events
 from dplm.histories import Histories, subjects_path
 from dplm.inputs import history_tables, training_keys
+from dplm.rules import suggested
 from dplm.schema import Schema
 from dplm.synthesizer import Synthesizer
 from dplm.tracking import Trackers
@@ -200,6 +202,10 @@ def summary_rows(metrics: dict) -> list[tuple]:
     if rules.get("rules"):
         rows.append((f"rows keeping all {len(rules['rules'])} rules of the training rows", rules["synthetic"]["all_rules"],
                      rules["holdout"]["all_rules"], None))
+    declared = metrics.get("declared_rules")
+    if declared:
+        rows.append((f"rows keeping all {len(declared['rules'])} rules the schema declares",
+                     declared["synthetic"]["all_rules"], declared["holdout"]["all_rules"], None))
     return rows
 
 
@@ -262,6 +268,12 @@ def rule_rows(rules: dict) -> list[tuple]:
              rules["holdout"]["per_rule"][i]) for i, r in enumerate(rules["rules"])]
 
 
+def declared_rule_rows(declared: dict) -> list[tuple]:
+    """One row per rule the schema declares: the share of synthetic and holdout rows keeping it."""
+    return [(rule, declared["synthetic"]["per_rule"][i], declared["holdout"]["per_rule"][i])
+            for i, rule in enumerate(declared["rules"])]
+
+
 def text_rows(t: dict) -> list[tuple]:
     """The rows of a text column's table in the report."""
     rows = [("discriminator AUC vs holdout texts (0.5 = indistinguishable)", "discriminator_auc"),
@@ -300,6 +312,16 @@ def render_html(metrics: dict, charts: dict, run_info: dict | None) -> str:
                      "(one-to-one values, or never both non-zero), and the share of rows that keep each. Found in the "
                      "private training rows: a private diagnostic.</p>"
                      + _table(rule_rows(rules), ("rule", "synthetic", "holdout")))
+    if metrics.get("declared_rules"):
+        parts.append("<h2>Rules the schema declares</h2><p>Kept by construction when sampling; the holdout column "
+                     "says whether the real rows keep them.</p>"
+                     + _table(declared_rule_rows(metrics["declared_rules"]), ("rule", "synthetic", "holdout")))
+    if metrics.get("suggested_rules"):
+        parts.append("<h2>Rules you could declare</h2><p>Rules the run's statistics show (under DP: the noisy "
+                     "statistics, nothing else) that the schema does not declare. Declared under the schema's "
+                     "<code>rules:</code>, every row keeps them:</p><pre>"
+                     + html.escape(yaml.safe_dump({"rules": metrics["suggested_rules"]}, sort_keys=False,
+                                                  allow_unicode=True)) + "</pre>")
     if "utility" in metrics:
         u = metrics["utility"]
         keys = [k for k in ("accuracy", "roc_auc", "r2") if k in u["trtr"]]
@@ -376,15 +398,19 @@ def render_html(metrics: dict, charts: dict, run_info: dict | None) -> str:
 def write_report(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataFrame, out_dir: str | Path,
                  target: str | None = None, run_info: dict | None = None, seed: int = 0,
                  text_columns: list[str] | None = None, categorical: list[str] | None = None,
-                 histories: tuple | None = None) -> tuple[Path, Path]:
+                 histories: tuple | None = None, declared: list | None = None,
+                 suggestions: list[dict] | None = None) -> tuple[Path, Path]:
     """Score and write `report.html` and `report.json` into `out_dir`; returns their paths.
     `text_columns` get a text section each, whose utility predicts one of `categorical`.
     `histories` = (sets, key, order_by), `sets` the training, holdout and synthetic
     `histories.Histories`: a section of history scores (`evaluate_histories`); the other scores
-    are then those of the event rows."""
+    are then those of the event rows. `declared`: the schema's rules, a share of rows keeping
+    each; `suggestions`: the rules the run's statistics show that it does not declare."""
     start = time.perf_counter()
     metrics = evaluate(train, holdout, synthetic, target=target, seed=seed, text_columns=text_columns,
-                       categorical=categorical)
+                       categorical=categorical, declared=declared)
+    if suggestions:
+        metrics["suggested_rules"] = suggestions
     if histories:
         sets, key, order_by = histories
         metrics["histories"] = history_scores(sets["training"], sets["holdout"], sets["synthetic"], key, order_by,
@@ -536,9 +562,11 @@ def report_run(run_dir: str | Path, synthetic: str | Path | None = None, num_row
                                 "columns")
         else:
             fake = sample(len(holdout))
+        marginals = run.marginals()
+        found = marginals.rules().to_dict() if marginals else {}
         paths = write_report(train, holdout, align_types(fake, schema)[names], Path(out_dir or run_dir),
                              text_columns=schema.names_of("text"), categorical=schema.names_of("categorical"),
-                             **common)
+                             declared=schema.rules, suggestions=suggested(found, schema.rules), **common)
     if config.train.report_to and run.has("tracking.json"):
         trackers = Trackers(config, run.json("tracking.json"))
         try:

@@ -19,6 +19,7 @@ import yaml
 
 from dplm.errors import DplmError
 from dplm.privacy import dp_categories, dp_range, number_grid
+from dplm.rules import Rule, broken, derive, derived_columns, kept_all, mended, parse_rules, same_value
 
 KINDS = ("categorical", "integer", "float", "datetime", "text")
 DATE_FORMAT = "%Y-%m-%d"
@@ -84,10 +85,12 @@ class Column:
 class Schema:
     """An ordered list of columns; the order is the serialization order, the order the model
     writes them in. `output_order`, when set, is the synthetic rows' column order (the input
-    table's, which `Synthesizer.fit` records when the schema lists the columns otherwise)."""
+    table's, which `Synthesizer.fit` records when the schema lists the columns otherwise).
+    `rules` are the rules its owner declares (`dplm.rules`), kept by construction."""
 
     columns: list[Column] = field(default_factory=list)
     output_order: list[str] | None = None
+    rules: list[Rule] = field(default_factory=list)
 
     @property
     def names(self) -> list[str]:
@@ -125,6 +128,8 @@ class Schema:
             columns.append(Column(name=str(name), **props))
         schema = cls(columns)
         schema.set_output_order(spec.get("output_order"))
+        schema.rules = parse_rules(spec.get("rules"), schema.names)
+        schema.check_rules()
         return schema
 
     @classmethod
@@ -148,13 +153,100 @@ class Schema:
         order: text columns after the rest, so they are written knowing it); the synthetic rows
         keep the output order."""
         names = list(order) + [n for n in self.names if n not in order]
-        out = Schema([self[n] for n in names])
+        out = Schema([self[n] for n in names], rules=self.rules)
         out.set_output_order(self.output_order or self.names)
         return out
 
+    def modelled(self) -> Schema:
+        """The columns the model writes: all but those a declared rule determines (derived after
+        sampling: `derive`), with the rules between them."""
+        derived = derived_columns(self.rules)
+        if not derived:
+            return self
+        out = Schema([c for c in self.columns if c.name not in derived],
+                     rules=[r for r in self.rules if not set(r.columns) & set(derived)])
+        if self.output_order:
+            out.set_output_order([n for n in self.output_order if n not in derived])
+        return out
+
+    def derive(self, rows: pd.DataFrame) -> pd.DataFrame:
+        """Rows of the modelled columns, with the columns the rules determine added, in the
+        output order."""
+        if not derived_columns(self.rules):
+            return rows
+        return derive(rows, self.rules)[self.output_order or self.names]
+
+    def given_for_model(self, given: pd.DataFrame) -> pd.DataFrame:
+        """Values given for conditional sampling (`check_given`) as the model takes them: a given
+        column that a rule determines becomes its source's value (the source's one value that
+        maps to it, when the source is not given) and is derived again after sampling. Given
+        values that break a declared rule are a one-line error."""
+        given = check_given(given, self)
+        found = broken(self.rules, given)
+        if found:
+            rule, row = found
+            raise DplmError(f"given row {row} breaks the schema rule '{rule.describe()}'; fix the given table")
+        for target, rule in derived_columns(self.rules).items():
+            if target not in given.columns:
+                continue
+            source = rule.columns[0]
+            if source not in given.columns:
+                given[source] = pd.Series([self._source_of(rule, value, row) for row, value in enumerate(given[target])],
+                                          dtype=object)
+            given = given.drop(columns=[target])
+        return given
+
+    def _source_of(self, rule: Rule, value, row: int):
+        if value is None:
+            return None
+        sources = [key for key, mapped in rule.values.items() if same_value(mapped, value)]
+        if len(sources) != 1:
+            raise DplmError(f"given column '{rule.columns[1]}', row {row}: {value!r} is what {len(sources)} values of "
+                            f"'{rule.columns[0]}' map to (schema rule '{rule.describe()}'); give '{rule.columns[0]}'")
+        return _typed_value(self[rule.columns[0]], sources[0])
+
+    def check_rules(self) -> None:
+        """Each declared rule fits its columns' kinds and metadata; one-line errors."""
+        derived = derived_columns(self.rules)
+        for rule in self.rules:
+            kinds = [self[c].kind for c in rule.columns]
+            if "text" in kinds:
+                raise DplmError(f"schema rule {rule.describe()}: text columns take no rules")
+            if rule.kind not in ("mapping", "one_to_one") and set(rule.columns) & set(derived):
+                raise DplmError(f"schema rule {rule.describe()}: a column another rule determines takes no other "
+                                "rule; state it on the column it is derived from")
+            if rule.kind == "exclusive" and any(k not in ("integer", "float") for k in kinds):
+                raise DplmError(f"schema rule {rule.describe()}: exclusive columns are numbers")
+            if rule.kind == "combinations":
+                if any(k != "categorical" for k in kinds):
+                    raise DplmError(f"schema rule {rule.describe()}: combinations are of categorical columns")
+                for combination in rule.values:
+                    for name, value in zip(rule.columns, combination):
+                        if self[name].categories and value not in self[name].categories:
+                            raise DplmError(f"schema rule {rule.describe()}: '{value}' is not a category of '{name}'")
+            if rule.kind == "inequality" and (any(k not in ("integer", "float", "datetime") for k in kinds)
+                                              or len({k if k == "datetime" else "number" for k in kinds}) > 1):
+                raise DplmError(f"schema rule {rule.describe()}: an inequality compares number or date columns of "
+                                "one kind (or a column and a constant)")
+            if rule.kind == "mapping":
+                source, target = (self[c] for c in rule.columns)
+                for value, mapped in rule.values.items():
+                    if source.kind == "categorical" and source.categories and value not in source.categories:
+                        raise DplmError(f"schema rule mapping: '{value}' is not a category of '{source.name}'")
+                    typed = str(mapped) if target.kind == "categorical" else pd.Timestamp(mapped) \
+                        if target.kind == "datetime" else mapped
+                    if target.categories or target.min is not None:
+                        if not value_fits(target, typed):
+                            raise DplmError(f"schema rule mapping: {mapped!r} (for '{value}') does not fit column "
+                                            f"'{target.name}'")
+
     def to_dict(self) -> dict:
         out = {"columns": {c.name: c.to_dict() for c in self.columns}}
-        return {**out, "output_order": self.output_order} if self.output_order else out
+        if self.output_order:
+            out["output_order"] = self.output_order
+        if self.rules:
+            out["rules"] = [r.to_dict() for r in self.rules]
+        return out
 
     def to_yaml(self, path: str) -> None:
         with open(path, "w") as f:
@@ -233,7 +325,7 @@ def _in_given_order(columns: list[Column], given: Schema | None) -> Schema:
     if given:
         order = {n: i for i, n in enumerate(given.names)}
         columns = sorted(columns, key=lambda c: order.get(c.name, len(order)))
-    schema = Schema(columns)
+    schema = Schema(columns, rules=list(given.rules) if given else [])
     if given and given.output_order:
         schema.set_output_order(given.output_order + schema.names[len(given.names):])
     return schema
@@ -567,7 +659,21 @@ def value_fits(col: Column, value) -> bool:
 
 def random_records(schema: Schema, num: int, rng: np.random.Generator) -> pd.DataFrame:
     """`num` records drawn uniformly and independently per column from the schema's domain
-    (the audit's canaries and their references)."""
+    (the audit's canaries and their references), keeping its declared rules: drawn over the
+    modelled columns, mended (`rules.mended`), the determined columns derived."""
+    if not schema.rules:
+        return uniform_records(schema, num, rng)
+    modelled = schema.modelled()
+    records = mended(uniform_records(modelled, 4 * num, rng), modelled.rules, rng)
+    records = records[kept_all(modelled.rules, records)].head(num).reset_index(drop=True)
+    if len(records) < num:
+        raise DplmError(f"schema rules: fewer than {num} random records keep them (for the audit's canaries); "
+                        "lower audit.canaries or check the rules")
+    return schema.derive(records)
+
+
+def uniform_records(schema: Schema, num: int, rng: np.random.Generator) -> pd.DataFrame:
+    """`num` records drawn uniformly and independently per column from the schema's domain."""
     columns = {}
     for col in schema.columns:
         if col.kind == "categorical":

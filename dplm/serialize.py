@@ -42,6 +42,7 @@ import numpy as np
 import pandas as pd
 from tokenizers import AddedToken
 
+from dplm.rules import constraints
 from dplm.schema import DATE_FORMAT, Column, Schema, format_number
 
 SEPARATOR = "|"
@@ -364,6 +365,103 @@ class RowCodec:
         return row
 
 
+UNWRITTEN = ("unwritten",)  # in a constrained row's memory: a column not written yet
+
+
+class ConstrainedRowCodec(RowCodec):
+    """A `RowCodec` whose grammar keeps the schema's declared rules (`rules.Constraints`): a
+    state also holds the values of the columns the rules read (its memory), and each column's
+    tokens are kept to the domain those values leave it (`FieldGrammar.next_tokens_within`), so
+    every row written keeps every rule, in whatever column order the codec writes (a rule
+    narrows the later of its columns). Encoding is the plain codec's, and so are the training
+    masks of rows written each in its own order (`sample.any_order_masks`: per field, a superset
+    of these; the training rows keep the rules)."""
+
+    def __init__(self, schema: Schema, tokenizer, value_tokens: bool, constraints):
+        super().__init__(schema, tokenizer, value_tokens)
+        self.constraints = constraints
+        self.reads = [name for name in constraints.reads if name in schema.names]
+        self._slot = {name: i for i, name in enumerate(self.reads)}
+        # A value is kept only until the last column that a rule ties to it is written: fewer
+        # states, so the grammar still compiles (`sample.CompiledGrammar`).
+        position = {name: i for i, name in enumerate(schema.names)}
+        self._forget_after = {i: [self._slot[name] for name in self.reads if max(
+            position[c] for rule in constraints.rules if name in rule.columns for c in rule.columns) == i]
+            for i in range(len(schema.names))}
+        self._ruled = {i for i, f in enumerate(self.fields) if f.col.name in self._slot}
+
+    def _scale(self, name: str, value) -> int:
+        col = self.schema[name]
+        return to_scaled(col, pd.Timestamp(value) if col.kind == "datetime" else float(value))
+
+    def domain(self, state):
+        """The domain the state's column may take, given its memory (None: unrestricted)."""
+        column, _, memory = state
+        written = {name: value for name, value in zip(self.reads, memory) if value is not UNWRITTEN}
+        return self.constraints.domain(self.fields[column].col.name, written, self._scale)
+
+    def start_state(self):
+        return (0, self.fields[0].start(), (UNWRITTEN,) * len(self.reads))
+
+    def allowed(self, state) -> list[int]:
+        if state is None:
+            return [self.eos_id]
+        column, inner, _ = state
+        ids, can_end = self.fields[column].next_tokens_within(inner, self.domain(state))
+        if not can_end:
+            return list(ids)
+        return list(ids) + [self.sep_id if column < len(self.fields) - 1 else self.eos_id]
+
+    def next_state(self, state, token: int):
+        if state is None or token == self.eos_id:
+            return None
+        column, inner, memory = state
+        field = self.fields[column]
+        if token == self.sep_id and not field.self_delimiting:
+            return (column + 1, self.fields[column + 1].start(), self._remember(memory, column, inner, token))
+        advanced = field.advance(inner, token)
+        if field.self_delimiting and field.complete(advanced) and column < len(self.fields) - 1:
+            return (column + 1, self.fields[column + 1].start(), self._remember(memory, column, inner, token))
+        return (column, advanced, memory)
+
+    def _remember(self, memory: tuple, column: int, inner, token: int) -> tuple:
+        """`memory` with the value of the column just completed, if a rule reads it, and without
+        the values no column still to come needs."""
+        memory = list(memory)
+        name = self.fields[column].col.name
+        if name in self._slot:
+            memory[self._slot[name]] = self.constraints.remembered(name, self.fields[column].value_of(inner, token))
+        for slot in self._forget_after[column]:
+            memory[slot] = UNWRITTEN
+        return tuple(memory)
+
+    def state_key(self, state):
+        if state is None:
+            return "done"
+        column, inner, memory = state
+        # A column a rule may narrow keeps its exact state: the field's own key merges states
+        # by the column's bounds (place or digit summaries), not by the narrower ones of a rule.
+        return (column, inner if column in self._ruled else self.fields[column].state_key(inner), memory)
+
+    def mask_key(self, state):
+        if state is None:
+            return "done"
+        column, inner, _ = state
+        return (column, self.fields[column].domain_key(inner, self.domain(state)))
+
+    def column_of(self, state) -> int:
+        return len(self.fields) if state is None else state[0]
+
+
+def row_codec(schema: Schema, tokenizer, value_tokens: bool) -> RowCodec:
+    """The codec of the columns the model writes (`Schema.modelled`): a `ConstrainedRowCodec`
+    where the schema declares rules between them, else a `RowCodec`."""
+    modelled = schema.modelled()
+    kept = constraints(modelled.rules)
+    return ConstrainedRowCodec(modelled, tokenizer, value_tokens, kept) if kept else \
+        RowCodec(modelled, tokenizer, value_tokens)
+
+
 class FieldGrammar:
     """Which tokens may come next inside one column's value, and how to parse it.
 
@@ -510,6 +608,90 @@ class FieldGrammar:
         can_end = self._complete(state) or (state == "" and self.col.nullable)
         return [self.codec.char_ids[c] for c in chars], can_end
 
+    # ---- within a domain (declared rules: `rules.Domain`) ----------------------------------
+
+    def next_tokens_within(self, state, domain) -> tuple[list[int], bool]:
+        """`next_tokens` kept to the values `domain` allows: a token only if the value it starts
+        or continues can still end inside the domain, the end only at a value inside it."""
+        ids, can_end = self.next_tokens(state)
+        if domain is None:
+            return ids, can_end
+        if self.kind == "text":
+            raise AssertionError("text columns take no rules")
+        if self.single:
+            return [t for t in ids if self._single_allowed(t, domain)], can_end
+        if self.width:
+            if state is None or self.complete(state):
+                return ids, can_end
+            return [t for t in ids if (domain.missing if t == self.value_ids.get(None)
+                                       else self._places_feasible(state + (self._place_of[t][1],), domain))], can_end
+        if self.kind == "categorical":
+            kept = [t for t in ids if self._categories_feasible(self.trie[state]["next"][t], domain)]
+            node = self.trie[state]
+            end = (node["end"] and self._category_allowed(node.get("category"), domain)) or \
+                (state == 0 and self.col.nullable and domain.missing)
+            return kept, can_end and end
+        lo, hi = self._bounds_within(domain)
+        kept = [self.codec.char_ids[c] for c in NUMBER_CHARS if self._prefix_ok(state + c, lo, hi)]
+        end = (self._complete(state) and lo <= self._scaled_text(state) <= hi) or \
+            (state == "" and self.col.nullable and domain.missing)
+        return kept, end
+
+    def domain_key(self, state, domain):
+        """A key that determines `next_tokens_within(state, domain)` (masks are cached per key)."""
+        if domain is None:
+            return self.mask_key(state), None
+        return (self.mask_key(state) if self.single else state), domain.key()
+
+    def value_of(self, state, token: int):
+        """The value a field holds once `token` completed it (`state`: before that token); None
+        for a missing value. Not for text."""
+        if self.single:
+            value = self._value_of[token]
+            if value is None or self.kind == "categorical":
+                return value
+            return self.parse([token])
+        if self.width:
+            return None if token == self.value_ids.get(None) else self.parse(
+                [self.place_ids[i][d] for i, d in enumerate(state + (self._place_of[token][1],))])
+        if self.kind == "categorical":
+            return self.trie[state].get("category")  # the separator ends it: `state` is its node
+        return None if state == "" else self.parse([self.codec.char_ids[c] for c in state])
+
+    def _single_allowed(self, token: int, domain) -> bool:
+        value = self._value_of[token]
+        if value is None:
+            return domain.missing
+        if self.kind == "categorical":
+            return self._category_allowed(value, domain)
+        scaled = to_scaled(self.col, pd.Timestamp(value) if self.kind == "datetime" else float(value))
+        return domain.low <= scaled <= domain.high and (domain.values is None or value in domain.values)
+
+    def _category_allowed(self, category, domain) -> bool:
+        return category is not None and (domain.values is None or category in domain.values)
+
+    def _categories_feasible(self, node: int, domain) -> bool:
+        below = self.trie[node]["below"]
+        return bool(below) if domain.values is None else bool(below & domain.values)
+
+    def _places_feasible(self, places: tuple, domain) -> bool:
+        """Can these leading places end at a scaled value inside `domain` (and the column's range)?"""
+        rest = self.width - len(places)
+        low = sum(d * self.base ** (self.width - 1 - i) for i, d in enumerate(places))
+        high = min(low + self.base ** rest - 1, sum(d * self.base ** (self.width - 1 - i) for i, d in enumerate(self.top)))
+        return max(low + self.offset, domain.low) <= min(high + self.offset, domain.high)
+
+    def _bounds_within(self, domain) -> tuple[int, int]:
+        """The field's scaled bounds narrowed to `domain`'s."""
+        lo, hi = scaled_bounds(self.col)
+        return (lo if domain.low == -math.inf else max(lo, math.ceil(domain.low)),
+                hi if domain.high == math.inf else min(hi, math.floor(domain.high)))
+
+    def _scaled_text(self, text: str) -> int:
+        if self.kind == "datetime":
+            return to_scaled(self.col, pd.Timestamp(text))
+        return to_scaled(self.col, float(text))
+
     def mask_key(self, state):
         """A small key that determines `next_tokens(state)`: masks are cached per key, so a
         sampler keeps a few dozen masks per number column, not one per digit prefix seen."""
@@ -565,22 +747,27 @@ class FieldGrammar:
         return state + self.codec.id_chars[token]
 
     def _build_trie(self):
-        self.trie = [{"next": {}, "end": False}]
-        for ids in self.category_ids.values():
+        self.trie = [{"next": {}, "end": False, "below": set()}]
+        for category, ids in self.category_ids.items():
             node = 0
+            self.trie[0]["below"].add(category)
             for t in ids:
                 nxt = self.trie[node]["next"]
                 if t not in nxt:
                     nxt[t] = len(self.trie)
-                    self.trie.append({"next": {}, "end": False})
+                    self.trie.append({"next": {}, "end": False, "below": set()})
                 node = nxt[t]
+                self.trie[node]["below"].add(category)
             self.trie[node]["end"] = True
+            self.trie[node]["category"] = category
 
-    def _prefix_ok(self, s: str) -> bool:
+    def _prefix_ok(self, s: str, lo: int | None = None, hi: int | None = None) -> bool:
+        """Can `s` start a value of the field (within scaled bounds [lo, hi], default the column's)?"""
         if self.kind == "datetime":
-            i = bisect.bisect_left(self.dates, s)
-            return i < len(self.dates) and self.dates[i].startswith(s)
-        return number_prefix_ok(s, self.lo, self.hi, self.col.precision)
+            first, last = (0 if lo is None else max(0, lo)), (len(self.dates) - 1 if hi is None else hi)
+            i = bisect.bisect_left(self.dates, s, first, last + 1)
+            return i <= last and i < len(self.dates) and self.dates[i].startswith(s)
+        return number_prefix_ok(s, self.lo if lo is None else lo, self.hi if hi is None else hi, self.col.precision)
 
     def _complete(self, s: str) -> bool:
         if self.kind == "datetime":

@@ -38,6 +38,7 @@ from dplm.histories import HISTORY_PLAN_ROWS
 from dplm.inputs import is_history, unit_hashes
 from dplm.planner import MachineSpeed, TrainingPlan, machine_speed, make_plan, resumed, statistics_history
 from dplm.privacy import METADATA_DELTA_SHARE, NEIGHBOURS, PUBLIC_QUANTITIES, dp_count, secret_rng
+from dplm.rules import broken, kept_all, learn_mappings
 from dplm.sample import grammar_masks, output_token_ids
 from dplm.schema import (
     MetadataSpend, Schema, coerce_table, dp_metadata_spend, estimate_schema_dp, random_records, require_kinds,
@@ -79,7 +80,7 @@ def speed_before_data(config: RunConfig, schema: Schema | str | None, device) ->
     user_schema = user_schema_of(schema, config)
     if user_schema is None:
         return None
-    return machine_speed(config, user_schema, device, HISTORY_PLAN_ROWS if is_history(config) else None)
+    return machine_speed(config, user_schema.modelled(), device, HISTORY_PLAN_ROWS if is_history(config) else None)
 
 
 def analyze(units: TrainingUnits, schema: Schema | str | None, config: RunConfig, tokenizer,
@@ -92,6 +93,9 @@ def analyze(units: TrainingUnits, schema: Schema | str | None, config: RunConfig
     returns the run state (with the machine's `speed`; nothing is written)."""
     p = config.privacy
     user_schema = user_schema_of(schema, config)
+    if user_schema and user_schema.rules and is_history(config):
+        raise DplmError(f"schema rule '{user_schema.rules[0].describe()}': declared rules are kept in rows, not yet in "
+                        "histories (data.subject); drop the schema's rules or train with data.mode: rows")
 
     def text_lengths(texts: list[str]) -> list[int]:
         return [len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids]
@@ -110,6 +114,7 @@ def analyze(units: TrainingUnits, schema: Schema | str | None, config: RunConfig
     else:
         schema = user_schema = units.complete_schema(user_schema, text_lengths)
         spend, bounds = units.bound(config, MetadataSpend(), schema)
+    learn_mappings(schema.rules, None if p.enabled else units.frame)
     if schema.output_order is None and set(units.frame.columns) == set(schema.names):
         schema.set_output_order(list(units.frame.columns))  # the rows come out in the table's column order
     canaries, included = None, None
@@ -149,6 +154,10 @@ def type_rows(units: TrainingUnits, state: RunState, config: RunConfig) -> None:
     """Type the units' rows by the state's schema and add the canaries that train to them, each
     one more unit with `audit.canary_repeats` copies of its record. Writes the units."""
     units.type(state.schema)
+    found = broken(state.schema.rules, units.statistics_rows()[0])
+    if found:
+        rule, row = found
+        raise DplmError(f"training row {row} breaks the schema rule '{rule.describe()}'; fix the data or the rule")
     if state.canaries is not None:
         units.add_canaries(state.training_canaries(), config.audit.canary_repeats)
 
@@ -162,7 +171,7 @@ def plan_training(config: RunConfig, units: TrainingUnits, state: RunState) -> T
         return resumed(state.plan, config)
     count = (units.count() if state.count is None else state.count) + units.canary_units(
         sum(state.canary_included or []), config.audit.canary_repeats)
-    return make_plan(config, count, state.user_schema, state.spend.epsilon, state.spend.delta,
+    return make_plan(config, count, state.user_schema.modelled(), state.spend.epsilon, state.spend.delta,
                      unit_rows=units.plan_rows(config.privacy.enabled), speed=state.speed)
 
 
@@ -174,14 +183,14 @@ def measure_statistics(units: TrainingUnits, state: RunState, config: RunConfig)
     schema."""
     p, plan = config.privacy, state.plan
     rows, groups = units.statistics_rows()
-    schema = units.statistics_schema(state.schema)
+    schema = units.statistics_schema(state.schema.modelled())  # a column a rule determines is not counted
     if not p.enabled:
         state.marginals = measure(rows, schema, groups, None)
     elif plan.statistics_noise:
         z = plan.statistics_noise
         state.marginals = from_rank0(lambda: measure(
             rows, schema, groups, {"one_way": z, "two_way": z, "both_nonzero": z}, secret_rng(p.secure_mode),
-            units.statistics_schema(state.user_schema), count=plan.units))
+            units.statistics_schema(state.user_schema.modelled()), count=plan.units))
     if state.marginals and config.model.column_order == "auto":
         state.schema = state.schema.in_order(state.marginals.column_order(config.train.seed))
 
@@ -189,7 +198,7 @@ def measure_statistics(units: TrainingUnits, state: RunState, config: RunConfig)
 def statistics_prior(plan: TrainingPlan, units: TrainingUnits, user_schema: Schema) -> list:
     """The accountant's entries of the plan's statistics rounds, spent before DP-SGD's steps
     (their tables depend on the user's schema alone)."""
-    return statistics_history(plan, units.statistics_schema(user_schema))
+    return statistics_history(plan, units.statistics_schema(user_schema.modelled()))
 
 
 @dataclass
@@ -228,8 +237,9 @@ def first_stage(model, codec, state: RunState, rules: Rules | None, config: RunC
     plan = state.plan
     if not plan.pretrain_rows:
         return None
-    rows = coerce_table(state.marginals.tree_rows(plan.pretrain_rows, state.schema,
-                                                  np.random.default_rng(config.train.seed), rules), state.schema)
+    rows = coerce_table(state.marginals.tree_rows(plan.pretrain_rows, codec.schema,
+                                                  np.random.default_rng(config.train.seed), rules), codec.schema)
+    rows = rows[kept_all(codec.schema.rules, rows)]  # the codec writes only rows that keep the declared rules
     orders = row_orders(codec, rows, config) if config.model.column_order == "random" else None
     sequences = codec.encode_table(rows, orders)
     masks = grammar_masks(codec, output_token_ids(model), sequences, device, orders) \

@@ -23,9 +23,10 @@ from dplm.inputs import Inputs, load_inputs
 from dplm.marginals import Marginals, Rules
 from dplm.planner import TrainingPlan, resolved
 from dplm.privacy import PrivacyBudget, epsilon_of_history
+from dplm.rules import suggested
 from dplm.sample import SampleStats, sample_rows
 from dplm.schema import MetadataSpend, Schema, require_kinds
-from dplm.serialize import RowCodec
+from dplm.serialize import RowCodec, row_codec
 from dplm.state import RunState
 from dplm.train import Checkpoints, TrainResult, planned_steps
 from dplm.workspace import RunDirectory, export_run
@@ -34,10 +35,11 @@ from dplm.workspace import RunDirectory, export_run
 class Synthesizer:
     """A fine-tuned model plus everything needed to sample valid rows from it."""
 
-    def __init__(self, config: RunConfig, codec: RowCodec | HistoryCodec, model, device=None):
+    def __init__(self, config: RunConfig, codec: RowCodec | HistoryCodec, model, device=None,
+                 schema: Schema | None = None):
         self.config = config
         self.codec = codec
-        self.schema = codec.schema
+        self.schema = schema or codec.schema  # every column: the codec's and those its rules determine
         self.tokenizer = codec.tokenizer
         self.model = model
         self.device = device or models.default_device()
@@ -98,7 +100,7 @@ class Synthesizer:
                  training: TrainResult, pretraining: TrainResult | None, tracking_ids: dict) -> Synthesizer:
         """The trained synthesizer: the model and codec, and what the run state, the inputs and
         training leave for sampling, saving and the privacy record."""
-        synth = cls(config, codec, model, device)
+        synth = cls(config, codec, model, device, state.schema)
         synth.training_plan, synth.marginals, synth.rules = state.plan, state.marginals, rules
         synth.spend, synth.bounds = state.spend, state.bounds
         synth.canaries = state.canaries if state.canaries is None else state.canaries.assign(
@@ -121,7 +123,9 @@ class Synthesizer:
         """`num_rows` synthetic rows, every one valid under the schema. With `given` (a
         DataFrame of any of the schema's columns), one row per given row that keeps its given
         values and draws the others conditionally on them (`sample.GivenValues`). Rows that
-        break the table's rules (`marginals.Rules`) are drawn again.
+        break the rules found in the statistics (`marginals.Rules`) are drawn again; the rules
+        the schema declares (`dplm.rules`) are kept by the grammar, the columns they determine
+        derived, and given values that break them refused.
 
         A run of histories (`data.subject`) returns `num_rows` whole subjects instead: a
         `histories.Histories` (the subject table and the event table, fresh keys 1..n); `given`
@@ -130,7 +134,7 @@ class Synthesizer:
         num_rows, seed, temperature = num_rows or s.num_rows, s.seed if seed is None else seed, temperature or s.temperature
         # The table's rules, except those between given columns (their values are the user's).
         rules = self.rules.without(list(given.columns) if given is not None else []) if self.rules else None
-        keep = (lambda rows: rules.kept(rows, self.schema)) if rules else None
+        keep = (lambda rows: rules.kept(rows, self.codec.schema)) if rules else None
         if self.is_history:
             out, self.last_sample_stats = sample_subjects(
                 self.model, self.codec, num_rows, self.config.data.subject, s, self.bounds, seed, temperature,
@@ -139,17 +143,19 @@ class Synthesizer:
         draws = s.draws_per_unit(False)
         calibrate = given is None and self.marginals is not None and draws > 1
         codec = self.codec
+        if given is not None:
+            given = self.schema.given_for_model(given)
         if given is not None and self.config.model.column_order == "random":
             # The model has seen every order: it writes the given columns first, then draws the others.
-            codec = RowCodec(self.schema.in_order([n for n in self.schema.names if n in given.columns]),
-                             self.codec.tokenizer, self.codec.value_tokens)
+            codec = row_codec(self.schema.in_order([n for n in self.schema.names if n in given.columns]),
+                              self.codec.tokenizer, self.codec.value_tokens)
         df, self.last_sample_stats = sample_rows(
             self.model, codec, math.ceil(num_rows * draws) if calibrate else num_rows, s.batch_size,
             temperature, seed, self.device, progress, given, s.given_candidates, keep)
         if calibrate:
-            df = self.marginals.calibrated(df, self.schema, num_rows, np.random.default_rng(seed))
+            df = self.marginals.calibrated(df, self.codec.schema, num_rows, np.random.default_rng(seed))
             self.last_sample_stats = dataclasses.replace(self.last_sample_stats, rows_kept=len(df))
-        return df
+        return self.schema.derive(df)
 
     # ---- save / load ------------------------------------------------------------------
 
@@ -175,10 +181,10 @@ class Synthesizer:
         if layout:
             codec = HistoryCodec.from_layout(layout, schema, tokenizer, config.model.value_tokens)
         else:
-            codec = RowCodec(schema, tokenizer, config.model.value_tokens)
+            codec = row_codec(schema, tokenizer, config.model.value_tokens)
         model = models.load_adapter(models.base_model(config.model, codec, device), run.path / "adapter")
         model.eval()
-        synth = cls(config, codec, model, device)
+        synth = cls(config, codec, model, device, schema)
         synth.privacy_record = run.json("privacy.json")
         if layout:
             synth.bounds = HistoryBounds(layout["max_rows"], layout.get("subject_counts"), layout.get("subject_sums"))
@@ -206,8 +212,10 @@ def plan(config: RunConfig, data=None, schema: Schema | str | None = None) -> di
     setting the recipe leaves out, chosen from public quantities), and under DP the sampling
     units and rate, the DP-SGD steps (fewer where the epsilon cap stops them), and epsilon after
     each epoch and at the end, schema metadata and the table's statistics included, at the
-    run's deltas: the figure privacy.json will show. `data` and `schema` as in `fit`
-    (defaults: `config.data.source`, `config.data.schema`)."""
+    run's deltas: the figure privacy.json will show. Without DP also the rules the table's exact
+    statistics show that the schema does not declare (`rules.suggested`; under DP they come from
+    the noisy statistics, in training). `data` and `schema` as in `fit` (defaults:
+    `config.data.source`, `config.data.schema`)."""
     config = copy.deepcopy(config)
     config.validate()
     p = config.privacy
@@ -219,9 +227,12 @@ def plan(config: RunConfig, data=None, schema: Schema | str | None = None) -> di
     canaries = [True] * round(config.audit.canaries * config.audit.canary_inclusion)
     if not p.enabled:
         user_schema = units.complete_schema(user_schema, None)
-        chosen = stages.plan_training(config, units, RunState(user_schema, user_schema, MetadataSpend(),
-                                                              canary_included=canaries))
-        return {"units": chosen.units, "unit": unit, "plan": chosen.to_dict(), "plan_lines": chosen.lines()}
+        state = RunState(user_schema, user_schema, MetadataSpend(), canary_included=canaries)
+        state.plan = chosen = stages.plan_training(config, units, state)
+        units.type(user_schema)
+        stages.measure_statistics(units, state, config)
+        return {"units": chosen.units, "unit": unit, "plan": chosen.to_dict(), "plan_lines": chosen.lines(),
+                "suggested_rules": suggested(state.marginals.rules().to_dict(), user_schema.rules)}
     user_schema = require_kinds(units.frame, user_schema)
     spend = stages.planned_spend(units, user_schema, config)
     stages.check_spend(RunState(user_schema, user_schema, spend), config)

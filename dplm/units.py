@@ -23,7 +23,7 @@ import pandas as pd
 
 from dplm.config import RunConfig
 from dplm.schema import MetadataSpend, Schema, coerce_table, infer_schema
-from dplm.serialize import RowCodec
+from dplm.serialize import RowCodec, row_codec
 
 
 class TrainingUnits(Protocol):
@@ -144,7 +144,7 @@ class RowUnits:
         return schema
 
     def codec(self, schema: Schema, tokenizer, value_tokens: bool, bounds=None) -> RowCodec:
-        return RowCodec(schema, tokenizer, value_tokens)
+        return row_codec(schema, tokenizer, value_tokens)
 
     def encode(self, codec: RowCodec, orders: list[list[int]] | None = None) -> list[list[int]]:
         return codec.encode_table(self.rows, orders)

@@ -151,7 +151,7 @@ class RunDirectory:
                 files.write_json("plan.json", synth.training_plan.to_dict())
             if synth.marginals:
                 files.write_text("statistics.json", json.dumps(
-                    {"dp": synth.config.privacy.enabled, "column_order": synth.schema.names,
+                    {"dp": synth.config.privacy.enabled, "column_order": synth.codec.schema.names,
                      "rules": synth.rules.to_dict(), "marginals": synth.marginals.to_dict()}, indent=1))
             if isinstance(synthetic, Histories):
                 synthetic.write(tmp / "synthetic.csv")

@@ -8,6 +8,7 @@ import dplm
 from dplm.config import RunConfig, from_dict
 from dplm.inputs import split_rows
 from dplm.report import report_run
+from dplm.rules import kept
 from dplm.schema import value_fits
 from conftest import CENSUS_SCHEMA
 
@@ -32,10 +33,14 @@ def test_fit_sample_save_load_sample(dp, value_tokens, tmp_path, census):
     assert first.shape == (12, 15) and list(first.columns) == list(census.columns)
     # The model writes the columns in the order dplm chose from the table's statistics (DP ones
     # under DP); the rows come out in the table's.
-    assert sorted(synth.codec.schema.names) == sorted(census.columns) and synth.marginals is not None
+    # education_num is the schema's mapping of education: derived, not modelled (nor counted).
+    assert sorted(synth.codec.schema.names) == sorted(set(census.columns) - {"education_num"})
+    assert synth.marginals is not None and "education_num" not in synth.marginals.names
     assert synth.schema.output_order == list(census.columns)
     for col in synth.schema.columns:
         assert all(value_fits(col, v) for v in first[col.name]), col.name
+    for rule in synth.schema.rules:  # an untrained model keeps them: only the grammar can
+        assert kept(rule, first).all(), rule.describe()
     run_dir = synth.save(config.output_dir)
     files = {p.name for p in run_dir.iterdir()}
     assert {"adapter", "tokenizer", "schema.yaml", "config.yaml", "privacy.json", "train_log.jsonl",
@@ -79,20 +84,30 @@ def test_random_column_orders_train_and_sample_valid_rows(tmp_path, census):
     config = tiny_config(False, tmp_path)
     config.model.column_order, config.model.value_tokens = "random", True
     synth = dplm.fit(census, config, progress=False)
-    assert synth.codec.schema.names == list(census.columns)  # no order chosen: sampled in the schema's
+    modelled = [c for c in census.columns if c != "education_num"]  # derived from education (the schema's rule)
+    assert synth.codec.schema.names == modelled  # no order chosen: sampled in the schema's
     rows = synth.sample(12, seed=5, progress=False)
     assert rows.shape == (12, 15)
     for col in synth.schema.columns:
         assert all(value_fits(col, v) for v in rows[col.name]), col.name
-    # Given columns are written first (the model has seen every order): kept exactly, the rest valid.
-    given = census[["income", "sex"]].iloc[:6].reset_index(drop=True)
+    # Given columns are written first (the model has seen every order): kept exactly, the rest valid
+    # and within the declared rules (capital_loss 0 where a capital gain is given; a given
+    # education_num becomes its education).
+    picks = pd.concat([census[census["capital_gain"] > 0].head(3), census.head(3)])
+    given = picks[["income", "sex", "capital_gain", "education_num"]].reset_index(drop=True)
     completed = synth.sample(seed=5, progress=False, given=given)
     assert list(completed.columns) == list(census.columns) and len(completed) == 6
-    assert completed["income"].tolist() == given["income"].tolist()
-    assert completed["sex"].tolist() == given["sex"].tolist()
+    for name in given.columns:
+        assert completed[name].tolist() == given[name].tolist(), name
+    assert completed["education"].tolist() == picks["education"].tolist()
+    assert (completed["capital_loss"][:3] == 0).all()
     for col in synth.schema.columns:
         assert all(value_fits(col, v) for v in completed[col.name]), col.name
-    assert synth.codec.schema.names == list(census.columns)  # the model's own codec is unchanged
+    for rule in synth.schema.rules:
+        assert kept(rule, completed).all() and kept(rule, rows).all(), rule.describe()
+    assert synth.codec.schema.names == modelled  # the model's own codec is unchanged
+    with pytest.raises(dplm.DplmError, match="given row 0 breaks the schema rule 'capital_gain and capital_loss never"):
+        synth.sample(progress=False, given=pd.DataFrame({"capital_gain": [5], "capital_loss": [7]}))
     config.model.value_tokens = False
     with pytest.raises(dplm.DplmError, match="column_order: random needs every column in value tokens"):
         dplm.fit(census, config, progress=False)
