@@ -123,6 +123,19 @@ def test_small_tables_spend_everything_on_the_statistics():
     assert asked.statistics_share == 0.5 and asked.max_steps == 30  # steps asked for: DP-SGD keeps half
 
 
+def test_a_budget_under_two_epochs_spends_everything_on_the_statistics():
+    """Census's demo budget (48,000 rows for 39,074 units: 1.2 epochs) buys DP-SGD steps that
+    added nothing to the statistics' rows; 2 epochs and more keep DP-SGD at its usual share."""
+    dp = {"enabled": True, "max_epsilon": 2.5}
+    short = make_plan(config(train={"budget_rows": 48000}, privacy=dp), 39074, CENSUS_LIKE)
+    assert short.statistics_share == 1.0 and short.max_steps == 0 and short.pretrain_rows > 0
+    assert any("a compute budget of 48,000 rows, under 2 epochs, too few for DP-SGD" in note for note in short.notes)
+    enough = make_plan(config(train={"budget_rows": 2 * 39074}, privacy=dp), 39074, CENSUS_LIKE)
+    assert enough.statistics_share == statistics_share(39074) and enough.max_steps > 0
+    given = make_plan(config(train={"budget_rows": 48000}, privacy={**dp, "statistics_share": 0.3}), 39074, CENSUS_LIKE)
+    assert given.statistics_share == 0.3 and given.max_steps > 0  # the recipe's share wins
+
+
 def test_given_dp_settings_win():
     c = config(train={"batch_size": 2048, "max_epochs": 8}, privacy={"enabled": True, "noise_multiplier": 1.3745,
                                                                      "max_epsilon": 2.5, "accountant": "prv"})
