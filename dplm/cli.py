@@ -135,7 +135,7 @@ def cmd_report(args) -> None:
           f"shuffled {emb['shuffled']:.3f}), DCR share {metrics['privacy']['synthetic']['dcr_share']:.3f}{kept}")
     declared = metrics.get("declared_rules")
     if declared:
-        print(f"rows keeping the schema's {len(declared['rules'])} declared rules: "
+        print(f"{declared.get('unit', 'rows')} keeping the schema's {len(declared['rules'])} declared rules: "
               f"{declared['synthetic']['all_rules']:.1%} (holdout {declared['holdout']['all_rules']:.1%})")
 
 

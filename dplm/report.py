@@ -22,7 +22,7 @@ from dplm.evaluate import align_types, evaluate
 from dplm.evaluate_histories import gaps, history_scores, ordered_events
 from dplm.histories import Histories, subjects_path
 from dplm.inputs import history_tables, training_keys
-from dplm.rules import suggested
+from dplm.rules import history_rules, kept_shares_within, row_rules, suggested, suggested_within
 from dplm.schema import Schema
 from dplm.synthesizer import Synthesizer
 from dplm.tracking import Trackers
@@ -204,7 +204,7 @@ def summary_rows(metrics: dict) -> list[tuple]:
                      rules["holdout"]["all_rules"], None))
     declared = metrics.get("declared_rules")
     if declared:
-        rows.append((f"rows keeping all {len(declared['rules'])} rules the schema declares",
+        rows.append((f"{declared.get('unit', 'rows')} keeping all {len(declared['rules'])} rules the schema declares",
                      declared["synthetic"]["all_rules"], declared["holdout"]["all_rules"], None))
     return rows
 
@@ -313,8 +313,9 @@ def render_html(metrics: dict, charts: dict, run_info: dict | None) -> str:
                      "private training rows: a private diagnostic.</p>"
                      + _table(rule_rows(rules), ("rule", "synthetic", "holdout")))
     if metrics.get("declared_rules"):
-        parts.append("<h2>Rules the schema declares</h2><p>Kept by construction when sampling; the holdout column "
-                     "says whether the real rows keep them.</p>"
+        unit = metrics["declared_rules"].get("unit", "rows")
+        parts.append(f"<h2>Rules the schema declares</h2><p>Kept by construction when sampling; the share of {unit} "
+                     f"keeping each, and whether the real {unit} (holdout) keep them.</p>"
                      + _table(declared_rule_rows(metrics["declared_rules"]), ("rule", "synthetic", "holdout")))
     if metrics.get("suggested_rules"):
         parts.append("<h2>Rules you could declare</h2><p>Rules the run's statistics show (under DP: the noisy "
@@ -408,13 +409,16 @@ def write_report(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataF
     each; `suggestions`: the rules the run's statistics show that it does not declare."""
     start = time.perf_counter()
     metrics = evaluate(train, holdout, synthetic, target=target, seed=seed, text_columns=text_columns,
-                       categorical=categorical, declared=declared)
+                       categorical=categorical, declared=row_rules(declared or []))
     if suggestions:
         metrics["suggested_rules"] = suggestions
     if histories:
         sets, key, order_by = histories
         metrics["histories"] = history_scores(sets["training"], sets["holdout"], sets["synthetic"], key, order_by,
                                               seed=seed)
+        if history_rules(declared or []):  # each subject keeps them, or not
+            metrics["declared_rules"] = kept_shares_within(declared, sets["holdout"].events,
+                                                           sets["synthetic"].events, key)
     binner = metrics["_binner"]
     acc = metrics["accuracy"]["synthetic"]
     worst = sorted(acc["per_pair"], key=acc["per_pair"].get)[:3]
@@ -544,10 +548,15 @@ def report_run(run_dir: str | Path, synthetic: str | Path | None = None, num_row
         events = parts[1]
         names = [n for n in schema.output_order or schema.names if n in events.names]  # as for flat rows, below
         rows = {name: align_types(h.events, events)[names] for name, h in sets.items()}
+        # Without DP the rules within a history that the training subjects show (exact rows); none under DP.
+        training = sets["training"].events
+        suggestions = [] if config.privacy.enabled else suggested_within(
+            training, training[config.data.subject].to_numpy(), {c.name: c.kind for c in events.columns},
+            config.data.order_by, schema.rules)
         paths = write_report(rows["training"], rows["holdout"], rows["synthetic"], Path(out_dir or run_dir),
                              text_columns=events.names_of("text"), categorical=events.names_of("categorical"),
-                             histories=(sets, config.data.subject, config.data.order_by), **{
-                                 **common, "target": target if target in events.names else None})
+                             histories=(sets, config.data.subject, config.data.order_by), declared=schema.rules,
+                             suggestions=suggestions, **{**common, "target": target if target in events.names else None})
     else:
         # In the table's column order (not the model's, which the statistics choose): the holdout's and
         # the shuffled columns' figures are then the same for every run on the same split.

@@ -18,7 +18,17 @@ written before it), so no row is drawn and refused. The kinds:
     inequality:     [end, ">=", start], or [capital_gain, "<=", 99999]
                     between two number or date columns, or a column and a constant
 
-`Rules.kept` says, for any table, which rows keep each rule (the report counts them).
+Within a subject's history (`data.subject`, histories), written in the first row only and
+derived in the later ones (`histories.HistoryCodec`):
+
+    constant:       [school, ethnicity]
+                    one value per subject
+    step:           {column: exper, per: year, size: 1}
+                    `column` grows by `size` for each 1 of `per` (a number column of the rows,
+                    usually `data.order_by`): experience +1 a year
+
+`kept` says, for any table, which rows keep a rule, `kept_within` which subjects keep a rule of
+their histories (the report counts them).
 """
 
 from __future__ import annotations
@@ -31,7 +41,9 @@ import pandas as pd
 
 from dplm.errors import DplmError
 
-KINDS = ("mapping", "one_to_one", "combinations", "exclusive", "inequality")
+ROW_KINDS = ("mapping", "one_to_one", "combinations", "exclusive", "inequality")
+HISTORY_KINDS = ("constant", "step")
+KINDS = ROW_KINDS + HISTORY_KINDS
 OPERATORS = {">=": np.greater_equal, "<=": np.less_equal, ">": np.greater, "<": np.less}
 FLIPPED = {">=": "<=", "<=": ">=", ">": "<", "<": ">"}
 
@@ -45,6 +57,7 @@ class Rule:
     values: dict | list | None = None  # mapping: {from value: to value}; combinations: the allowed tuples
     operator: str | None = None  # inequality: columns[0] <op> columns[1] (or `bound`)
     bound: float | str | None = None  # inequality against a constant
+    size: float | None = None  # step: the change of columns[0] for each 1 of columns[1]
 
     def to_dict(self) -> dict:
         if self.kind == "mapping":
@@ -56,6 +69,8 @@ class Rule:
                                    self.columns[1] if len(self.columns) > 1 else self.bound]}
         if self.kind == "one_to_one" and self.values:
             return {"one_to_one": {"columns": list(self.columns), "values": self.values}}
+        if self.kind == "step":
+            return {"step": {"column": self.columns[0], "per": self.columns[1], "size": self.size}}
         return {self.kind: list(self.columns)}
 
     def describe(self) -> str:
@@ -68,6 +83,10 @@ class Rule:
             return f"combinations of {', '.join(self.columns)}"
         if self.kind == "exclusive":
             return f"{' and '.join(self.columns)} never both non-zero"
+        if self.kind == "constant":
+            return f"{', '.join(self.columns)} constant within a subject"
+        if self.kind == "step":
+            return f"{self.columns[0]} grows by {self.size:g} per 1 of {self.columns[1]}"
         right = self.columns[1] if len(self.columns) > 1 else self.bound
         return f"{self.columns[0]} {self.operator} {right}"
 
@@ -105,6 +124,16 @@ def _parse_rule(item, names: list[str]) -> Rule:
         left, op, right = body
         rule = Rule(kind, [str(left), str(right)], operator=op) if str(right) in names else \
             Rule(kind, [str(left)], operator=op, bound=right)
+    elif kind == "constant":
+        if not isinstance(body, list) or not body:
+            raise DplmError(f"schema rule constant {body!r}: give the columns constant within a subject, e.g. [school]")
+        rule = Rule(kind, [str(c) for c in body])
+    elif kind == "step":
+        if not isinstance(body, dict) or {"column", "per"} - set(body) or \
+                not isinstance(body.get("size", 1), (int, float)) or body.get("size", 1) == 0:
+            raise DplmError(f"schema rule step {body!r}: give column, per and size (a non-zero number), e.g. "
+                            "{column: exper, per: year, size: 1}")
+        rule = Rule(kind, [str(body["column"]), str(body["per"])], size=float(body.get("size", 1)))
     elif kind == "one_to_one" and isinstance(body, dict):  # as saved once its pairs are known
         if not isinstance(body.get("columns"), list) or len(body["columns"]) != 2 or not isinstance(body.get("values"), dict):
             raise DplmError(f"schema rule one_to_one {body!r}: give two columns, e.g. [a, b]")
@@ -193,6 +222,16 @@ class Domain:
 
     def key(self) -> tuple:
         return (self.low, self.high, self.values, self.missing)
+
+
+def row_rules(rules: list[Rule]) -> list[Rule]:
+    """The rules each row keeps on its own (not those within a subject's history)."""
+    return [r for r in rules if r.kind in ROW_KINDS]
+
+
+def history_rules(rules: list[Rule]) -> list[Rule]:
+    """The rules within a subject's history (constant, step)."""
+    return [r for r in rules if r.kind in HISTORY_KINDS]
 
 
 def constraints(rules: list[Rule]) -> Constraints:
@@ -336,7 +375,10 @@ def suggested(found: dict, declared: list[Rule]) -> list[dict]:
 
 
 def kept(rule: Rule, rows: pd.DataFrame) -> np.ndarray:
-    """Which rows of `rows` (typed values) keep `rule` (a missing value keeps every rule)."""
+    """Which rows of `rows` (typed values) keep `rule` (a missing value keeps every rule). One
+    row keeps every rule within a history (`kept_within` checks subjects)."""
+    if rule.kind in HISTORY_KINDS:
+        return np.ones(len(rows), dtype=bool)
     if rule.kind in ("mapping", "one_to_one"):
         a, b = rule.columns
         if not rule.values:
@@ -356,6 +398,76 @@ def kept(rule: Rule, rows: pd.DataFrame) -> np.ndarray:
     present = left.notna().to_numpy() & (right.notna().to_numpy() if isinstance(right, pd.Series) else True)
     compared = OPERATORS[rule.operator](np.asarray(_comparable(left)), np.asarray(_comparable(right)))
     return ~present | compared
+
+
+def kept_within(rule: Rule, rows: pd.DataFrame, owners) -> pd.Series:
+    """Per subject (the values of `owners`, one per row of `rows`), whether its rows keep a
+    rule within a history: each constant column has one value (missing counts as one), a step
+    column minus `size` x its `per` column has one value."""
+    owners = pd.Series(np.asarray(owners), index=rows.index)
+    if rule.kind == "constant":
+        distinct = [rows[c].groupby(owners, sort=False).nunique(dropna=False) for c in rule.columns]
+        return pd.concat(distinct, axis=1).max(axis=1) <= 1
+    column, per = rule.columns
+    offset = (pd.to_numeric(rows[column], errors="coerce") - rule.size * pd.to_numeric(rows[per], errors="coerce"))
+    return offset.round(6).groupby(owners, sort=False).nunique(dropna=False) <= 1
+
+
+def broken_within(rules: list[Rule], rows: pd.DataFrame, groups: list[list[int]]) -> tuple[Rule, list[int]] | None:
+    """The first rule within a history that a subject's rows break (`groups`: each subject's
+    row positions in `rows`), and that subject's row positions; None if all keep all."""
+    found = history_rules(rules)
+    if not found:
+        return None
+    owners = owners_of(groups, len(rows))
+    for rule in found:
+        ok = kept_within(rule, rows, owners)
+        if not ok.all():
+            return rule, groups[int(ok.index[np.flatnonzero(~ok.to_numpy())[0]])]
+    return None
+
+
+def owners_of(groups: list[list[int]], count: int) -> np.ndarray:
+    """Each of `count` rows' subject (its group's index; -1 for a row in none)."""
+    owners = np.full(count, -1)
+    for s, group in enumerate(groups):
+        owners[[i for i in group if 0 <= i < count]] = s
+    return owners
+
+
+def suggested_within(rows: pd.DataFrame, owners, kinds: dict[str, str], order_by: str | None,
+                     declared: list[Rule]) -> list[dict]:
+    """The rules within a history that the training subjects' rows (`owners`: each row's
+    subject) show and the schema does not declare, as `rules:` entries: the columns constant
+    within every subject (but not across subjects), and the number columns that grow by 1 per
+    1 of the ordering column in every subject. Exact data: without DP only. `kinds`: each
+    column's kind."""
+    tied = {c for r in declared for c in r.columns}
+    repeated = pd.Series(owners).value_counts().max() > 1 if len(rows) else False
+    if not repeated:
+        return []
+    constant, steps = [], []
+    for name, kind in kinds.items():
+        if name in tied or name == order_by or kind == "text":
+            continue
+        if rows[name].nunique(dropna=False) > 1 and kept_within(Rule("constant", [name]), rows, owners).all():
+            constant.append(name)
+        elif order_by and kind in ("integer", "float") and kinds.get(order_by) in ("integer", "float") and \
+                kept_within(Rule("step", [name, order_by], size=1.0), rows, owners).all():
+            steps.append({"step": {"column": name, "per": order_by, "size": 1}})
+    return ([{"constant": constant}] if constant else []) + steps
+
+
+def kept_shares_within(rules: list[Rule], holdout: pd.DataFrame, synthetic: pd.DataFrame, key: str) -> dict:
+    """Per declared rule within a history, the share of synthetic and of holdout subjects
+    (event tables with their `key` column) that keep it (the report's)."""
+    rules = history_rules(rules)
+    out = {"rules": [r.describe() for r in rules], "unit": "subjects"}
+    for name, rows in (("synthetic", synthetic), ("holdout", holdout)):
+        kept_subjects = [kept_within(r, rows, rows[key]) for r in rules]
+        out[name] = {"per_rule": [float(k.mean()) for k in kept_subjects],
+                     "all_rules": float(pd.concat(kept_subjects, axis=1).all(axis=1).mean())}
+    return out
 
 
 def _constant_like(column: pd.Series, bound):

@@ -217,6 +217,9 @@ class Schema:
                                 "rule; state it on the column it is derived from")
             if rule.kind == "exclusive" and any(k not in ("integer", "float") for k in kinds):
                 raise DplmError(f"schema rule {rule.describe()}: exclusive columns are numbers")
+            if rule.kind == "step" and (any(k not in ("integer", "float") for k in kinds) or
+                                        rule.columns[0] == rule.columns[1]):
+                raise DplmError(f"schema rule {rule.describe()}: a step ties two different number columns")
             if rule.kind == "combinations":
                 if any(k != "categorical" for k in kinds):
                     raise DplmError(f"schema rule {rule.describe()}: combinations are of categorical columns")

@@ -38,7 +38,7 @@ from dplm.histories import HISTORY_PLAN_ROWS
 from dplm.inputs import is_history, unit_hashes
 from dplm.planner import MachineSpeed, TrainingPlan, machine_speed, make_plan, resumed, statistics_history
 from dplm.privacy import METADATA_DELTA_SHARE, NEIGHBOURS, PUBLIC_QUANTITIES, dp_count, secret_rng
-from dplm.rules import broken, kept_all, learn_mappings
+from dplm.rules import broken, broken_within, kept_all, learn_mappings
 from dplm.sample import grammar_masks, output_token_ids
 from dplm.schema import (
     MetadataSpend, Schema, coerce_table, dp_metadata_spend, estimate_schema_dp, random_records, require_kinds,
@@ -93,9 +93,8 @@ def analyze(units: TrainingUnits, schema: Schema | str | None, config: RunConfig
     returns the run state (with the machine's `speed`; nothing is written)."""
     p = config.privacy
     user_schema = user_schema_of(schema, config)
-    if user_schema and user_schema.rules and is_history(config):
-        raise DplmError(f"schema rule '{user_schema.rules[0].describe()}': declared rules are kept in rows, not yet in "
-                        "histories (data.subject); drop the schema's rules or train with data.mode: rows")
+    if user_schema:
+        units.check_rules(user_schema.rules)
 
     def text_lengths(texts: list[str]) -> list[int]:
         return [len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids]
@@ -154,10 +153,17 @@ def type_rows(units: TrainingUnits, state: RunState, config: RunConfig) -> None:
     """Type the units' rows by the state's schema and add the canaries that train to them, each
     one more unit with `audit.canary_repeats` copies of its record. Writes the units."""
     units.type(state.schema)
-    found = broken(state.schema.rules, units.statistics_rows()[0])
+    rows, groups = units.statistics_rows()
+    found = broken(state.schema.rules, rows)
     if found:
         rule, row = found
         raise DplmError(f"training row {row} breaks the schema rule '{rule.describe()}'; fix the data or the rule")
+    found = broken_within(state.schema.rules, rows, groups)
+    if found:
+        rule, group = found
+        values = rows.iloc[group[:6]][rule.columns].to_dict("list")
+        raise DplmError(f"a training subject's rows break the schema rule '{rule.describe()}' ({values}); fix the "
+                        "data or the rule")
     if state.canaries is not None:
         units.add_canaries(state.training_canaries(), config.audit.canary_repeats)
 

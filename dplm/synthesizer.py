@@ -19,11 +19,11 @@ from dplm import model as models
 from dplm import stages
 from dplm.config import RunConfig, configured
 from dplm.histories import HistoryBounds, HistoryCodec, Histories, sample_subjects
-from dplm.inputs import Inputs, load_inputs
+from dplm.inputs import Inputs, is_history, load_inputs
 from dplm.marginals import Marginals, Rules
 from dplm.planner import TrainingPlan, resolved
 from dplm.privacy import PrivacyBudget, epsilon_of_history
-from dplm.rules import suggested
+from dplm.rules import owners_of, suggested, suggested_within
 from dplm.sample import SampleStats, sample_rows
 from dplm.schema import MetadataSpend, Schema, require_kinds
 from dplm.serialize import RowCodec, row_codec
@@ -231,8 +231,13 @@ def plan(config: RunConfig, data=None, schema: Schema | str | None = None) -> di
         state.plan = chosen = stages.plan_training(config, units, state)
         units.type(user_schema)
         stages.measure_statistics(units, state, config)
+        suggestions = suggested(state.marginals.rules().to_dict(), user_schema.rules)
+        if is_history(config):  # and within histories, from their exact rows
+            rows, groups = units.statistics_rows()
+            suggestions += suggested_within(rows, owners_of(groups, len(rows)), {c.name: c.kind for c in user_schema.columns},
+                                            config.data.order_by, user_schema.rules)
         return {"units": chosen.units, "unit": unit, "plan": chosen.to_dict(), "plan_lines": chosen.lines(),
-                "suggested_rules": suggested(state.marginals.rules().to_dict(), user_schema.rules)}
+                "suggested_rules": suggestions}
     user_schema = require_kinds(units.frame, user_schema)
     spend = stages.planned_spend(units, user_schema, config)
     stages.check_spend(RunState(user_schema, user_schema, spend), config)

@@ -22,6 +22,8 @@ import numpy as np
 import pandas as pd
 
 from dplm.config import RunConfig
+from dplm.errors import DplmError
+from dplm.rules import Rule, history_rules
 from dplm.schema import MetadataSpend, Schema, coerce_table, infer_schema
 from dplm.serialize import RowCodec, row_codec
 
@@ -40,6 +42,9 @@ class TrainingUnits(Protocol):
 
     def plan_rows(self, dp: bool) -> float | None:
         """Rows a unit counts as in the training plan (None: one row)."""
+
+    def check_rules(self, rules: list[Rule]) -> None:
+        """One-line errors for declared rules these units cannot keep (`dplm.rules`)."""
 
     def complete_schema(self, user_schema: Schema | None, text_lengths) -> Schema:
         """Without DP: the user's schema completed from the data."""
@@ -122,6 +127,12 @@ class RowUnits:
 
     def planned_spend(self, config: RunConfig, spend: MetadataSpend) -> MetadataSpend:
         return spend
+
+    def check_rules(self, rules: list[Rule]) -> None:
+        """Rules within a history need histories."""
+        for rule in history_rules(rules):
+            raise DplmError(f"schema rule '{rule.describe()}' holds within a subject's history: train histories "
+                            "(data.subject, data.mode: histories) or drop the rule")
 
     def bound(self, config: RunConfig, spend: MetadataSpend, schema: Schema, rng=None):
         return spend, None

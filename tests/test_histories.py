@@ -128,6 +128,50 @@ def test_a_kept_category_is_written_as_same(tokenizer):
     assert written > 0
 
 
+def test_an_integer_column_writes_its_small_changes(tokenizer):
+    """In later rows an integer column writes "same", a change of at most 3 from the row before
+    as its own token, or a fresh value; decoding gives the values back, and a random model's
+    histories decode to the row before's value plus the change wherever it wrote one."""
+    from dplm.histories import CHANGES, Change, change_columns
+    from dplm.model import load_base_model, restrict_output_vocab
+
+    events = Schema([Column(name="year", kind="integer", min=1980, max=1990),
+                     Column(name="exper", kind="integer", min=0, max=40),
+                     Column(name="kids", kind="integer", min=0, max=9, nullable=True)])
+    assert change_columns(events, True, "year") == ["exper", "kids"] and change_columns(events, False, "year") == []
+    codec = HistoryCodec(None, events, tokenizer, True, "year", max_rows=6, change_columns=["exper", "kids"])
+    field = codec.later_rows[1]
+    rows = pd.DataFrame({"year": [1980, 1981, 1983, 1984, 1985], "exper": [3, 4, 6, 6, 20],
+                         "kids": [0, None, None, 2, 1]}).astype({"kids": "Int64"})
+    ids = codec.encode({}, rows)
+    assert [t for t in ids if t in field.marks] == [field.change_ids[1], field.change_ids[2], field.same_id]
+    kids = codec.later_rows[2]
+    assert [t for t in ids if t in kids.marks] == [kids.same_id, kids.change_ids[-1]]  # missing after missing; 2 -> 1
+    decoded = pd.DataFrame(codec.decode(ids)[1])
+    assert decoded["exper"].tolist() == [3, 4, 6, 6, 20] and decoded["kids"].tolist()[3:] == [2, 1]
+    assert field.parse([field.change_ids[-3]]) == Change(-3) and len(CHANGES) == 6
+    assert json.loads(json.dumps(codec.layout()))["change_columns"] == ["exper", "kids"]
+    model = load_base_model("tiny-random", len(tokenizer))
+    restrict_output_vocab(model, codec.output_token_ids())
+    grammar = CompiledGrammar.build(codec, codec.output_token_ids(), torch.device("cpu"))
+    changed = parsed = 0
+    for ids in generate_sequences(model, grammar, 80, 1.0, torch.Generator().manual_seed(0), torch.device("cpu")):
+        try:
+            rows = codec.decode(ids)[1]
+        except ParseError as e:
+            assert "after a missing value" in str(e)  # kids: a change after a missing value
+            continue
+        parsed += 1
+        marks = [ids[i + 2] for i, t in enumerate(ids) if t in codec.row_ids]  # row token, year, exper's token
+        for r, row in enumerate(rows):
+            assert 0 <= row["exper"] <= 40
+            by = {t: d for d, t in field.change_ids.items()}.get(marks[r])
+            if r > 0 and by is not None:
+                changed += 1
+                assert row["exper"] == min(40, max(0, rows[r - 1]["exper"] + by))
+    assert changed > 0, parsed
+
+
 def test_history_grammar_counts_rows_and_keeps_dates_in_order(tokenizer):
     """Sampling under the grammar (here from a random model) gives histories of min_rows to
     max_rows rows whose dates never go back, from the compiled and the lazy automaton alike;
@@ -263,7 +307,8 @@ def test_calibrated_sampling_holds_lengths_the_model_misses(cdnow):
     assert rows_gap(raked, "users_id", counts, cap) > LENGTH_TOLERANCE
     out = synth.sample(300, seed=0, progress=False)
     assert len(out) == 300 and rows_gap(out, "users_id", counts, cap) < LENGTH_TOLERANCE
-    assert synth.last_sample_stats.rows_returned == 2 * 600 and synth.last_sample_stats.rows_kept == 300
+    drawn = 300 * config.sample.draws_per_unit(True)  # 4 x the subjects, twice
+    assert synth.last_sample_stats.rows_returned == 2 * drawn and synth.last_sample_stats.rows_kept == 300
 
 
 def test_rows_gap_by_hand():
@@ -514,3 +559,99 @@ def test_one_more_subject_moves_one_length_count_and_the_noise_is_laplace_at_eps
     recorder = Recorder(np.random.default_rng(0))
     _, noisy = dp_history_length(lengths, 0.3, recorder)
     assert recorder.scales == [1 / 0.3] and noisy.dtype.kind == "i"
+
+
+def panel(num: int = 40, seed: int = 0) -> pd.DataFrame:
+    """Persons seen once a year: age grows by one a year, school never changes, wage varies."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for pid in range(num):
+        start, age, school = int(rng.integers(1980, 1985)), int(rng.integers(20, 40)), int(rng.integers(8, 17))
+        for k in range(int(rng.integers(2, 6))):
+            rows.append({"pid": pid, "year": start + k, "age": age + k, "school": school,
+                         "wage": round(float(rng.normal(2.0, 0.5)), 2)})
+    return pd.DataFrame(rows)
+
+
+PANEL_SCHEMA = {"columns": {
+    "year": {"kind": "integer", "min": 1980, "max": 1990}, "age": {"kind": "integer", "min": 18, "max": 60},
+    "school": {"kind": "integer", "min": 6, "max": 18}, "wage": {"kind": "float", "min": 0, "max": 5, "precision": 2}},
+    "rules": [{"step": {"column": "age", "per": "year", "size": 1}}, {"constant": ["school"]}]}
+
+
+def panel_config(**data) -> RunConfig:
+    config = tiny(False, subject="pid", order_by="year", **data)
+    config.sample.calibration = 1
+    return config
+
+
+def test_rules_within_a_history_are_written_once_and_kept(tokenizer, tmp_path):
+    """A column that grows by a fixed step per year and a column constant within a person are
+    written in the first row only (fewer tokens) and derived in the later ones: every history
+    sampled from a random model keeps both, and the run saves, loads and reports them."""
+    from dplm.report import report_run
+
+    schema = Schema.from_dict(PANEL_SCHEMA)
+    events = Schema([schema[n] for n in ("year", "age", "school", "wage")])
+    ruled = HistoryCodec(None, events, tokenizer, True, "year", max_rows=6, rules=schema.rules)
+    plain = HistoryCodec(None, events, tokenizer, True, "year", max_rows=6)
+    assert ruled.derived.keys() == {"age", "school"}
+    assert [f.col.name for f in ruled.later_rows] == ["year+", "wage"]
+    person = pd.DataFrame({"year": [1981, 1982, 1985], "age": [30, 31, 34], "school": [12, 12, 12],
+                           "wage": [1.5, 2.25, 3.0]})
+    ids = ruled.encode({}, person)
+    assert len(plain.encode({}, person)) - len(ids) == 2 * 2  # age and school (one value token each) in rows 2 and 3
+    assert pd.DataFrame(ruled.decode(ids)[1]).astype(person.dtypes.to_dict()).equals(person)
+
+    table = panel()
+    table.to_csv(tmp_path / "panel.csv", index=False)
+    config = panel_config(source=str(tmp_path / "panel.csv"))
+    synth = dplm.fit(config=config, schema=Schema.from_dict(PANEL_SCHEMA), progress=False)
+    out = synth.sample(40, seed=2, progress=False)
+    assert list(out.events.columns) == ["pid", "year", "age", "school", "wage"] and len(out.events) > 40
+    for _, rows in out.events.groupby("pid"):
+        assert (rows["age"] - rows["year"]).nunique() == 1 and rows["school"].nunique() == 1
+        assert rows["age"].between(18, 60).all()
+    run = synth.save(tmp_path / "run", synthetic=out)
+    again = dplm.load(run).sample(40, seed=2, progress=False)
+    pd.testing.assert_frame_equal(out.events, again.events)
+    _, report = report_run(run, out_dir=tmp_path / "report", progress=False)
+    declared = json.loads(report.read_text())["declared_rules"]
+    assert declared["unit"] == "subjects" and declared["rules"] == [
+        "age grows by 1 per 1 of year", "school constant within a subject"]
+    assert declared["synthetic"]["per_rule"] == [1.0, 1.0] and declared["holdout"]["all_rules"] == 1.0
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda t, s: (t.assign(age=t["age"].where(t.index != 1, 55)), s),
+     r"a training subject's rows break the schema rule 'age grows by 1 per 1 of year' \({'age': \[\d+, 55"),
+    (lambda t, s: (t, {**s, "rules": [{"step": {"column": "year", "per": "age"}}]}), "'year' orders the rows"),
+    (lambda t, s: (t, {**s, "rules": [{"step": {"column": "age", "per": "year"}}, {"constant": ["age"]}]}),
+     "'age' is already determined by 'age grows by 1 per 1 of year'"),
+    (lambda t, s: (t, {**s, "rules": [{"exclusive": ["age", "wage"]}]}), "not yet in histories"),
+    (lambda t, s: (t, {**s, "rules": [{"step": {"column": "age", "per": "school", "size": 0}}]}),
+     "give column, per and size \\(a non-zero number\\)"),
+])
+def test_bad_rules_within_a_history_are_one_line(change, message):
+    table, spec = change(panel(), PANEL_SCHEMA)
+    with pytest.raises(dplm.DplmError, match=message):
+        dplm.fit(table, panel_config(), schema=Schema.from_dict(spec), progress=False)
+
+
+def test_rules_within_a_history_need_histories():
+    with pytest.raises(dplm.DplmError, match="holds within a subject's history: train histories"):
+        dplm.fit(panel().drop(columns="pid"), from_dict(RunConfig, {"model": {"base": "tiny-random"}}),
+                 schema=Schema.from_dict(PANEL_SCHEMA), progress=False)
+
+
+def test_plan_suggests_the_rules_within_histories_the_rows_show(tmp_path):
+    """Without DP `dplm plan` lists the columns constant within every person and those growing by
+    one a year, as `rules:` entries, leaving out what the schema declares."""
+    from dplm.synthesizer import plan
+
+    spec = {"columns": PANEL_SCHEMA["columns"]}
+    found = plan(panel_config(), panel(), Schema.from_dict(spec))["suggested_rules"]
+    assert {"constant": ["school"]} in found and {"step": {"column": "age", "per": "year", "size": 1}} in found
+    assert not any("wage" in str(rule) for rule in found)
+    declared = plan(panel_config(), panel(), Schema.from_dict(PANEL_SCHEMA))["suggested_rules"]
+    assert not any("school" in str(rule) or "age" in str(rule) for rule in declared)

@@ -8,7 +8,8 @@
 """
 
 from dplm.histories.codec import (
-    LENGTH, ROW_TOKENS, SAME, HistoryCodec, SameValue, gap_column, layout_schemas, same_columns,
+    CHANGES, LENGTH, ROW_TOKENS, SAME, Change, HistoryCodec, SameValue, change_columns, gap_column, layout_schemas,
+    same_columns,
 )
 from dplm.histories.counts import (
     CAP_QUANTILE, LENGTH_EDGES, SPAN_SHARES, SUM_BINS, column_sums, dp_history_length, folded_counts, length_bins,
@@ -24,10 +25,11 @@ from dplm.histories.training import (
 )
 
 __all__ = [
-    "CAP_QUANTILE", "HISTORY_PLAN_ROWS", "LENGTH", "LENGTH_EDGES", "LENGTH_TOLERANCE", "ROW_TOKENS", "SAME",
-    "SPAN_SHARES", "SUM_BINS", "Histories", "HistoryBounds", "HistoryCodec", "SameValue", "TrainingHistories",
-    "calibrated_subjects", "check_order_by", "check_subject_columns_constant", "check_subject_table", "column_sums",
-    "dp_history_length", "drawn_lengths", "folded_counts", "gap_column", "layout_schemas", "length_bins", "length_counts", "rows_counts",
-    "rows_gap", "same_columns", "sample_histories", "sample_subjects", "span_bins", "subject_counts", "subject_rows",
-    "subject_spans", "subject_sums", "subjects_path", "sum_bins",
+    "CAP_QUANTILE", "CHANGES", "Change", "HISTORY_PLAN_ROWS", "Histories", "HistoryBounds", "HistoryCodec", "LENGTH",
+    "LENGTH_EDGES", "LENGTH_TOLERANCE", "ROW_TOKENS", "SAME", "SPAN_SHARES", "SUM_BINS", "SameValue",
+    "TrainingHistories", "calibrated_subjects", "change_columns", "check_order_by", "check_subject_columns_constant",
+    "check_subject_table", "column_sums", "dp_history_length", "drawn_lengths", "folded_counts", "gap_column",
+    "layout_schemas", "length_bins", "length_counts", "rows_counts", "rows_gap", "same_columns", "sample_histories",
+    "sample_subjects", "span_bins", "subject_counts", "subject_rows", "subject_spans", "subject_sums", "subjects_path",
+    "sum_bins",
 ]

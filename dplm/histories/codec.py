@@ -17,8 +17,12 @@ first, then each row's index and the rows left.) The fields are those of `serial
 field of a row ends at the next ROW or EOS). In later rows a categorical column that keeps the
 row before's value is written as its own "same" token (`SameValue`: a player's team from one
 season to the next), one token learned in a few steps where copying which of a hundred teams came
-before takes many. The `order_by` column is written as its first
-value and then, in later rows, the gap since the row before (a number >= 0, in the column's
+before takes many; an integer column may also write its change from the row before, when small,
+as a token of its own (+1 for a year of experience, where writing the new value asks the model
+to add across rows), or a fresh value (a count drawn anew each row). A column that a declared
+rule within a history determines (`rules.py`: constant, step) is written in the first row only
+and derived in the later ones (no tokens, never broken). The `order_by` column is written as its
+first value and then, in later rows, the gap since the row before (a number >= 0, in the column's
 scaled integers: days for dates), so histories come out in order; decoding adds the gaps up,
 and a history ends before its first row past the column's max, as real histories end where
 the data's window does (clipping piled rows up at the max; drawing such histories again kept
@@ -31,9 +35,13 @@ The grammar is the codec's automaton (`start_state`, `allowed`, `next_state`, ..
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pandas as pd
 from tokenizers import AddedToken
 
+from dplm.errors import DplmError
+from dplm.rules import Rule, history_rules
 from dplm.schema import Column, Schema
 from dplm.serialize import ParseError, RowCodec, from_scaled, scaled_bounds, to_scaled
 
@@ -42,6 +50,42 @@ LENGTH = "(rows)"  # the length field's column: how many rows the history has, w
 
 
 SAME = object()  # a parsed "same" token, before decoding gives it the row before's value
+CHANGES = (-3, -2, -1, 1, 2, 3)  # the changes from the row before an integer column writes as one token
+
+
+@dataclass(frozen=True)
+class Change:
+    """A parsed change token: the row before's value plus `by`."""
+
+    by: int
+
+
+def derived_in_later_rows(rules: list[Rule], event_columns: list[str], order_by: str | None) -> dict[str, Rule]:
+    """The event columns that the rules within a history determine in later rows (constant: the
+    first row's value; step: the first row's plus size x the change of its `per` column), each
+    with its rule; one-line errors for rules a history cannot keep this way."""
+    out: dict[str, Rule] = {}
+    for rule in history_rules(rules):
+        targets = [c for c in rule.columns if c in event_columns] if rule.kind == "constant" else [rule.columns[0]]
+        if rule.kind == "step" and not set(rule.columns) <= set(event_columns):
+            raise DplmError(f"schema rule '{rule.describe()}': both columns must be columns of the rows (not the "
+                            "subject's)")
+        for name in targets:
+            if name == order_by:
+                raise DplmError(f"schema rule '{rule.describe()}': '{name}' orders the rows (data.order_by); it "
+                                "cannot also be derived")
+            if name in out:
+                raise DplmError(f"schema rule '{rule.describe()}': '{name}' is already determined by "
+                                f"'{out[name].describe()}'; keep one rule per column")
+            out[name] = rule
+    for name, rule in out.items():
+        if rule.kind == "step" and rule.columns[1] in out:
+            raise DplmError(f"schema rule '{rule.describe()}': '{rule.columns[1]}' is itself derived; step from a "
+                            "column the rows write")
+    if out and set(out) == set(event_columns) - ({order_by} if order_by else set()) and not order_by:
+        raise DplmError(f"schema rules: every column of the rows is derived in later rows ({', '.join(out)}); make "
+                        "them the subject's (data.subject_columns)")
+    return out
 
 
 def gap_column(col: Column) -> Column:
@@ -57,21 +101,28 @@ class HistoryCodec:
 
     def __init__(self, subject_schema: Schema | None, event_schema: Schema, tokenizer, value_tokens: bool,
                  order_by: str | None, max_rows: int, min_rows: int = 1, output_order: list[str] | None = None,
-                 same_columns: list[str] | None = None):
+                 same_columns: list[str] | None = None, rules: list[Rule] | None = None,
+                 change_columns: list[str] | None = None):
         """`same_columns`: the event columns whose later rows may write "same" (`same_columns`;
-        a run saved before them has none)."""
+        a run saved before them has none); `change_columns`: the integer ones that may also
+        write a small change (`change_columns`; none in a run saved before them). `rules`: the
+        schema's; those within a history derive their columns in later rows
+        (`derived_in_later_rows`)."""
         self.subject_schema = subject_schema or Schema([])
         self.event_schema = event_schema
         self.order_by = order_by
         self.max_rows, self.min_rows = max_rows, min_rows
+        self.derived = derived_in_later_rows(rules or [], event_schema.names, order_by)
         gap = [gap_column(event_schema[order_by])] if order_by else []
         length = Column(name=LENGTH, kind="integer", min=min_rows, max=max_rows)
         fields_schema = Schema([*self.subject_schema.columns, *event_schema.columns, *gap, length])
         row_tokens = [f"<|row:{k}|>" for k in range(1, min(max_rows, ROW_TOKENS) + 1)]
-        same_columns = list(same_columns or [])
+        change_columns = [n for n in change_columns or [] if n not in self.derived]
+        same_columns = [n for n in same_columns or [] if n not in self.derived] + change_columns
         same_tokens = [f"<|{n}:same|>" for n in same_columns]
-        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in row_tokens + same_tokens],
-                             special_tokens=True)
+        change_tokens = [f"<|{n}:{d:+d}|>" for n in change_columns for d in CHANGES]
+        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False)
+                              for t in row_tokens + same_tokens + change_tokens], special_tokens=True)
         self.rows_codec = RowCodec(fields_schema, tokenizer, value_tokens)  # the fields' token machinery
         self.tokenizer = tokenizer
         self.bos_id, self.eos_id, self.sep_id = self.rows_codec.bos_id, self.rows_codec.eos_id, self.rows_codec.sep_id
@@ -83,8 +134,11 @@ class HistoryCodec:
         self.fields = [*(by_name[n] for n in self.subject_schema.names), self.length_field]
         self.first_row = [by_name[n] for n in event_schema.names]
         self.same_ids = dict(zip(same_columns, tokenizer.convert_tokens_to_ids(same_tokens)))  # column -> its same token
-        self.later_rows = [SameValue(by_name[n], self.same_ids[n]) if n in self.same_ids
-                           else by_name[f"{n}+" if n == order_by else n] for n in event_schema.names]
+        self.change_ids = {n: dict(zip(CHANGES, tokenizer.convert_tokens_to_ids([f"<|{n}:{d:+d}|>" for d in CHANGES])))
+                           for n in change_columns}  # column -> {change: its token}
+        self.later_rows = [SameValue(by_name[n], self.same_ids[n], self.change_ids.get(n)) if n in self.same_ids
+                           else by_name[f"{n}+" if n == order_by else n]
+                           for n in event_schema.names if n not in self.derived]
         # Every column (the subject's, then the rows'): what the run's schema.yaml holds.
         self.schema = Schema([*self.subject_schema.columns, *event_schema.columns])
         self.schema.output_order = output_order
@@ -97,12 +151,14 @@ class HistoryCodec:
         """What `from_layout` needs besides the schema (saved as history.json)."""
         return {"subject_columns": self.subject_schema.names, "event_columns": self.event_schema.names,
                 "order_by": self.order_by, "max_rows": self.max_rows, "min_rows": self.min_rows,
-                "same_columns": list(self.same_ids)}
+                "same_columns": [n for n in self.same_ids if n not in self.change_ids],
+                "change_columns": list(self.change_ids)}
 
     @classmethod
     def from_layout(cls, layout: dict, schema: Schema, tokenizer, value_tokens: bool) -> HistoryCodec:
         return cls(*layout_schemas(layout, schema), tokenizer, value_tokens, layout["order_by"], layout["max_rows"],
-                   layout["min_rows"], schema.output_order, layout.get("same_columns"))
+                   layout["min_rows"], schema.output_order, layout.get("same_columns"), schema.rules,
+                   layout.get("change_columns"))
 
     # ---- the fields' tokens -------------------------------------------------------------
 
@@ -112,10 +168,13 @@ class HistoryCodec:
         loaded or resumed run would read them differently from the model that trained on them)."""
         rows = {token: self.rows_codec.tokenize(f"\n{k}") for k, token in enumerate(self.row_ids, start=1)}
         same = {token: self.rows_codec.tokenize(f"same {name}") for name, token in self.same_ids.items()}
-        return {**self.rows_codec.value_token_texts(), **rows, **same}
+        changes = {token: self.rows_codec.tokenize(f"{name} {d:+d}") for name, ids in self.change_ids.items()
+                   for d, token in ids.items()}
+        return {**self.rows_codec.value_token_texts(), **rows, **same, **changes}
 
     def output_token_ids(self) -> list[int]:
-        return sorted(set(self.rows_codec.output_token_ids()) | self._row_set | set(self.same_ids.values()))
+        changes = {t for ids in self.change_ids.values() for t in ids.values()}
+        return sorted(set(self.rows_codec.output_token_ids()) | self._row_set | set(self.same_ids.values()) | changes)
 
     def values_cut(self) -> dict[str, int]:
         """Text values cut at their column's `max_tokens` (`RowCodec.values_cut`)."""
@@ -149,16 +208,19 @@ class HistoryCodec:
         for j, field in enumerate(self.fields):
             ids += field.encode(values[field.col.name]) + self.ending(j)
         previous, before = None, None
-        for r, row in enumerate(rows[self.event_schema.names].itertuples(index=False, name=None)):
+        for r, row in enumerate(rows[self.event_schema.names].to_dict("records")):
             ids.append(self.row_token(len(rows) - r))
             fields = self.row_fields(r == 0)
-            for j, (field, value) in enumerate(zip(fields, row)):
-                if self.order_by and field.col.name == f"{self.order_by}+":
+            for j, field in enumerate(fields):
+                name = field.col.name
+                if self.order_by and name == f"{self.order_by}+":
                     col = self.event_schema[self.order_by]
-                    value, previous = to_scaled(col, value) - previous, to_scaled(col, value)
-                elif self.order_by and field.col.name == self.order_by:
-                    previous = to_scaled(field.col, value)
-                ids += field.encode(value, before[j]) if isinstance(field, SameValue) else field.encode(value)
+                    value, previous = to_scaled(col, row[self.order_by]) - previous, to_scaled(col, row[self.order_by])
+                else:
+                    value = row[name]
+                    if name == self.order_by:
+                        previous = to_scaled(field.col, value)
+                ids += field.encode(value, before[name]) if isinstance(field, SameValue) else field.encode(value)
                 if j < len(fields) - 1 and not field.self_delimiting:
                     ids.append(self.sep_id)
             before = row
@@ -245,8 +307,7 @@ class HistoryCodec:
     def max_tokens(self) -> int:
         """An upper bound on the tokens of one history after BOS."""
         before = sum(f.max_value_tokens() + 1 for f in self.fields)
-        row = 1 + sum(max(a.max_value_tokens(), b.max_value_tokens()) + 1
-                      for a, b in zip(self.first_row, self.later_rows))
+        row = 1 + max(sum(f.max_value_tokens() + 1 for f in fields) for fields in (self.first_row, self.later_rows))
         return before + self.max_rows * row + 1
 
     # ---- decoding ----------------------------------------------------------------------------
@@ -274,7 +335,10 @@ class HistoryCodec:
                 for r in range(count)]
         for before, row in zip(rows, rows[1:]):
             row.update({name: before[name] for name in self.same_ids if row[name] is SAME})
-        return subject, self._ordered(rows)
+            for name in self.change_ids:
+                if isinstance(row[name], Change):
+                    row[name] = self._changed(name, before[name], row[name].by)
+        return subject, self._derived(self._ordered(rows))
 
     def _ordered(self, rows: list[dict]) -> list[dict]:
         """The ordering column's values from the first value and the gaps, the history ending
@@ -294,6 +358,41 @@ class HistoryCodec:
         return rows
 
 
+    def _changed(self, name: str, before, by: int):
+        """The row before's value plus `by`, kept to the column's bounds (ParseError after a missing value)."""
+        if pd.isna(before):
+            raise ParseError(f"history changes {name} after a missing value")
+        col = self.event_schema[name]
+        value = int(before) + by
+        if col.min is not None:
+            value = max(value, int(col.min))
+        return min(value, int(col.max)) if col.max is not None else value
+
+    def _derived(self, rows: list[dict]) -> list[dict]:
+        """The later rows' derived columns (`derived`) from the first row's, the history ending
+        before a row where one would leave its column's bounds (ParseError if fewer than
+        min_rows rows are left), as it does past the ordering column's max."""
+        if not self.derived or not rows:
+            return rows
+        first = rows[0]
+        for r, row in enumerate(rows[1:], start=1):
+            for name, rule in self.derived.items():
+                if rule.kind == "constant":
+                    row[name] = first[name]
+                    continue
+                col, per = self.event_schema[name], rule.columns[1]
+                if pd.isna(first[name]) or pd.isna(first[per]) or pd.isna(row[per]):
+                    row[name] = None
+                    continue
+                value = round(first[name] + rule.size * (row[per] - first[per]), col.precision)
+                if (col.min is not None and value < float(col.min)) or (col.max is not None and value > float(col.max)):
+                    if r < self.min_rows:
+                        raise ParseError(f"history's {name} leaves its bounds before min_rows rows")
+                    return rows[:r]
+                row[name] = int(value) if col.kind == "integer" else value
+        return rows
+
+
 def layout_schemas(layout: dict, schema: Schema) -> tuple[Schema, Schema]:
     """The subject columns' and the event columns' schemas of a saved layout (`HistoryCodec.layout`)."""
     return (Schema([schema[n] for n in layout["subject_columns"]]),
@@ -301,42 +400,67 @@ def layout_schemas(layout: dict, schema: Schema) -> tuple[Schema, Schema]:
 
 
 class SameValue:
-    """A later row's field of a one-token categorical column that may also write its "same"
-    token (`same_id`): the row before's value. Beside the column's `serialize.FieldGrammar`,
-    whose value tokens it allows too (a history's automaton needs no memory of the value)."""
+    """A later row's field that may write its column's "same" token (`same_id`: the row
+    before's value) or, for an integer column, a change token (`change_ids`: {change: token},
+    the row before's value plus the change), or a fresh value as the column's own
+    `serialize.FieldGrammar` (`field`) writes it (a history's automaton needs no memory of the
+    value). States: 0 before the value, ("mark",) after a same or change token, ("in", s) inside
+    a fresh value at the field's state s."""
 
-    self_delimiting = True
-
-    def __init__(self, field, same_id: int):
+    def __init__(self, field, same_id: int, change_ids: dict[int, int] | None = None):
         self.field, self.same_id, self.col = field, same_id, field.col
+        self.change_ids = change_ids or {}
+        self.marks = {same_id: SAME, **{t: Change(d) for d, t in self.change_ids.items()}}
+        self.self_delimiting = field.self_delimiting
 
     def encode(self, value, before) -> list[int]:
-        """The same token where `value` is the row before's (both missing included)."""
+        """The same token where `value` is the row before's (both missing included), a change
+        token where it is the row before's plus one of `CHANGES`, else the value's own tokens."""
         kept = pd.isna(before) if pd.isna(value) else not pd.isna(before) and value == before
-        return [self.same_id] if kept else self.field.encode(value)
+        if kept:
+            return [self.same_id]
+        if self.change_ids and not pd.isna(value) and not pd.isna(before) and int(value) - int(before) in self.change_ids:
+            return [self.change_ids[int(value) - int(before)]]
+        return self.field.encode(value)
 
     def start(self):
         return 0
 
     def next_tokens(self, state) -> tuple[list[int], bool]:
-        return ([*self.field.next_tokens(self.field.start())[0], self.same_id], False) if state == 0 else ([], True)
+        if state == 0:
+            ids, can_end = self.field.next_tokens(self.field.start())
+            return [*ids, *self.marks], can_end
+        if state[0] == "mark":
+            return [], True
+        return self.field.next_tokens(state[1])
 
     def advance(self, state, token: int):
-        return 1
+        if state == 0 and token in self.marks:
+            return ("mark",)
+        return ("in", self.field.advance(self.field.start() if state == 0 else state[1], token))
 
     def complete(self, state) -> bool:
-        return state == 1
+        return state != 0 and (state[0] == "mark" or self.field.complete(state[1]))
 
     def mask_key(self, state):
-        return state
+        return state if state == 0 or state[0] == "mark" else ("in", self.field.mask_key(state[1]))
 
-    state_key = mask_key
+    def state_key(self, state):
+        return state if state == 0 or state[0] == "mark" else ("in", self.field.state_key(state[1]))
 
     def max_value_tokens(self) -> int:
-        return 1
+        return self.field.max_value_tokens()
 
     def parse(self, ids: list[int]):
-        return SAME if ids == [self.same_id] else self.field.parse(ids)
+        if len(ids) == 1 and ids[0] in self.marks:
+            return self.marks[ids[0]]
+        return self.field.parse(ids)
+
+
+def change_columns(event_schema: Schema, value_tokens: bool, order_by: str | None) -> list[str]:
+    """The integer event columns (but the ordering one) whose later rows may write "same" or a
+    small change (`SameValue`), with value tokens. From the schema alone: public."""
+    return [c.name for c in event_schema.columns if c.kind == "integer" and c.name != order_by] if value_tokens else []
 
 
 def same_columns(event_schema: Schema, value_tokens: bool) -> list[str]:

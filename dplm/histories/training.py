@@ -15,9 +15,10 @@ import pandas as pd
 
 from dplm.config import RunConfig
 from dplm.errors import DplmError
-from dplm.histories.codec import HistoryCodec, same_columns
+from dplm.histories.codec import HistoryCodec, change_columns, derived_in_later_rows, same_columns
 from dplm.histories.counts import column_sums, dp_history_length, subject_counts, subject_spans, subject_sums
 from dplm.planner import row_tokens
+from dplm.rules import Rule, row_rules
 from dplm.schema import Column, MetadataSpend, Schema, coerce_table, infer_schema
 from dplm.serialize import scaled_bounds, to_scaled_many
 
@@ -150,6 +151,14 @@ class TrainingHistories:
 
     # ---- schema and lengths ------------------------------------------------------------------
 
+    def check_rules(self, rules: list[Rule]) -> None:
+        """Rules within a history that it can keep (`codec.derived_in_later_rows`); rules
+        between the columns of one row are not kept in histories yet."""
+        for rule in row_rules(rules):
+            raise DplmError(f"schema rule '{rule.describe()}': rules between the columns of one row are kept in "
+                            "flat rows, not yet in histories (data.subject); drop it or train with data.mode: rows")
+        derived_in_later_rows(rules, self.event_columns, self.order_by)
+
     def complete_schema(self, user_schema: Schema | None, text_lengths) -> Schema:
         """Without DP: event columns from the event rows, subject columns from the subject rows."""
         real = self.frame.iloc[: int(self.lengths.sum())]
@@ -161,7 +170,7 @@ class TrainingHistories:
 
         events = part(real, self.event_columns)
         subjects = part(subject_rows, self.subject_columns) if subject_rows is not None else Schema([])
-        schema = Schema([*subjects.columns, *events.columns])
+        schema = Schema([*subjects.columns, *events.columns], rules=list(user_schema.rules) if user_schema else [])
         if user_schema and user_schema.output_order:
             schema.set_output_order([n for n in user_schema.output_order if n in schema.names] +
                                     [n for n in schema.names if n not in user_schema.output_order])
@@ -262,7 +271,8 @@ class TrainingHistories:
         min_rows = 0 if self.subject_columns else 1  # without a subject table every subject has a row
         events = self.event_schema(schema)
         return HistoryCodec(self.subject_schema(schema), events, tokenizer, value_tokens, self.order_by,
-                            bounds.max_history, min_rows, schema.output_order, same_columns(events, value_tokens))
+                            bounds.max_history, min_rows, schema.output_order, same_columns(events, value_tokens),
+                            schema.rules, change_columns(events, value_tokens, self.order_by))
 
     def encode(self, codec: HistoryCodec, orders=None) -> list[list[int]]:
         """Each subject's token sequence (its first `codec.max_rows` rows); `cut` counts the
