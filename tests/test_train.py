@@ -269,9 +269,10 @@ def test_a_timed_run_decays_its_learning_rate_by_the_clock(tokenizer, sequences,
 
 def test_early_stopping_keeps_the_best_held_back_loss(tokenizer, sequences, monkeypatch):
     """Without DP, early stopping holds back a tenth of the rows (never trained on), measures
-    their loss every half epoch and stops after PATIENCE measurements without improvement,
-    keeping the adapter of the best one; under DP it is refused. The held-back losses are
-    scripted (5, 4, 3, then worse), so the test knows which adapter must be kept."""
+    their loss every half epoch and stops after PATIENCE measurements and PATIENCE_STEPS steps
+    without improvement, keeping the adapter of the best one; under DP it is refused. The
+    held-back losses are scripted (5, 4, 3, then worse), so the test knows which adapter must be
+    kept."""
     import dplm.train
 
     seen, measured = set(), []
@@ -281,7 +282,8 @@ def test_early_stopping_keeps_the_best_held_back_loss(tokenizer, sequences, monk
         seen.update(r for g in groups for r in g)
         return real_step(model, optimizer, groups, *args, **kwargs)
 
-    scripted = iter([5.0, 4.0, 3.0, 3.5, 3.6, 3.7, 9.0])
+    worse = [round(3.5 + 0.1 * i, 1) for i in range(8)]
+    scripted = iter([5.0, 4.0, 3.0, *worse, 9.0])
     monkeypatch.setattr(dplm.train, "_logical_step", spy)
     monkeypatch.setattr(dplm.train, "mean_loss", lambda model, rows, *a, **k: measured.append(sorted(rows)) or
                         next(scripted))
@@ -299,8 +301,9 @@ def test_early_stopping_keeps_the_best_held_back_loss(tokenizer, sequences, monk
     held = set(range(64)) - seen
     assert len(held) == 6 and all(rows == sorted(held) for rows in measured)  # 64 // 10 held back, never trained on
     losses = [e["validation_loss"] for e in result.log if "validation_loss" in e]
-    assert losses == [5.0, 4.0, 3.0, 3.5, 3.6, 3.7] and result.stop_reason == "early_stopping"
-    assert result.steps == 6 * 7  # a measurement every 58 // (2 * 4) = 7 steps
+    assert losses == [5.0, 4.0, 3.0, *worse] and result.stop_reason == "early_stopping"
+    # a measurement every 58 // (2 * 4) = 7 steps; the best at step 21, the stop 60 steps later
+    assert dplm.train.PATIENCE_STEPS == 60 and result.steps == 21 + 60
     kept = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     assert all(torch.equal(kept[n], weights[2][n]) for n in kept)  # the adapter of the best loss (3.0)
     assert not all(torch.equal(kept[n], weights[-1][n]) for n in kept)
