@@ -13,7 +13,7 @@ from dplm.histories import (
     column_sums, sample_histories, span_bins, subject_counts, subject_spans, subject_sums, sum_bins,
 )
 from dplm.sample import CompiledGrammar, LazyGrammar, generate_sequences
-from dplm.schema import Column, Schema, coerce_table
+from dplm.schema import Column, MetadataSpend, Schema, coerce_table
 from dplm.serialize import ParseError
 from conftest import ROOT, shared_file
 
@@ -655,3 +655,18 @@ def test_plan_suggests_the_rules_within_histories_the_rows_show(tmp_path):
     assert not any("wage" in str(rule) for rule in found)
     declared = plan(panel_config(), panel(), Schema.from_dict(PANEL_SCHEMA))["suggested_rules"]
     assert not any("school" in str(rule) or "age" in str(rule) for rule in declared)
+
+
+def test_integer_columns_write_changes_where_the_rows_make_them_cheaper():
+    """Without DP an integer column writes "same" / a change / a fresh value in later rows where
+    that holds less entropy over the training subjects than its values (age growing by one a
+    year, schooling constant), not for a count drawn anew each row; under DP for none."""
+    table = panel().assign(visits=lambda t: np.random.default_rng(1).integers(0, 10, len(t)))
+    spec = {"columns": {**PANEL_SCHEMA["columns"], "visits": {"kind": "integer", "min": 0, "max": 9}}}
+    schema = Schema.from_dict(spec)
+    units = TrainingHistories.of(table, None, "pid", "year")
+    _, bounds = units.bound(panel_config(), MetadataSpend(), schema)
+    assert bounds.change_columns == ["age", "school"]
+    dp = panel_config()
+    dp.privacy.enabled, dp.data.max_history = True, 8
+    assert units.bound(dp, MetadataSpend(), schema)[1].change_columns is None

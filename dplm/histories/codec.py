@@ -459,7 +459,8 @@ class SameValue:
 
 def change_columns(event_schema: Schema, value_tokens: bool, order_by: str | None) -> list[str]:
     """The integer event columns (but the ordering one) whose later rows may write "same" or a
-    small change (`SameValue`), with value tokens. From the schema alone: public."""
+    small change (`SameValue`), with value tokens: the candidates, from the schema alone
+    (`TrainingHistories.changing_columns` keeps those the rows make cheaper)."""
     return [c.name for c in event_schema.columns if c.kind == "integer" and c.name != order_by] if value_tokens else []
 
 

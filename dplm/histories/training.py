@@ -15,7 +15,7 @@ import pandas as pd
 
 from dplm.config import RunConfig
 from dplm.errors import DplmError
-from dplm.histories.codec import HistoryCodec, change_columns, derived_in_later_rows, same_columns
+from dplm.histories.codec import CHANGES, HistoryCodec, change_columns, derived_in_later_rows, same_columns
 from dplm.histories.counts import column_sums, dp_history_length, subject_counts, subject_spans, subject_sums
 from dplm.planner import row_tokens
 from dplm.rules import Rule, row_rules
@@ -30,6 +30,7 @@ class HistoryBounds:
     max_history: int  # rows a history keeps at most
     subject_counts: list | None = None  # subjects per rows (x span) bin, calibrated sampling's target (`counts`)
     subject_sums: dict | None = None  # without DP: each number column's sum per subject, in deciles
+    change_columns: list | None = None  # without DP: the integer columns later rows write as changes (`changing_columns`)
 
     def counts(self) -> dict:
         """The counts calibrated sampling follows (history.json)."""
@@ -72,6 +73,22 @@ def check_order_by(events: pd.DataFrame, order_by: str, kind: str) -> None:
 
 
 HISTORY_PLAN_ROWS = 4  # under DP a subject counts as this many rows in the plan (public)
+
+
+def entropy(values: pd.Series) -> float:
+    """The entropy in bits of `values`' distribution (missing values one value)."""
+    shares = values.value_counts(normalize=True, dropna=False).to_numpy()
+    return float(-(shares * np.log2(shares)).sum())
+
+
+def written_entropy(values: pd.Series, later: np.ndarray) -> float:
+    """The entropy of what an integer column's later rows (`later`: not a subject's first, in
+    order) write with `SameValue`: "same", a change in `CHANGES`, or the fresh value."""
+    before, now = values.shift().to_numpy()[later], values.to_numpy()[later]
+    written = [("same",) if (pd.isna(a) and pd.isna(b)) or a == b else
+               ("change", int(b) - int(a)) if not pd.isna(a) and not pd.isna(b) and int(b) - int(a) in CHANGES else
+               ("value", b) for a, b in zip(before, now)]
+    return entropy(pd.Series(written, dtype=object))
 
 
 class TrainingHistories:
@@ -203,11 +220,29 @@ class TrainingHistories:
             if numbers:
                 owners, values = self._typed_events(numbers)
                 sums = subject_sums(column_sums(values, owners, range(len(self.units))))
-            return spend, HistoryBounds(int(max_history or max(1, self.lengths.max())), counts.tolist(), sums)
+            changing = self.changing_columns(schema) if config.model.value_tokens else []
+            return spend, HistoryBounds(int(max_history or max(1, self.lengths.max())), counts.tolist(), sums, changing)
         if max_history is not None:
             return spend, HistoryBounds(int(max_history))
         cap, noisy = dp_history_length(self.lengths, config.privacy.metadata_epsilon, rng)
         return self.planned_spend(config, spend), HistoryBounds(cap, noisy[:, None].tolist())
+
+    def changing_columns(self, schema: Schema) -> list[str]:
+        """Without DP: the integer event columns (`change_columns`) whose later rows, written as
+        "same", a change of at most 3 or a fresh value (`SameValue`), hold less entropy over the
+        training subjects than their values do: experience that grows by one a year (3.4 bits ->
+        0), an age (5.0 -> 0.7), not a count drawn anew each row (cdnow's CDs a purchase, 2.4 ->
+        2.9; a season's hits). Read off the exact rows: under DP none (the schema's `step` and
+        `constant` rules say it for free)."""
+        names = change_columns(self.event_schema(schema), True, self.order_by)
+        if not names:
+            return []
+        columns = [schema[n] for n in names] + ([schema[self.order_by]] if self.order_by else [])
+        owners, values = self._typed_events(columns)
+        values = values.assign(**{"(owner)": owners, "(row)": np.arange(len(owners))})
+        values = values.sort_values(["(owner)", *([self.order_by] if self.order_by else []), "(row)"], kind="stable")
+        later = values["(owner)"].eq(values["(owner)"].shift()).to_numpy()
+        return [n for n in names if written_entropy(values[n], later) < entropy(values[n][later])]
 
     def _typed_events(self, columns: list[Column]) -> tuple[np.ndarray, pd.DataFrame]:
         """Each training event row's subject (its index in `units`), and its `columns` typed."""
@@ -272,7 +307,7 @@ class TrainingHistories:
         events = self.event_schema(schema)
         return HistoryCodec(self.subject_schema(schema), events, tokenizer, value_tokens, self.order_by,
                             bounds.max_history, min_rows, schema.output_order, same_columns(events, value_tokens),
-                            schema.rules, change_columns(events, value_tokens, self.order_by))
+                            schema.rules, bounds.change_columns)
 
     def encode(self, codec: HistoryCodec, orders=None) -> list[list[int]]:
         """Each subject's token sequence (its first `codec.max_rows` rows); `cut` counts the
