@@ -59,6 +59,10 @@ class ModelConfig:
     precision: str = "auto"  # auto | bf16 | fp32: dtype of the frozen base weights (LoRA stays fp32)
     prune_vocab: bool = True  # output layer scores only the tokens the schema can produce
     value_tokens: bool = True  # one new token per category / small-range integer (see serialize)
+    # Histories: integer columns may write "same" or a small change from the row before in later
+    # rows (histories.SameValue). Off by default: Males' experience coherence 0.43 -> 0.95, but
+    # LaborSupply's overall 0.787 -> 0.756 (docs/benchmarks.md); declared step rules are sure.
+    change_tokens: bool = False
     # The order the model writes the columns in: "auto" (dplm's, from the table's statistics:
     # dependent columns close together; see marginals.column_order), "schema" (the schema's), or
     # "random" (flat rows: each training row in its own random order, sampled in the schema's)

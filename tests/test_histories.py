@@ -658,15 +658,17 @@ def test_plan_suggests_the_rules_within_histories_the_rows_show(tmp_path):
 
 
 def test_integer_columns_write_changes_where_the_rows_make_them_cheaper():
-    """Without DP an integer column writes "same" / a change / a fresh value in later rows where
-    that holds less entropy over the training subjects than its values (age growing by one a
-    year, schooling constant), not for a count drawn anew each row; under DP for none."""
+    """With `model.change_tokens`, without DP an integer column writes "same" / a change / a
+    fresh value in later rows where that holds less entropy over the training subjects than its
+    values (age growing by one a year, schooling constant), not for a count drawn anew each row;
+    under DP every integer column does (choosing would read the rows); off by default."""
     table = panel().assign(visits=lambda t: np.random.default_rng(1).integers(0, 10, len(t)))
     spec = {"columns": {**PANEL_SCHEMA["columns"], "visits": {"kind": "integer", "min": 0, "max": 9}}}
     schema = Schema.from_dict(spec)
     units = TrainingHistories.of(table, None, "pid", "year")
-    _, bounds = units.bound(panel_config(), MetadataSpend(), schema)
-    assert bounds.change_columns == ["age", "school"]
-    dp = panel_config()
-    dp.privacy.enabled, dp.data.max_history = True, 8
-    assert units.bound(dp, MetadataSpend(), schema)[1].change_columns is None
+    config = panel_config()
+    assert units.bound(config, MetadataSpend(), schema)[1].change_columns == []  # off by default
+    config.model.change_tokens = True
+    assert units.bound(config, MetadataSpend(), schema)[1].change_columns == ["age", "school"]
+    config.privacy.enabled, config.data.max_history = True, 8  # under DP: every integer column but the order
+    assert units.bound(config, MetadataSpend(), schema)[1].change_columns == ["age", "school", "visits"]

@@ -220,20 +220,23 @@ class TrainingHistories:
             if numbers:
                 owners, values = self._typed_events(numbers)
                 sums = subject_sums(column_sums(values, owners, range(len(self.units))))
-            changing = self.changing_columns(schema) if config.model.value_tokens else []
+            changing = self.changing_columns(schema) if config.model.value_tokens and config.model.change_tokens else []
             return spend, HistoryBounds(int(max_history or max(1, self.lengths.max())), counts.tolist(), sums, changing)
+        # Under DP `model.change_tokens` gives every integer column changes: choosing would read the rows.
+        changing = change_columns(self.event_schema(schema), config.model.value_tokens, self.order_by) \
+            if config.model.change_tokens else None
         if max_history is not None:
-            return spend, HistoryBounds(int(max_history))
+            return spend, HistoryBounds(int(max_history), change_columns=changing)
         cap, noisy = dp_history_length(self.lengths, config.privacy.metadata_epsilon, rng)
-        return self.planned_spend(config, spend), HistoryBounds(cap, noisy[:, None].tolist())
+        return self.planned_spend(config, spend), HistoryBounds(cap, noisy[:, None].tolist(), change_columns=changing)
 
     def changing_columns(self, schema: Schema) -> list[str]:
         """Without DP: the integer event columns (`change_columns`) whose later rows, written as
         "same", a change of at most 3 or a fresh value (`SameValue`), hold less entropy over the
         training subjects than their values do: experience that grows by one a year (3.4 bits ->
         0), an age (5.0 -> 0.7), not a count drawn anew each row (cdnow's CDs a purchase, 2.4 ->
-        2.9; a season's hits). Read off the exact rows: under DP none (the schema's `step` and
-        `constant` rules say it for free)."""
+        2.9; a season's hits). Read off the exact rows, with `model.change_tokens` (under DP
+        every candidate; the schema's `step` and `constant` rules say it for free)."""
         names = change_columns(self.event_schema(schema), True, self.order_by)
         if not names:
             return []
