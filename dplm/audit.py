@@ -46,11 +46,14 @@ from dplm.workspace import RunDirectory
 
 def record_losses(synth, df: pd.DataFrame, batch_size: int = 64, column: str | None = None) -> np.ndarray:
     """The model's mean next-token loss of each record (lower: more familiar), or of the tokens
-    of one `column`'s value, given the record's other columns before it."""
-    codec = synth.codec
+    of one `column`'s value, given the record's other columns before it: the text model's where
+    the column has one (`text_model`), else the table model's."""
+    text_model = next((t for t in synth.text_models if t.column == column), None)
+    model, codec = (text_model.model, text_model.codec) if text_model else (synth.model, synth.codec)
     typed = coerce_table(df[codec.schema.names], codec.schema)  # the columns the model writes
     encoded = [codec.encode_with_spans(row) for row in typed.itertuples(index=False, name=None)]
-    return sequence_losses(synth, encoded, batch_size, None if column is None else codec.schema.names.index(column))
+    return sequence_losses(model, codec.tokenizer, synth.device, encoded, batch_size,
+                           None if column is None else codec.schema.names.index(column))
 
 
 def history_losses(synth, events: pd.DataFrame, key: str, batch_size: int = 16) -> np.ndarray:
@@ -64,24 +67,25 @@ def history_losses(synth, events: pd.DataFrame, key: str, batch_size: int = 16) 
         rows = rows.sort_values(order, kind="stable") if order else rows
         subject = rows.iloc[0][codec.subject_schema.names].to_dict() if codec.subject_schema.names else {}
         encoded.append((codec.encode(subject, rows.iloc[: codec.max_rows]), None))
-    return sequence_losses(synth, encoded, batch_size)
+    return sequence_losses(synth.model, synth.tokenizer, synth.device, encoded, batch_size)
 
 
 @torch.no_grad()
-def sequence_losses(synth, encoded: list, batch_size: int, column: int | None = None) -> np.ndarray:
-    """Mean next-token loss of each (token ids, value spans) sequence, or of column `column`'s tokens."""
-    target_index = models.target_index(synth.model)
-    synth.model.eval()
+def sequence_losses(model, tokenizer, device, encoded: list, batch_size: int, column: int | None = None) -> np.ndarray:
+    """`model`'s mean next-token loss of each (token ids, value spans) sequence, or of column
+    `column`'s tokens."""
+    target_index = models.target_index(model)
+    model.eval()
     losses = []
     for i in range(0, len(encoded), batch_size):
         batch = encoded[i: i + batch_size]
-        ids, mask = pad_batch([e[0] for e in batch], synth.tokenizer.pad_token_id, synth.device)
+        ids, mask = pad_batch([e[0] for e in batch], tokenizer.pad_token_id, device)
         scored = None
         if column is not None:
             scored = torch.zeros_like(mask)
             for row, (_, spans) in enumerate(batch):
                 scored[row, spans[column][0]: spans[column][1]] = 1
-        losses.append(row_losses(synth.model, ids, mask, target_index, scored=scored).float().cpu())
+        losses.append(row_losses(model, ids, mask, target_index, scored=scored).float().cpu())
     return torch.cat(losses).numpy()
 
 

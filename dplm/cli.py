@@ -36,9 +36,14 @@ def summary(synth, df=None) -> str:
                  if p.get("metadata_epsilon") else "")
         if p.get("statistics_rounds"):
             split += f" [table statistics: {len(p['statistics_rounds'])} rounds, composed with DP-SGD in training]"
+        steps = "" if p.get("models") else (f"noise {p['noise_multiplier']}, sample rate {p['sample_rate']:.3g}, "
+                                            f"{p['steps']} steps, ")
         lines.append(f"privacy: epsilon = {p['epsilon']:.4f}{split}{cap} at delta = {p['delta']:g} "
-                     f"[{p['accountant']} accountant, noise {p['noise_multiplier']}, clip {p['max_grad_norm']}, "
-                     f"sample rate {p['sample_rate']:.3g}, {p['steps']} steps, unit: {p['privacy_unit']}]")
+                     f"[{p['accountant']} accountant, {steps}clip {p['max_grad_norm']}, unit: {p['privacy_unit']}]")
+        for m in p.get("models") or []:  # a run with text models: what each trained, in the accountant's order
+            what = "table model" if m["model"] == "table" else f"text model '{m['column']}'"
+            lines.append(f"  {what}: {m['steps']} steps at noise {m['noise_multiplier']:.4g}, sample rate "
+                         f"{m['sample_rate']:.3g}; epsilon after it {m['epsilon_after']:.4f}")
     else:
         lines.append("privacy: none (DP off)")
     sources = p.get("metadata_sources", {})
@@ -59,6 +64,11 @@ def summary(synth, df=None) -> str:
                      f"{t.stop_reason}, last loss {t.final_loss if t.final_loss is None else round(t.final_loss, 4)}"
                      + (f", resumed at step {t.resumed_from_step}" if t.resumed_from_step else "")
                      + (f", {t.processes} processes" if t.processes > 1 else "") + cut)
+        for text_model in synth.text_models:
+            r = text_model.training
+            lines.append(f"text model '{text_model.column}' (private diagnostics): {r.steps} steps, {r.rows_seen} rows "
+                         f"({r.epochs:.3f} epochs), {r.seconds:.0f} s, stopped by {r.stop_reason}, last loss "
+                         f"{r.final_loss if r.final_loss is None else round(r.final_loss, 4)}")
     s = synth.last_sample_stats
     if s:
         what = "subjects" if synth.is_history else "rows"
@@ -182,6 +192,10 @@ def cmd_plan(args) -> None:
     result = plan(config)
     for line in result["plan_lines"]:
         print(line)
+    if result.get("text_columns"):
+        print(f"text models for {', '.join(result['text_columns'])} (a prompt of the row's other values):")
+        for line in result["text_plan_lines"]:
+            print(f"  {line}")
     if not config.privacy.enabled:
         print(f"{result['units']} training {result['unit']}; no DP")
         if result["suggested_rules"]:
@@ -198,11 +212,13 @@ def cmd_plan(args) -> None:
     if result["statistics_rounds"]:
         print(f"table statistics: {len(result['statistics_rounds'])} Gaussian rounds of noise "
               f"{result['statistics_rounds'][0]['noise_multiplier']:.4g}, composed with the DP-SGD steps")
-    print(f"noise multiplier {chosen['noise_multiplier']:.4g}:")
+    print(f"noise multiplier {chosen['noise_multiplier']:.4g}" + (" (the table model):" if result.get("text_columns")
+                                                                 else ":"))
     for epoch, (steps, eps) in enumerate(result["epochs"], start=1):
         print(f"  epoch {epoch}: {steps} steps, epsilon {eps:.4f}")
-    print(f"the run: {result['steps']} steps (stopped by {result['stop_reason']}), epsilon {result['epsilon']:.4f} "
-          f"at delta {result['delta']:g}")
+    texts = (" with the text models'", "the table model ") if result.get("text_columns") else ("", "")
+    print(f"the run: {result['steps']} steps{texts[0]} ({texts[1]}stopped by {result['stop_reason']}), epsilon "
+          f"{result['epsilon']:.4f} at delta {result['delta']:g}")
 
 
 def cmd_sweep(args) -> None:

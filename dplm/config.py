@@ -149,6 +149,25 @@ class AuditConfig:
     sensitive_column: str | None = None
 
 
+@dataclass
+class TextConfig:
+    """Text columns' own models (`dplm.text_model`): beside the table model, which writes the other
+    columns, each text column gets a text model (the pretrained LM with a LoRA adapter) that
+    writes the text after a prompt of the row's other values. Unset settings are planned
+    (`text_model.plan_text`) from public quantities."""
+
+    models: str = "auto"  # auto: a text model per text column when the table has other columns; joint: one model
+    layers: int | None = None  # the text model's base layers (None: all)
+    target_modules: list[str] | None = None  # LoRA targets (default: q_proj, v_proj under DP, every linear without)
+    batch_size: int | None = None
+    learning_rate: float | None = None
+    max_steps: int | None = None
+    time_budget: float | None = None  # seconds of training for all text models (default: 1,400 DP, 660 without)
+    epsilon_share: float | None = None  # the text models' share of the training budget (zCDP rho; default 0.6)
+    noise_multiplier: float | None = None  # DP: default the smallest that keeps the run within privacy.max_epsilon
+    top_p: float = 1.0  # sampling: each text token from the smallest set of tokens holding this share of the probability
+
+
 SEED_NOISE_MULTIPLIERS = [0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0, 8.0, 16.0, 32.0]
 SEED_MAX_GRAD_NORMS = [0.5, 1.0, 2.0]
 
@@ -176,6 +195,7 @@ class RunConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    text: TextConfig = field(default_factory=TextConfig)
     output_csv: str | None = None  # write num_rows synthetic rows here after training (.csv, .parquet or .jsonl)
 
     def validate(self) -> None:
@@ -201,6 +221,12 @@ class RunConfig:
             (p.max_records_per_subject >= 1, "privacy.max_records_per_subject must be >= 1"),
             (p.metadata_epsilon > 0, "privacy.metadata_epsilon must be > 0 (e.g. 0.2)"),
             (p.count_epsilon > 0, "privacy.count_epsilon must be > 0 (e.g. 0.05)"),
+            (self.text.models in ("auto", "joint"), "text.models must be 'auto' (a text model per text column) or "
+             "'joint' (one model writes every column)"),
+            (self.text.epsilon_share is None or 0 < self.text.epsilon_share < 1, "text.epsilon_share must be in (0, 1)"),
+            (self.text.time_budget is None or self.text.time_budget > 0, "text.time_budget must be > 0 seconds"),
+            (self.text.noise_multiplier is None or self.text.noise_multiplier > 0, "text.noise_multiplier must be > 0"),
+            (0 < self.text.top_p <= 1, "text.top_p must be in (0, 1] (1: plain sampling)"),
             (0 < self.audit.canary_inclusion <= 1, "audit.canary_inclusion must be in (0, 1] (e.g. 0.5)"),
             ((t.batch_size is None or t.batch_size >= 1) and (t.micro_batch_size is None or t.micro_batch_size >= 1),
              "train.batch_size and train.micro_batch_size must be >= 1"),

@@ -13,16 +13,18 @@ sentence-transformers are imported where they are used: each takes seconds to lo
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import itertools
 import os
+import re
 
 import numpy as np
 import pandas as pd
 import torch
 
 from dplm.errors import DplmError
-from dplm.model import weight_dtype
+from dplm.model import SMOLLM2, load_tokenizer, weight_dtype
 from dplm.rules import kept_shares
 
 NUM_BINS = 10
@@ -418,6 +420,7 @@ def text_scores(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataFr
     the same way (a reference: what real texts get; missing texts are left out):
     * discriminator AUC and centroid similarity of the text embeddings against the holdout's;
     * length accuracy: 1 - TV distance of binned character lengths against the training texts;
+    * fluency: the share of their words in a public word list (`known_word_share`);
     * utility: accuracy on the holdout of a classifier from the text's embedding to `context`
       (a categorical column), trained on those rows (next to the majority class's accuracy);
     * memorization: share of texts found verbatim among the training texts (for the reference:
@@ -445,6 +448,7 @@ def text_scores(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataFr
                             np.searchsorted(edges, x, side="right"), size)
 
     training_texts = set(sets["training"][column].astype(str))
+    words = word_list()
     result = {"texts_scored": n, "context": context}
     for name, key, own in (("synthetic", "synthetic", "synthetic"), ("holdout", "reference", "holdout")):
         texts = sets[own][column].astype(str)
@@ -452,6 +456,7 @@ def text_scores(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataFr
             "discriminator_auc": discriminator_auc(emb["holdout"], emb[key], seed),
             "centroid_similarity": centroid_similarity(emb["holdout"], emb[key]),
             "length_accuracy": length_accuracy(lengths[own]),
+            "known_word_share": known_word_share(texts, words),
             "verbatim_training_share": float(texts.isin(training_texts).mean()),
             "nearest_training_distance_median": float(np.median(1 - (emb[key if own == "synthetic" else "holdout"]
                                                                      @ emb["training"].T).max(1))),
@@ -463,6 +468,24 @@ def text_scores(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataFr
         majority = picks["holdout"][context].astype(str).value_counts(normalize=True)
         result["context_majority_share"] = float(majority.iloc[0])
     return result
+
+
+WORD = re.compile(r"[A-Za-z]{2,}")
+
+
+@functools.cache
+def word_list() -> frozenset[str]:
+    """A public list of words: the whole-word tokens of SmolLM2's tokenizer (a BPE vocabulary of
+    49,152 tokens learned on its public pretraining text), lowercased. A fluent text's words are
+    mostly in it; garbled words ('Painking', 'Cotopipenton') split into pieces."""
+    vocabulary = load_tokenizer(SMOLLM2).get_vocab()
+    return frozenset(t[1:].lower() for t in vocabulary if t.startswith("Ġ") and WORD.fullmatch(t[1:]))
+
+
+def known_word_share(texts: pd.Series, words: frozenset[str]) -> float | None:
+    """Fluency: the share of the texts' words (letters only, two or more) found in `words`."""
+    found = [w.lower() in words for text in texts for w in WORD.findall(text)]
+    return float(np.mean(found)) if found else None
 
 
 def _context_accuracy(x: np.ndarray, y: pd.Series, test_x: np.ndarray, test_y: pd.Series, seed: int) -> float | None:

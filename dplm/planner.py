@@ -51,6 +51,8 @@ from dplm.train import measure_speed, planned_steps, process_rank
 DEFAULT_BUDGET_TOKENS = 9_300_000  # DP-SGD: census 300,000 rows, 150 steps of 2,000 (26 min on 2 cores)
 SPEED_VALID_SECONDS = 86_400  # a machine's measured speed is reused for a day
 PROBE_OUTPUT_TOKENS = 1024  # the speed probe's output layer, for a schema without text (census: ~800 tokens)
+TEXT_VOCABULARY = 49_152  # SmolLM2's tokenizer: a text column's output layer scores all of it
+TEXT_LOGITS = 64 * 2**20  # logits in one forward pass with text (256 MB in float32)
 DP_TARGET_STEPS = 150
 DP_MIN_STEPS, DP_MAX_STEPS = 50, 300
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 0.001, 0.25
@@ -141,19 +143,25 @@ def nodp_batch_size(tokens: int) -> int:
     return max(NODP_MIN_BATCH, min(NODP_BATCH, NODP_BATCH_TOKENS // tokens))
 
 
-def micro_batch_size(tokens: int) -> int:
-    """Rows a forward pass takes at once: about 8,192 tokens, within [16, 256] rows."""
-    return min(256, max(16, 8192 // tokens))
+def micro_batch_size(tokens: int, text: bool = False) -> int:
+    """Rows a forward pass takes at once: about 8,192 tokens, within [16, 256] rows; with `text`
+    (an output layer over the whole vocabulary) at most `TEXT_LOGITS` logits, at least 8 rows:
+    the logits and their float copies dominate the memory (London's 45-token rows at 256 rows
+    took ~7 GB more than at 32)."""
+    rows = min(256, max(16, 8192 // tokens))
+    return max(8, min(rows, TEXT_LOGITS // (tokens * TEXT_VOCABULARY))) if text else rows
 
 
-def machine_speed(config: RunConfig, schema, device, unit_rows: float | None = None) -> MachineSpeed | None:
+def machine_speed(config: RunConfig, schema, device, unit_rows: float | None = None,
+                  micro: int | None = None) -> MachineSpeed | None:
     """This machine's training speed for `config`'s model on rows as long as `schema`'s (a
     unit of `unit_rows` rows for histories), DP-SGD and without, for the DP compute budget:
     None where it does not apply (no DP, `train.budget_rows` given, or the batch and the steps,
     `train.dp_time_budget` null, several processes). Measured once (~10 s) with the base model, LoRA and an output
     layer of `PROBE_OUTPUT_TOKENS` tokens (all of them for text), then read from
     `cache_dir()/speed.json` for `SPEED_VALID_SECONDS`, so a plan and its run see the same
-    figure (delete the file to measure again, e.g. after measuring on busy cores)."""
+    figure (delete the file to measure again, e.g. after measuring on busy cores). `micro`: the
+    rows a forward pass takes (default `micro_batch_size`)."""
     t, m = config.train, config.model
     sized = t.batch_size is not None and (t.max_steps is not None or t.max_epochs is not None)  # no budget needed
     if not config.privacy.enabled or sized or t.budget_rows is not None or t.dp_time_budget is None \
@@ -161,9 +169,10 @@ def machine_speed(config: RunConfig, schema, device, unit_rows: float | None = N
         return None
     tokens = unit_tokens(schema, unit_rows)
     texts = any(c.kind == "text" for c in schema.columns)
+    micro = micro or micro_batch_size(tokens, texts)
     # No host name: plan.json, which holds the key, is released (the cache lives on this machine anyway).
     key = json.dumps([platform.machine(), platform.processor(), str(device), torch.get_num_threads(), m.base, m.layers,
-                      m.precision, m.lora_r, sorted(m.target_modules), m.prune_vocab and not texts, tokens])
+                      m.precision, m.lora_r, sorted(m.target_modules), m.prune_vocab and not texts, tokens, micro])
     path = models.cache_dir() / "speed.json"
     cached = json.loads(path.read_text()) if path.exists() else {}
     cached = {k: v for k, v in cached.items() if time.time() - v[2] < SPEED_VALID_SECONDS}
@@ -173,7 +182,6 @@ def machine_speed(config: RunConfig, schema, device, unit_rows: float | None = N
         if m.prune_vocab and not texts:
             models.restrict_output_vocab(model, list(range(min(PROBE_OUTPUT_TOKENS, vocab_size))))
         model = models.add_lora(model.to(device), m.lora_r, m.lora_alpha, m.lora_dropout, m.target_modules)
-        micro = micro_batch_size(tokens)
         cached[key] = [measure_speed(model, tokens, micro, device, dp=True),
                        measure_speed(model, tokens, min(64, micro), device, dp=False), time.time()]
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -224,6 +232,11 @@ def rho_of(epsilon: float, delta: float) -> float:
     return (math.sqrt(epsilon + log) - math.sqrt(log)) ** 2
 
 
+def epsilon_of_rho(rho: float, delta: float) -> float:
+    """The epsilon of `rho`-zCDP at `delta` (the inverse of `rho_of`)."""
+    return rho + 2 * math.sqrt(rho * math.log(1 / delta))
+
+
 def make_plan(config: RunConfig, units: int, schema, metadata_epsilon: float = 0.0,
               metadata_delta: float = 0.0, unit_rows: float | None = None, speed: MachineSpeed | None = None) -> TrainingPlan:
     """The plan for `units` training units (rows, or subjects) under `schema` (complete, or
@@ -242,7 +255,7 @@ def make_plan(config: RunConfig, units: int, schema, metadata_epsilon: float = 0
         return auto
 
     tokens = unit_tokens(schema, unit_rows)
-    micro = micro_batch_size(tokens)
+    micro = micro_batch_size(tokens, any(c.kind == "text" for c in schema.columns))
     if not p.enabled:
         batch = pick(t.batch_size, nodp_batch_size(tokens), "batch_size")
         stop_early = t.early_stopping if t.early_stopping is not None else (t.max_epochs is None and t.max_steps is None)

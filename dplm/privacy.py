@@ -101,9 +101,10 @@ class PrivacyBudget:
     `metadata_epsilon` and `metadata_delta` are privacy already spent on the data outside
     training (DP estimates of the schema). By basic composition the run is (metadata_epsilon
     + training epsilon at `delta`, metadata_delta + `delta`)-DP: the epsilon part is in every
-    reported total and counts against the cap. `prior` holds the Gaussian rounds of the
-    table's statistics (`marginals.noise_history`: steps of sampling rate 1), which the
-    accountant composes with the DP-SGD steps: "training epsilon" is that of both.
+    reported total and counts against the cap. `prior` holds what was spent before this model's
+    steps: the Gaussian rounds of the table's statistics (`marginals.noise_history`: steps of
+    sampling rate 1) and, for a text model, the table model's and earlier text models' DP-SGD
+    steps, which the accountant composes with these steps: "training epsilon" is that of all.
     """
 
     def __init__(self, accountant: str, noise_multiplier: float, sample_rate: float, delta: float,
@@ -187,6 +188,7 @@ class PrivacyBudget:
             "steps": self.steps,
             "accountant": self.accountant_name,
             "statistics_rounds": [{"noise_multiplier": h[0], "sample_rate": h[1]} for h in self.prior],
+            "history": [list(h) for h in self.accountant.history],  # (noise, sample rate, steps), composed
         }
 
 
@@ -197,6 +199,24 @@ def epsilon_of_history(history: list, delta: float, accountant: str = "rdp") -> 
     a = make_accountant(accountant)
     a.history = [tuple(h) for h in history]
     return PrivacyBudget._epsilon_of(a, delta)
+
+
+def steps_within_cap(prior: list, noise: float, sample_rate: float, steps: int, delta: float, accountant: str,
+                     cap: float | None, metadata_epsilon: float = 0.0) -> int:
+    """How many of `steps` DP-SGD steps at `noise` and `sample_rate` a run takes after the `prior`
+    history: all, or the most whose epsilon (with `metadata_epsilon`) stays within `cap` (the
+    run stops before the step that would pass it)."""
+    def within(k: int) -> bool:
+        return metadata_epsilon + epsilon_of_history(prior + ([(noise, sample_rate, k)] if k else []), delta,
+                                                     accountant) <= cap
+
+    if cap is None or within(steps):
+        return steps
+    lo, hi = 0, steps
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if within(mid) else (lo, mid)
+    return lo
 
 
 def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp",

@@ -278,7 +278,8 @@ def text_rows(t: dict) -> list[tuple]:
     """The rows of a text column's table in the report."""
     rows = [("discriminator AUC vs holdout texts (0.5 = indistinguishable)", "discriminator_auc"),
             ("centroid cosine similarity to holdout texts", "centroid_similarity"),
-            ("length distribution accuracy (characters)", "length_accuracy")]
+            ("length distribution accuracy (characters)", "length_accuracy"),
+            ("fluency: share of words in a public word list (the base tokenizer's whole words)", "known_word_share")]
     if t.get("context"):
         rows.append((f"'{t['context']}' predicted from the text, on the holdout (majority class "
                      f"{t['context_majority_share']:.3f})", "context_accuracy"))

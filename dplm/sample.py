@@ -292,11 +292,14 @@ class GivenValues:
 
 @torch.no_grad()
 def generate_sequences(model, grammar: CompiledGrammar | LazyGrammar, num: int, temperature: float,
-                       generator: torch.Generator, device, given: GivenValues | None = None) -> list[list[int]]:
+                       generator: torch.Generator, device, given: GivenValues | None = None,
+                       top_p: float = 1.0) -> list[list[int]]:
     """`num` token sequences (BOS ... EOS) sampled under the grammar, one batch, KV-cached.
     `generator` lives on `device`. Rows that have ended leave the batch (with their cache
     rows), so the model computes only rows still being written. With `given` (for `num` given
-    rows) the given values are kept and the rest drawn conditionally (see `GivenValues`)."""
+    rows) the given values are kept and the rest drawn conditionally (see `GivenValues`). With
+    `top_p` < 1 each token is drawn from the smallest set of allowed tokens holding that share
+    of the probability (nucleus sampling: fluency for text, at the cost of its rarer words)."""
     codec = grammar.codec
     max_tokens = grammar.max_row_tokens()
     particles = num * (given.candidates if given else 1)
@@ -319,7 +322,10 @@ def generate_sequences(model, grammar: CompiledGrammar | LazyGrammar, num: int, 
         if given:
             logits, log_prob = given.force(logits, rows, column, offset)
             log_weight[rows] += log_prob
-        positions = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).flatten()
+        probs = torch.softmax(logits, dim=-1)
+        if top_p < 1.0:
+            probs = nucleus(probs, top_p)
+        positions = torch.multinomial(probs, 1, generator=generator).flatten()
         forbidden += (~allowed.gather(1, positions[:, None])).sum()
         tokens = grammar.token_ids[positions][:, None]
         out[rows, step + 1] = tokens[:, 0]
@@ -350,6 +356,16 @@ def generate_sequences(model, grammar: CompiledGrammar | LazyGrammar, num: int, 
     if kept is None:  # the last given column ends the row: choose among finished particles
         kept = given.choose(log_weight, generator)
     return [row[: row.index(codec.eos_id) + 1] for row in out[kept].tolist()]
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Each row's probabilities cut to its most likely tokens whose total reaches `top_p` (at least
+    one), renormalised."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    before = sorted_probs.cumsum(-1) - sorted_probs  # the mass of the tokens ranked above each
+    sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
+    cut = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return cut / cut.sum(-1, keepdim=True)
 
 
 def preallocated_cache(tokens: int):
@@ -410,14 +426,14 @@ def _cache_argument(model) -> str:
 
 def sample_rows(model, codec: RowCodec, num_rows: int, batch_size: int = 64, temperature: float = 1.0,
                 seed: int = 0, device=None, progress: bool = True, given: pd.DataFrame | None = None,
-                candidates: int = 16, keep=None) -> tuple[pd.DataFrame, SampleStats]:
+                candidates: int = 16, keep=None, top_p: float = 1.0) -> tuple[pd.DataFrame, SampleStats]:
     """`num_rows` valid rows as a typed DataFrame, plus how many rows were generated for them.
 
     With `given` (a DataFrame of some of the schema's columns) one row per given row: its
     given values kept, the other columns drawn from the model conditionally on them, with
     `candidates` particles per row where needed (`GivenValues`); `num_rows` is ignored.
     `keep(rows) -> bool mask` (the table's rules, `marginals.Rules.kept`): a row it refuses is
-    drawn again, as one that does not parse is."""
+    drawn again, as one that does not parse is. `top_p`: nucleus sampling (`generate_sequences`)."""
     device = device or next(model.parameters()).device
     grammar = row_grammar(codec, output_token_ids(model), device)
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -441,7 +457,8 @@ def sample_rows(model, codec: RowCodec, num_rows: int, batch_size: int = 64, tem
         batch, pending = pending[:batch_size], pending[batch_size:]
         part = values.select(torch.tensor(batch, device=device)) if given is not None else None
         decoded = []
-        for i, ids in zip(batch, generate_sequences(model, grammar, len(batch), temperature, generator, device, part)):
+        for i, ids in zip(batch, generate_sequences(model, grammar, len(batch), temperature, generator, device, part,
+                                                    top_p)):
             generated += 1
             try:
                 rows[i] = codec.decode(ids)

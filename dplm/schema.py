@@ -157,6 +157,17 @@ class Schema:
         out.set_output_order(self.output_order or self.names)
         return out
 
+    def without(self, names: list[str]) -> Schema:
+        """All but the columns `names`, with the rules between the others alone and the output
+        order cut to them."""
+        if not names:
+            return self
+        out = Schema([c for c in self.columns if c.name not in names],
+                     rules=[r for r in self.rules if not set(r.columns) & set(names)])
+        if self.output_order:
+            out.set_output_order([n for n in self.output_order if n not in names])
+        return out
+
     def modelled(self) -> Schema:
         """The columns the model writes: all but those a declared rule determines (derived after
         sampling: `derive`), with the rules between them."""

@@ -1,15 +1,21 @@
 """The stages of a run, in the order `Synthesizer.fit` calls them; each says what it reads and writes.
 
     inputs.load_inputs   the table, the split, the training units
-    analyze              the completed schema, its DP spend, the history bounds, the canaries
+    analyze              the completed schema, its DP spend, the history bounds, the canaries,
+                         the text columns with their own models
     type_rows            the training units' typed rows, with the canaries
     plan_training        the settings the recipe leaves out (planner.make_plan)
+    plan_texts           the text models' settings (text_model.plan_text)
     measure_statistics   the table's statistics and the column order they choose
     encode               the codec and the token sequences
     build_model          the base model with a fresh LoRA adapter
     first_stage          DP runs: training on rows drawn from the statistics (free)
-    train_model          DP-SGD or plain training
+    train_model          DP-SGD or plain training of the table model
+    train_text_models    a text model per text column, after the table model in the accountant
     privacy_record       what privacy.json says
+
+The table model's stages read the table model's columns (`RunState.table_schema`); a text column
+with its own model is one more stage (`train_text_models`), not a branch through them.
 
 Every stage reads the units through `units.TrainingUnits`, whatever their kind (rows, rows of
 subjects, whole histories): a new kind of unit is one more implementation of it, not a branch
@@ -37,7 +43,7 @@ from dplm.marginals import Rules, measure
 from dplm.histories import HISTORY_PLAN_ROWS
 from dplm.inputs import is_history, unit_hashes
 from dplm.planner import MachineSpeed, TrainingPlan, machine_speed, make_plan, resumed, statistics_history
-from dplm.privacy import METADATA_DELTA_SHARE, NEIGHBOURS, PUBLIC_QUANTITIES, dp_count, secret_rng
+from dplm.privacy import METADATA_DELTA_SHARE, NEIGHBOURS, PUBLIC_QUANTITIES, dp_count, secret_rng, steps_within_cap
 from dplm.rules import broken, broken_within, kept_all, learn_mappings
 from dplm.sample import grammar_masks, output_token_ids
 from dplm.schema import (
@@ -45,8 +51,12 @@ from dplm.schema import (
 )
 from dplm.serialize import RowCodec
 from dplm.state import RunState
+from dplm.text_model import (
+    TextModel, context_of, measure_text_speed, plan_text, table_history, text_codec, text_columns, text_model_config,
+    text_starts, text_train_config,
+)
 from dplm.tracking import Trackers
-from dplm.train import Checkpoints, TrainResult, process_rank, train
+from dplm.train import Checkpoints, TrainResult, planned_steps, process_rank, train
 from dplm.units import TrainingUnits
 from dplm.workspace import PRIVATE_DIAGNOSTICS, PRIVATE_NOTE, RELEASE
 
@@ -72,25 +82,31 @@ def user_schema_of(schema: Schema | str | None, config: RunConfig) -> Schema | N
     return schema
 
 
-def speed_before_data(config: RunConfig, schema: Schema | str | None, device) -> MachineSpeed | None:
-    """Under DP with a compute budget to size: this machine's training speed, measured on dummy
-    rows shaped by the user's schema (`planner.machine_speed`) before any private data is read,
-    so its timing owes nothing to the private rows (it sizes the batch, steps and noise the plan
-    releases). None where no budget is sized (or the schema is missing: `analyze` says so)."""
+def speed_before_data(config: RunConfig, schema: Schema | str | None, device
+                      ) -> tuple[MachineSpeed | None, MachineSpeed | None]:
+    """Under DP with a compute budget to size: this machine's training speed of the table model
+    and of the text models (none without text models), measured on dummy rows shaped by the
+    user's schema (`planner.machine_speed`) before any private data is read, so their timing owes
+    nothing to the private rows (they size the batch, steps and noise the plans release). None
+    where no budget is sized (or the schema is missing: `analyze` says so)."""
     user_schema = user_schema_of(schema, config)
     if user_schema is None:
-        return None
-    return machine_speed(config, user_schema.modelled(), device, HISTORY_PLAN_ROWS if is_history(config) else None)
+        return None, None
+    texts = text_columns(user_schema, config, is_history(config))
+    speed = machine_speed(config, user_schema.modelled().without(texts), device,
+                          HISTORY_PLAN_ROWS if is_history(config) else None)
+    return speed, measure_text_speed(config, user_schema, texts, device)
 
 
 def analyze(units: TrainingUnits, schema: Schema | str | None, config: RunConfig, tokenizer,
-            speed: MachineSpeed | None = None) -> RunState:
+            speed: MachineSpeed | None = None, text_speed: MachineSpeed | None = None) -> RunState:
     """Complete the user's `schema` from the units' rows (`units.frame`): under DP the metadata it
     leaves out is estimated with DP mechanisms (one random row per unit), the history cap drawn
     as a noisy quantile and the units counted with noise, all counted in epsilon (`planned_spend`);
     without DP all are read off the data. Draw the audit's canaries from the completed schema's
-    domain, each to train or not by a secret coin (`audit.canary_inclusion`). Reads the units;
-    returns the run state (with the machine's `speed`; nothing is written)."""
+    domain, each to train or not by a secret coin (`audit.canary_inclusion`). Name the text
+    columns that get their own models (`text_model.text_columns`). Reads the units; returns the
+    run state (with the machine's `speed` and `text_speed`; nothing is written)."""
     p = config.privacy
     user_schema = user_schema_of(schema, config)
     if user_schema:
@@ -119,7 +135,8 @@ def analyze(units: TrainingUnits, schema: Schema | str | None, config: RunConfig
     canaries, included = None, None
     if config.audit.canaries:  # random records whose membership and exposure `dplm audit` measures
         canaries, included = from_rank0(lambda: canary_records(schema, config))
-    return RunState(schema, user_schema, spend, bounds, canaries, speed=speed, count=count, canary_included=included)
+    return RunState(schema, user_schema, spend, bounds, canaries, speed=speed, count=count, canary_included=included,
+                    text_columns=text_columns(schema, config, is_history(config)), text_speed=text_speed)
 
 
 def planned_spend(units: TrainingUnits, user_schema: Schema, config: RunConfig) -> MetadataSpend:
@@ -177,7 +194,7 @@ def plan_training(config: RunConfig, units: TrainingUnits, state: RunState) -> T
         return resumed(state.plan, config)
     count = (units.count() if state.count is None else state.count) + units.canary_units(
         sum(state.canary_included or []), config.audit.canary_repeats)
-    return make_plan(config, count, state.user_schema.modelled(), state.spend.epsilon, state.spend.delta,
+    return make_plan(config, count, state.table_user_schema.modelled(), state.spend.epsilon, state.spend.delta,
                      unit_rows=units.plan_rows(config.privacy.enabled), speed=state.speed)
 
 
@@ -189,14 +206,14 @@ def measure_statistics(units: TrainingUnits, state: RunState, config: RunConfig)
     schema."""
     p, plan = config.privacy, state.plan
     rows, groups = units.statistics_rows()
-    schema = units.statistics_schema(state.schema.modelled())  # a column a rule determines is not counted
+    schema = units.statistics_schema(state.table_schema.modelled())  # a column a rule determines is not counted
     if not p.enabled:
         state.marginals = measure(rows, schema, groups, None)
     elif plan.statistics_noise:
         z = plan.statistics_noise
         state.marginals = from_rank0(lambda: measure(
             rows, schema, groups, {"one_way": z, "two_way": z, "both_nonzero": z}, secret_rng(p.secure_mode),
-            units.statistics_schema(state.user_schema.modelled()), count=plan.units))
+            units.statistics_schema(state.table_user_schema.modelled()), count=plan.units))
     if state.marginals and config.model.column_order == "auto":
         state.schema = state.schema.in_order(state.marginals.column_order(config.train.seed))
 
@@ -220,7 +237,7 @@ class Encoded:
 def encode(units: TrainingUnits, state: RunState, tokenizer, config: RunConfig) -> Encoded:
     """The codec of the state's schema and the units' token sequences (`model.column_order:
     random`: each row in its own column order). Reads the typed units."""
-    codec = units.codec(state.schema, tokenizer, config.model.value_tokens, state.bounds)
+    codec = units.codec(state.table_schema, tokenizer, config.model.value_tokens, state.bounds)
     orders = row_orders(codec, units.statistics_rows()[0], config) if config.model.column_order == "random" else None
     return Encoded(codec, units.encode(codec, orders), orders)
 
@@ -279,16 +296,65 @@ def train_model(model, encoded: Encoded, units: TrainingUnits, state: RunState, 
                        device, progress=progress, subjects=units.clip_groups(), checkpoints=checkpoints,
                        metadata_epsilon=state.spend.epsilon, metadata_delta=state.spend.delta, masks=masks,
                        log_step=None if trackers is None else lambda entry: trackers.log(entry, entry["step"]),
-                       prior=statistics_prior(state.plan, units, state.user_schema),
-                       unit_tokens=units.loss_tokens(state.schema), num_units=state.plan.units)
+                       prior=statistics_prior(state.plan, units, state.table_user_schema),
+                       unit_tokens=units.loss_tokens(state.table_schema), num_units=state.plan.units)
     finally:
         if trackers:
             tracking_ids = trackers.run_ids
             trackers.finish()
-    if checkpoints and process_rank()[0] == 0:
-        # The model is out: a checkpoint of it would resume without the steps taken since.
-        shutil.rmtree(checkpoints.folder, ignore_errors=True)
     return result, tracking_ids
+
+
+def plan_texts(config: RunConfig, table: RunConfig, units: TrainingUnits, state: RunState) -> None:
+    """The text models' plan (`text_model.plan_text`) for the recipe `config`, after the table
+    model's (`table`: the recipe as the table model runs it): the accountant's prior is the table
+    model's planned spend (its statistics' rounds and the DP-SGD steps its cap lets it take). The
+    text caps are the completed schema's (user-given or DP-estimated). A resumed run keeps its
+    checkpoint's. Writes the state's text plan."""
+    if not state.text_columns or state.text_plan is not None:
+        return
+    plan, p = state.plan, config.privacy
+    statistics = statistics_prior(plan, units, state.table_user_schema)
+    steps = steps_within_cap(statistics, plan.noise_multiplier, plan.batch_size / plan.units,
+                             planned_steps(plan.units, plan)[0] or 0, p.delta - state.spend.delta, p.accountant,
+                             table.privacy.max_epsilon, state.spend.epsilon) if plan.dp else 0
+    prior = table_history(statistics, plan.noise_multiplier, plan.batch_size / plan.units, steps)
+    state.text_plan = plan_text(config, plan.units, state.schema, state.text_columns, prior, state.spend.epsilon,
+                                state.spend.delta, state.text_speed)
+
+
+def train_text_models(units: TrainingUnits, state: RunState, table: TrainResult, config: RunConfig, device,
+                      progress: bool, checkpoints: Checkpoints | None) -> list[TextModel]:
+    """A text model per text column (`text_model`), in the schema's order: the base model with a
+    fresh adapter, trained by the text plan on the units' typed rows (the canaries' included), its
+    loss on the text after the prompt, its DP-SGD steps composed after the table model's and the
+    earlier text models' in one accountant, the cap (`privacy.max_epsilon`) checked before each.
+    Each resumes from its own checkpoint folder (`text-<k>` in the run's)."""
+    plan, rows = state.text_plan, units.statistics_rows()[0]
+    tokenizer = models.load_tokenizer(config.model.base)  # plain: the table's value tokens are not the text's
+    privacy = dataclasses.replace(config.privacy, noise_multiplier=plan.noise_multiplier)
+    model_config = dataclasses.replace(config, model=text_model_config(config, plan.layers, plan.target_modules))
+    prior = table.privacy["history"] if table.privacy else []
+    out = []
+    for k, column in enumerate(state.text_columns):
+        context = context_of(state.schema, state.text_columns, column)
+        codec = text_codec(state.schema, column, context, tokenizer)
+        sequences, starts = text_starts(codec, rows)
+        model = build_model(model_config, codec, device)
+        folder = checkpoints and checkpoints.child(f"text-{k}")
+        result = train(model, sequences, tokenizer.pad_token_id, text_train_config(config.train, plan), privacy,
+                       device, progress=progress, subjects=units.clip_groups(), checkpoints=folder,
+                       metadata_epsilon=state.spend.epsilon, metadata_delta=state.spend.delta, prior=prior,
+                       num_units=state.plan.units, score_from=starts)
+        prior = result.privacy["history"] if result.privacy else prior
+        out.append(TextModel(column, context, codec, model, result, codec.values_cut()))
+    return out
+
+
+def finish_checkpoints(checkpoints: Checkpoints | None) -> None:
+    """Every model is out: a checkpoint of one would resume without the steps taken since."""
+    if checkpoints and process_rank()[0] == 0:
+        shutil.rmtree(checkpoints.folder, ignore_errors=True)
 
 
 def row_orders(codec: RowCodec, rows: pd.DataFrame, config: RunConfig) -> list[list[int]]:
@@ -304,18 +370,21 @@ def row_orders(codec: RowCodec, rows: pd.DataFrame, config: RunConfig) -> list[l
             for h in unit_hashes(rows, config.train.seed, "column order")]
 
 
-def privacy_record(config: RunConfig, state: RunState, training: TrainResult, unit: dict) -> dict:
-    """privacy.json: under DP the accountant's record, the settings and where each column's
-    metadata came from, the privacy unit (`unit`: what the training units say of it) and its DP
+def privacy_record(config: RunConfig, state: RunState, spent: dict | None, unit: dict,
+                   models: list[dict] | None = None) -> dict:
+    """privacy.json: under DP the accountant's record (`spent`: `accounting`, every model's steps
+    composed) and, with text models, what each model trained (`models`), the settings and where
+    each column's metadata came from, the privacy unit (`unit`: what the training units say of it) and its DP
     count, the quantities treated as public, and which files of the run are released and which
     are private diagnostics; without DP the metadata sources and the files."""
     metadata = {c.name: c.source for c in state.schema.columns}
     release = {"release": dict(RELEASE), "private_diagnostics": {"note": PRIVATE_NOTE, **PRIVATE_DIAGNOSTICS}}
     p = config.privacy
+    models_part = {"models": models} if models else {}
     if not p.enabled:
-        return {"dp": False, "metadata_sources": metadata, **release}
+        return {"dp": False, "metadata_sources": metadata, **models_part, **release}
     unit = dict(unit)
-    record = {"dp": True, **training.privacy, "max_grad_norm": p.max_grad_norm,
+    record = {"dp": True, **spent, "max_grad_norm": p.max_grad_norm,
               "metadata_estimated_under_dp": state.spend.estimated,
               "metadata_user_given": [c.name for c in state.schema.columns if c.source == "user"],
               "privacy_unit": unit.pop("privacy_unit"), "neighbouring": NEIGHBOURS,
@@ -327,7 +396,37 @@ def privacy_record(config: RunConfig, state: RunState, training: TrainResult, un
     if state.canaries is not None:  # random records, also sampling units: q counts those that train
         record["audit_canaries"] = {"drawn": len(state.canaries), "training": int(sum(state.canary_included)),
                                     "rows_each": config.audit.canary_repeats}
-    return {**record, **unit}
+    return {**record, **models_part, **unit}
+
+
+def accounting(table: TrainResult, text_models: list[TextModel]) -> dict | None:
+    """The accountant's record a run reports: the last model's (its history holds every model's
+    steps: the total epsilon and delta), with the table model's noise, rate and statistics rounds
+    and every model's DP-SGD steps counted (`models_trained` says each one's)."""
+    if not text_models or not table.privacy:
+        return table.privacy
+    last = text_models[-1].training.privacy
+    totals = ("epsilon", "training_epsilon", "delta", "training_delta", "metadata_epsilon", "metadata_delta",
+              "max_epsilon", "history")
+    return {**table.privacy, **{k: last[k] for k in totals},
+            "steps": table.privacy["steps"] + sum(t.training.privacy["steps"] for t in text_models)}
+
+
+def models_trained(state: RunState, table: TrainResult, text_models: list[TextModel]) -> list[dict] | None:
+    """What each model of a run with text models wrote and trained (privacy.json's `models`):
+    under DP its steps, noise and sampling rate and the total epsilon after it; None without text
+    models."""
+    if not text_models:
+        return None
+
+    def trained(result: TrainResult) -> dict:
+        a = result.privacy
+        return {"steps": result.steps} if not a else {
+            "steps": a["steps"], "noise_multiplier": a["noise_multiplier"], "sample_rate": a["sample_rate"],
+            "epsilon_after": a["epsilon"], "max_epsilon": a["max_epsilon"]}
+    return [{"model": "table", "columns": state.table_schema.names, **trained(table)},
+            *({"model": "text", "column": t.column, "prompt": t.context, "folder": f"text_models/{k}",
+               **trained(t.training)} for k, t in enumerate(text_models))]
 
 
 def from_rank0(compute):

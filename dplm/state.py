@@ -9,7 +9,7 @@ instead of drawing it again: nothing estimated from the data is drawn, or charge
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 
@@ -17,6 +17,7 @@ from dplm.histories import HistoryBounds
 from dplm.marginals import Marginals
 from dplm.planner import MachineSpeed, TrainingPlan
 from dplm.schema import MetadataSpend, Schema
+from dplm.text_model import TextPlan
 
 
 @dataclass
@@ -33,6 +34,19 @@ class RunState:
     marginals: Marginals | None = None  # the table's statistics (noisy under DP)
     count: int | None = None  # under DP the DP count of the training units (the exact one is never released)
     canary_included: list[bool] | None = None  # which canaries train (secret coins; the others are the audit's)
+    text_columns: list[str] = field(default_factory=list)  # written by their own text models (`text_model`)
+    text_speed: MachineSpeed | None = None  # what sized the text models' compute budget
+    text_plan: TextPlan | None = None
+
+    @property
+    def table_schema(self) -> Schema:
+        """The columns the table model writes: all but the text columns with their own models."""
+        return self.schema.without(self.text_columns)
+
+    @property
+    def table_user_schema(self) -> Schema:
+        """The user's schema of the table model's columns (what its plan and statistics read)."""
+        return self.user_schema.without(self.text_columns)
 
     def training_canaries(self) -> pd.DataFrame:
         """The canaries that train."""
@@ -46,7 +60,9 @@ class RunState:
                 "plan": None if self.plan is None else self.plan.to_dict(),
                 "speed": None if self.speed is None else dataclasses.asdict(self.speed),
                 "marginals": None if self.marginals is None else self.marginals.to_dict(),
-                "count": self.count, "canary_included": self.canary_included}
+                "count": self.count, "canary_included": self.canary_included, "text_columns": self.text_columns,
+                "text_speed": None if self.text_speed is None else dataclasses.asdict(self.text_speed),
+                "text_plan": None if self.text_plan is None else self.text_plan.to_dict()}
 
     @classmethod
     def from_dict(cls, values: dict) -> RunState:
@@ -69,4 +85,7 @@ class RunState:
                    MachineSpeed(**speed) if isinstance(speed, dict) else None,
                    values.get("marginals") and Marginals.from_dict(values["marginals"]), values.get("count"),
                    # before the coins every canary trained
-                   values.get("canary_included", None if canaries is None else [True] * len(canaries)))
+                   values.get("canary_included", None if canaries is None else [True] * len(canaries)),
+                   values.get("text_columns", []),
+                   values.get("text_speed") and MachineSpeed(**values["text_speed"]),
+                   values.get("text_plan") and TextPlan.from_dict(values["text_plan"]))

@@ -119,6 +119,13 @@ def row_losses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return (token_loss * mask).sum(1) / (mask.sum(1).clamp(min=1) if unit_tokens is None else unit_tokens)
 
 
+def scored_mask(attention_mask: torch.Tensor, starts: list[int]) -> torch.Tensor:
+    """The real tokens of each row from its start position on (a 0/1 mask like `attention_mask`)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    starts = torch.tensor(starts, device=attention_mask.device)[:, None]
+    return attention_mask * (positions[None, :] >= starts).to(attention_mask.dtype)
+
+
 def planned_steps(num_units: int, cfg) -> tuple[int | None, str]:
     """Steps a run plans over `num_units` sampling units, and which limit sets them; `cfg` holds
     `batch_size`, `max_epochs` and `max_steps` (a `TrainConfig`, or a `planner.TrainingPlan`)."""
@@ -166,6 +173,14 @@ class Checkpoints:
     def path(self) -> Path:
         return Path(self.folder) / "checkpoint.pt"
 
+    def child(self, name: str) -> Checkpoints:
+        """The checkpoints of a model trained after this one (a text model), in the folder `name`
+        inside this one: resumed when it holds one (a run stopped before that model's first
+        checkpoint starts it again: its steps left no output)."""
+        folder = Path(self.folder) / name
+        return Checkpoints(folder, self.every, self.resume and (folder / "checkpoint.pt").exists(), self.key,
+                           self.run_state)
+
     def load(self) -> dict | None:
         """The checkpoint to resume from (None for a fresh run); refuses to silently restart."""
         if self._loaded is not None:
@@ -201,7 +216,8 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
           checkpoints: Checkpoints | None = None, metadata_epsilon: float = 0.0,
           metadata_delta: float = 0.0, masks: GrammarMasks | None = None,
           log_step: Callable[[dict], None] | None = None, prior: list | None = None,
-          unit_tokens: float | None = None, num_units: int | None = None) -> TrainResult:
+          unit_tokens: float | None = None, num_units: int | None = None,
+          score_from: list[int] | None = None) -> TrainResult:
     """Train the trainable (LoRA) parameters of `model` in place; returns what was done.
 
     `subjects` lists the row indexes of each privacy unit (default: every row is its own).
@@ -219,7 +235,8 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
     mean: a mean would weigh the end of a 1-row history as much as the whole of a 20-row one, and
     the model would learn to end histories early. Under DP `num_units` is the public count of
     units (their DP count) that the sampling rate and an epoch's steps are sized by; the exact
-    count is never used (default: the count of `subjects`).
+    count is never used (default: the count of `subjects`). With `score_from` (a text model: its
+    prompt is given when it samples) a sequence's loss is over its tokens from that position on.
 
     With `cfg.early_stopping` (without DP only) a tenth of the rows (at most
     `MAX_VALIDATION_ROWS`) is held back: their mean loss is measured every half epoch (and at
@@ -299,6 +316,16 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
         step, rows_seen, tokens_seen = saved["step"], saved["rows_seen"], saved["tokens_seen"]
         seconds_before, log = saved["seconds"], saved["log"]
     early = {"best": math.inf, "weights": None, "since": 0, "best_step": 0, **((saved or {}).get("early") or {})}
+
+    def save_checkpoint() -> None:
+        checkpoints.save({
+            "step": step, "rows_seen": rows_seen, "tokens_seen": tokens_seen, "seconds": time.perf_counter() - start,
+            "log": log, "trainable": trainable_snapshot(model), "optimizer": base_optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+            "accountant_history": list(budget.accountant.history) if budget else None,
+            "epsilon": budget.epsilon() if budget else None, "early": early if validation else None,
+        })
+
     eval_every = min(EVAL_EVERY_STEPS, max(1, num_rows // max(1, 2 * cfg.batch_size)))
     resumed_from = step
     model.train()
@@ -335,7 +362,7 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
             batch_rows = sum(len(g) for g in groups)
             loss = _logical_step(forward_model, optimizer, groups[rank::world], batch_rows, sequences, pad_id,
                                  cfg.micro_batch_size, device, private, params, target_index, world, masks,
-                                 unit_tokens)
+                                 unit_tokens, score_from)
             scheduler.step()
             if budget:
                 budget.step()
@@ -361,13 +388,10 @@ def train(model, sequences: list[list[int]], pad_id: int, cfg: TrainConfig, priv
             bar.set_postfix({k: f"{entry[k]:.3g}" for k in ("loss", "epsilon", "rows_per_s") if entry.get(k) is not None})
             bar.update(1)
             if checkpoints and rank == 0 and step % checkpoints.every == 0:
-                checkpoints.save({
-                    "step": step, "rows_seen": rows_seen, "tokens_seen": tokens_seen, "seconds": elapsed, "log": log,
-                    "trainable": trainable_snapshot(model), "optimizer": base_optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
-                    "accountant_history": list(budget.accountant.history) if budget else None,
-                    "epsilon": budget.epsilon() if budget else None, "early": early if validation else None,
-                })
+                save_checkpoint()
+        # The last steps too: a model trained after this one (a text model) resumes from here.
+        if checkpoints and rank == 0 and (step % checkpoints.every or step == 0):
+            save_checkpoint()
     finally:
         bar.close()
     if private:
@@ -404,9 +428,13 @@ def check_resumed_budget(budget: PrivacyBudget) -> None:
     """A resumed run goes on as its checkpoint's steps went (the same statistics rounds, noise
     and sampling rate), below its cap: else a one-line error, never a record of settings the
     run did not use or an epsilon past the cap."""
-    history = budget.accountant.history
-    before, steps = history[: len(budget.prior)], history[len(budget.prior):]
-    if [tuple(h) for h in before] != budget.prior or any(
+    history, prior = [tuple(h) for h in budget.accountant.history], budget.prior
+    before, steps = history[: len(prior)], history[len(prior):]
+    # The accountant adds a step to the last entry when it shares its noise and rate: a text model
+    # at the noise and rate of the model before it (their prior's last entry) grows that entry.
+    grown = bool(prior) and before[:-1] == prior[:-1] and before[-1][:2] == prior[-1][:2] \
+        and before[-1][2] >= prior[-1][2]
+    if (before != prior and not grown) or any(
             (noise, rate) != (budget.noise_multiplier, budget.sample_rate) for noise, rate, _ in steps):
         ran = sorted({(noise, rate) for noise, rate, _ in steps})
         raise DplmError(f"resume: the checkpoint's steps ran at (noise, sampling rate) {ran} and the resumed run would "
@@ -511,7 +539,7 @@ def _pack(groups: list[list[int]], size: int, sequences=None) -> list[list[list[
 
 def _logical_step(model, optimizer, groups, batch_rows, sequences, pad_id, micro_batch_size, device, dp: bool,
                   params, target_index, world: int, masks: GrammarMasks | None = None,
-                  unit_tokens: float | None = None) -> float | None:
+                  unit_tokens: float | None = None, score_from: list[int] | None = None) -> float | None:
     """One optimizer step. This process computes the rows of `groups` (its share of a
     logical batch of `batch_rows` rows; one group per privacy unit) in micro-batches.
     Returns the mean row loss over the whole logical batch."""
@@ -527,7 +555,8 @@ def _logical_step(model, optimizer, groups, batch_rows, sequences, pad_id, micro
         ids, mask = pad_batch([sequences[r] for r in rows], pad_id, device)
         allowed = masks.of(rows, ids.shape[1], device) if masks else None
         with models.training_attention(device, ids.shape[1]):
-            losses = row_losses(model, ids, mask, target_index, allowed, unit_tokens=unit_tokens)
+            scored = None if score_from is None else scored_mask(mask, [score_from[r] for r in rows])
+            losses = row_losses(model, ids, mask, target_index, allowed, scored, unit_tokens)
         total += float(losses.detach().sum())
         if dp:
             # Opacus wants the micro-batch mean; it rescales per-row gradients by the batch size.

@@ -62,6 +62,9 @@ RELEASE = {
     "history.json": ("histories: which columns are the subject's and which its rows', the ordering column and the "
                      "history cap and the subject counts calibrated sampling follows (without DP exact, per rows and span; "
                      "under DP per rows, DP-estimated and counted in epsilon)"),
+    "text_models": ("a LoRA adapter per text column with its own model (`text_models/<k>/adapter`): trained by DP-SGD "
+                    "(covered by epsilon under DP, composed with the table model's steps)"),
+    "text_models.json": "which column each text model writes, its prompt's columns and the text plan (public quantities)",
 }
 # What stays in the run directory: for the data owner, not covered by epsilon.
 PRIVATE_DIAGNOSTICS = {
@@ -144,6 +147,11 @@ class RunDirectory:
             # The base (its value-token rows included) is rebuilt from the schema at load: save LoRA only.
             synth.model.save_pretrained(tmp / "adapter", save_embedding_layers=False)
             synth.tokenizer.save_pretrained(tmp / "tokenizer")
+            for k, text_model in enumerate(synth.text_models):
+                text_model.model.save_pretrained(tmp / "text_models" / str(k) / "adapter", save_embedding_layers=False)
+            if synth.text_models:
+                files.write_json("text_models.json", {"plan": synth.text_plan.to_dict(),
+                                                      "models": [t.layout() for t in synth.text_models]})
             synth.schema.to_yaml(tmp / "schema.yaml")
             files.write_text("config.yaml", yaml.safe_dump(synth.config.to_dict(), sort_keys=False))
             files.write_json("privacy.json", synth.privacy_record)
@@ -167,6 +175,9 @@ class RunDirectory:
                 info = {k: v for k, v in vars(synth.training).items() if k not in ("privacy", "log")}
                 info["rows_per_second"] = synth.training.rows_per_second
                 info["text_values_cut"] = synth.values_cut
+                if synth.text_models:
+                    info["text_models"] = [{k: v for k, v in vars(t.training).items() if k not in ("privacy", "log")}
+                                           for t in synth.text_models if t.training]
                 if synth.pretraining:  # the first stage, on rows drawn from the statistics
                     info["pretraining"] = {k: v for k, v in vars(synth.pretraining).items()
                                            if k not in ("privacy", "log")}
@@ -237,15 +248,15 @@ def manifest(privacy: dict, files: list[str], run_name: str) -> str:
                   f"{privacy['privacy_unit']}; neighbouring datasets: {privacy['neighbouring']}.", "",
                   "Covered by epsilon (derived from the private rows only through DP mechanisms):"]
         estimated = privacy.get("metadata_estimated_under_dp") or {}
-        covered = {n: RELEASE[n] for n in ("adapter", "synthetic.csv", "synthetic_subjects.csv", "statistics.json",
-                                           "history.json")}
+        covered = {n: RELEASE[n] for n in ("adapter", "text_models", "synthetic.csv", "synthetic_subjects.csv",
+                                           "statistics.json", "history.json")}
         lines += [f"- `{n}`: {why}" for n, why in covered.items() if n in files]
         if estimated:
             lines.append("- `schema.yaml`: the DP-estimated metadata of " + ", ".join(
                 f"{c} ({', '.join(f)})" for c, f in estimated.items()))
         lines += ["", "Public (given by the user, from the pretrained model, or treated as public):"]
-        lines += [f"- `{n}`: {RELEASE[n]}" for n in ("tokenizer", "config.yaml", "plan.json", "privacy.json")
-                  if n in files]
+        lines += [f"- `{n}`: {RELEASE[n]}" for n in ("tokenizer", "config.yaml", "plan.json", "text_models.json",
+                                                     "privacy.json") if n in files]
         if privacy.get("metadata_user_given"):
             lines.append("- `schema.yaml`: the user-given metadata of " + ", ".join(privacy["metadata_user_given"]))
         lines += [f"- {name.replace('_', ' ')}: {why}" for name, why in privacy.get("public_quantities", {}).items()]

@@ -45,7 +45,9 @@ def main() -> int:
 
     out = Path(args.out)
     config = load_recipe(args.recipe, [*args.overrides, f"output_dir={out / 'run'}", "output_csv=null"])
+    started = time.perf_counter()
     synth = Synthesizer.fit(config=config, progress=False)
+    fit_seconds = time.perf_counter() - started
     count = args.rows
     if synth.is_history:  # as many subjects as the holdout has
         from dplm.data import load_table
@@ -75,7 +77,9 @@ def main() -> int:
         "trtr_accuracy": scores.get("utility", {}).get("trtr", {}).get("accuracy"),
         "epsilon": p.get("epsilon"), "delta": p.get("delta"), "accountant": p.get("accountant"),
         "steps": t.steps, "epochs": t.epochs, "train_seconds": t.seconds, "train_rows_per_s": t.rows_per_second,
-        "sample_seconds": sample_seconds, "sample_rows_per_s": len(rows) / sample_seconds,
+        "fit_seconds": fit_seconds, "sample_seconds": sample_seconds, "sample_rows_per_s": len(rows) / sample_seconds,
+        "text_models": [{"column": m.column, "steps": m.training.steps, "seconds": m.training.seconds,
+                         "rows_per_s": m.training.rows_per_second} for m in synth.text_models],
         "valid_rate": stats.valid_rate,
         "text": scores.get("text", {}),
         "histories": scores.get("histories"),
@@ -87,12 +91,19 @@ def main() -> int:
     eps = "no DP" if result["epsilon"] is None else f"epsilon {result['epsilon']:.3f} ({result['accountant']})"
     tstr = "" if result["tstr_accuracy"] is None else \
         f", TSTR {result['tstr_accuracy']:.3f} (real {result['trtr_accuracy']:.3f})"
+    def figure(value) -> str:  # a table of one or two non-text columns has no bi- or trivariate figure
+        return "-" if value is None else f"{value:.4f}"
+
     print(f"{args.recipe} {' '.join(args.overrides)}\n"
-          f"accuracy {a['overall']:.4f} (uni {a['univariate']:.4f}, bi {a['bivariate']:.4f}, tri {a['trivariate']:.4f}; "
+          f"accuracy {figure(a['overall'])} (uni {figure(a['univariate'])}, bi {figure(a['bivariate'])}, "
+          f"tri {figure(a['trivariate'])}; "
           f"holdout {result['holdout_accuracy']:.4f}), discriminator AUC {result['discriminator_auc']:.3f}, "
           f"DCR share {result['dcr_share']:.3f}{tstr}; {eps}\n"
-          f"training {t.steps} steps, {t.epochs:.2f} epochs, {t.seconds:.0f} s ({t.rows_per_second:.1f} rows/s); "
-          f"sampling {len(rows)} rows in {sample_seconds:.0f} s ({result['sample_rows_per_s']:.1f} rows/s)")
+          f"training {t.steps} steps, {t.epochs:.2f} epochs, {t.seconds:.0f} s ({t.rows_per_second:.1f} rows/s)"
+          + "".join(f", text model '{m.column}' {m.training.steps} steps, {m.training.seconds:.0f} s "
+                    f"({m.training.rows_per_second:.1f} rows/s)" for m in synth.text_models) + "; "
+          f"sampling {len(rows)} rows in {sample_seconds:.0f} s ({result['sample_rows_per_s']:.1f} rows/s); "
+          f"fit {fit_seconds:.0f} s in all")
     h = result["histories"]
     if h:
         syn, hol = h["synthetic"], h["holdout"]
@@ -111,7 +122,8 @@ def main() -> int:
                   f"majority {text['context_majority_share']:.3f})" if text.get("context") else ""
         print(f"text '{column}': discriminator AUC {syn['discriminator_auc']:.3f} (real {ref['discriminator_auc']:.3f})"
               f"{context}, verbatim training texts {syn['verbatim_training_share']:.3f} (holdout "
-              f"{ref['verbatim_training_share']:.3f}), length accuracy {syn['length_accuracy']:.3f}")
+              f"{ref['verbatim_training_share']:.3f}), length accuracy {syn['length_accuracy']:.3f}, known words "
+              f"{syn['known_word_share']:.3f} (real {ref['known_word_share']:.3f})")
     return 0
 
 

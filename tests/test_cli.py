@@ -218,7 +218,8 @@ def test_text_recipes_end_to_end(tmp_path, capsys, recipe, given):
     run = tmp_path / "run"
     assert main(["train", str(ROOT / "recipes" / recipe), f"data.source={source}", f"output_dir={run}",
                  "output_csv=null", "model.base=tiny-random", f"data.sample_fraction={fraction}", "train.max_steps=2",
-                 "train.max_training_time=null", "train.batch_size=16", "sample.num_rows=4", "-q"]) == 0
+                 "train.max_training_time=null", "train.batch_size=16", "text.max_steps=2", "text.batch_size=16",
+                 "sample.num_rows=4", "-q"]) == 0
     out = capsys.readouterr().out
     # Even a random model writes only valid rows (the grammar tracks a text's escapes); twice the
     # rows asked for, of which the calibration to the statistics keeps 4.

@@ -153,3 +153,14 @@ def test_real_floats_are_compared_at_the_schemas_precision():
                                            "n": {"kind": "integer", "min": 0, "max": 9}}})
     out = align_types(pd.DataFrame({"wage": [1.19754, "-0.004", None], "n": [3, 4, 5]}), schema)
     assert out["wage"].tolist()[:2] == [1.2, -0.0] and np.isnan(out["wage"][2]) and out["n"].tolist() == [3, 4, 5]
+
+
+def test_fluency_is_the_share_of_words_in_the_public_word_list():
+    from dplm.evaluate import known_word_share, word_list
+
+    words = word_list()
+    assert {"beautiful", "flat", "london", "room"} <= words and "painking" not in words
+    texts = pd.Series(["Beautiful flat in London", "Smith Painking with a Cotopipenton", "42 !!"])
+    # words of two or more letters: beautiful flat in london / smith painking with cotopipenton
+    assert known_word_share(texts, words) == pytest.approx(6 / 8)
+    assert known_word_share(pd.Series(["42 !!"]), words) is None

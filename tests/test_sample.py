@@ -313,3 +313,12 @@ def test_calibration_defaults_to_two_for_rows_and_four_for_histories():
     config.sample.calibration = 0.5
     with pytest.raises(DplmError, match="sample.calibration must be >= 1"):
         config.validate()
+
+
+def test_nucleus_keeps_the_most_likely_tokens_up_to_top_p():
+    from dplm.sample import nucleus
+
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.0, 0.9, 0.1, 0.0]])
+    assert torch.allclose(nucleus(probs, 0.8), torch.tensor([[0.625, 0.375, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]]))
+    assert torch.allclose(nucleus(probs, 1.0), probs)  # everything allowed stays (forbidden tokens keep 0)
+    assert torch.allclose(nucleus(probs, 0.1), torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]]))
