@@ -162,10 +162,12 @@ class TextConfig:
     batch_size: int | None = None
     learning_rate: float | None = None
     max_steps: int | None = None
-    time_budget: float | None = None  # seconds of training for all text models (default: 1,400 DP, 660 without)
+    time_budget: float | None = None  # seconds of training for all text models (default: 1,300 DP, 660 without)
     epsilon_share: float | None = None  # the text models' share of the training budget (zCDP rho; default 0.6)
     noise_multiplier: float | None = None  # DP: default the smallest that keeps the run within privacy.max_epsilon
-    top_p: float = 1.0  # sampling: each text token from the smallest set of tokens holding this share of the probability
+    # Sampling: each text token from the smallest set of tokens holding this share of the probability
+    # (London DP: title AUC 0.749 -> 0.721, words in a public word list 0.865 -> 0.886, real 0.874)
+    top_p: float = 0.9
 
 
 SEED_NOISE_MULTIPLIERS = [0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0, 8.0, 16.0, 32.0]

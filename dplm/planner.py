@@ -153,7 +153,7 @@ def micro_batch_size(tokens: int, text: bool = False) -> int:
 
 
 def machine_speed(config: RunConfig, schema, device, unit_rows: float | None = None,
-                  micro: int | None = None) -> MachineSpeed | None:
+                  micro: int | None = None, tokens: int | None = None) -> MachineSpeed | None:
     """This machine's training speed for `config`'s model on rows as long as `schema`'s (a
     unit of `unit_rows` rows for histories), DP-SGD and without, for the DP compute budget:
     None where it does not apply (no DP, `train.budget_rows` given, or the batch and the steps,
@@ -161,13 +161,13 @@ def machine_speed(config: RunConfig, schema, device, unit_rows: float | None = N
     layer of `PROBE_OUTPUT_TOKENS` tokens (all of them for text), then read from
     `cache_dir()/speed.json` for `SPEED_VALID_SECONDS`, so a plan and its run see the same
     figure (delete the file to measure again, e.g. after measuring on busy cores). `micro`: the
-    rows a forward pass takes (default `micro_batch_size`)."""
+    rows a forward pass takes (default `micro_batch_size`), `tokens` a row's (default: the schema's)."""
     t, m = config.train, config.model
     sized = t.batch_size is not None and (t.max_steps is not None or t.max_epochs is not None)  # no budget needed
     if not config.privacy.enabled or sized or t.budget_rows is not None or t.dp_time_budget is None \
             or process_rank()[1] > 1:
         return None
-    tokens = unit_tokens(schema, unit_rows)
+    tokens = tokens or unit_tokens(schema, unit_rows)
     texts = any(c.kind == "text" for c in schema.columns)
     micro = micro or micro_batch_size(tokens, texts)
     # No host name: plan.json, which holds the key, is released (the cache lives on this machine anyway).

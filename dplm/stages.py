@@ -309,8 +309,8 @@ def plan_texts(config: RunConfig, table: RunConfig, units: TrainingUnits, state:
     """The text models' plan (`text_model.plan_text`) for the recipe `config`, after the table
     model's (`table`: the recipe as the table model runs it): the accountant's prior is the table
     model's planned spend (its statistics' rounds and the DP-SGD steps its cap lets it take). The
-    text caps are the completed schema's (user-given or DP-estimated). A resumed run keeps its
-    checkpoint's. Writes the state's text plan."""
+    schema is the user's (public: the text speed was measured on its rows). A resumed run keeps
+    its checkpoint's. Writes the state's text plan."""
     if not state.text_columns or state.text_plan is not None:
         return
     plan, p = state.plan, config.privacy
@@ -319,8 +319,8 @@ def plan_texts(config: RunConfig, table: RunConfig, units: TrainingUnits, state:
                              planned_steps(plan.units, plan)[0] or 0, p.delta - state.spend.delta, p.accountant,
                              table.privacy.max_epsilon, state.spend.epsilon) if plan.dp else 0
     prior = table_history(statistics, plan.noise_multiplier, plan.batch_size / plan.units, steps)
-    state.text_plan = plan_text(config, plan.units, state.schema, state.text_columns, prior, state.spend.epsilon,
-                                state.spend.delta, state.text_speed)
+    state.text_plan = plan_text(config, plan.units, state.user_schema, state.text_columns, prior,
+                                state.spend.epsilon, state.spend.delta, state.text_speed)
 
 
 def train_text_models(units: TrainingUnits, state: RunState, table: TrainResult, config: RunConfig, device,

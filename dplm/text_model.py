@@ -36,17 +36,16 @@ from dplm.planner import (
     machine_speed,
     micro_batch_size,
     rho_of,
-    unit_tokens,
 )
 from dplm.privacy import calibrate_noise
 from dplm.sample import sample_rows
-from dplm.schema import Schema
+from dplm.schema import Column, Schema
 from dplm.serialize import RowCodec
 from dplm.train import TrainResult
 
 # The split and the settings, measured on London's titles (docs/benchmarks.md, issue 38).
 TEXT_RHO_SHARE = 0.6  # the text models' share of the training budget (zCDP rho); the table model's the rest
-DP_TEXT_SECONDS = 1400.0  # DP-SGD seconds of all text models together (text.time_budget)
+DP_TEXT_SECONDS = 1300.0  # DP-SGD seconds of all text models together (text.time_budget)
 # A text's tokens are taken as this share of its cap when sizing the time (the lengths are private;
 # London's titles average ~12 tokens of a 32-token cap).
 TEXT_SHARE_OF_CAP = 0.5
@@ -56,6 +55,7 @@ TABLE_NODP_SECONDS = 360.0  # ... and its train.max_training_time without DP
 DP_TEXT_LEARNING_RATE, NODP_TEXT_LEARNING_RATE = 0.01, 0.001
 DP_TEXT_TARGETS = ["q_proj", "v_proj"]  # fewer weights: the noise, growing with their number, drowns less
 NODP_TEXT_BATCH = 32
+NODP_TEXT_EPOCHS = 2.0  # without DP at most this many passes (London: 0.3 in its time; small tables: not 10)
 DEFAULT_TEXT_BUDGET_ROWS = 40_000  # DP rows of a text model when no speed sizes them (the noise is given)
 
 
@@ -155,19 +155,31 @@ def text_codec(schema: Schema, column: str, context: list[str], tokenizer) -> Ro
     return RowCodec(Schema([schema[n] for n in [*context, column]]), tokenizer, value_tokens=False)
 
 
-def text_schema(schema: Schema, texts: list[str], share: float = 1.0) -> Schema:
-    """The text models' longest row: a prompt of every other column and the longest text cap
-    (its memory sizes their micro-batches); with `share` its text at that share of the cap (the
-    typical row, for the time: `TEXT_SHARE_OF_CAP`)."""
+def plain_tokens(col: Column, share: float) -> int:
+    """About the tokens a value of `col` takes in plain tokens, from the schema alone: a category
+    its names' mean length at ~4 characters a token, a number a token a digit (SmolLM2 splits
+    digits), a text `share` of its cap."""
+    if col.kind == "text":
+        return max(1, round((col.max_tokens or 32) * share))
+    if col.kind == "categorical" and col.categories:
+        return max(1, round(sum(len(str(c)) for c in col.categories) / len(col.categories) / 4))
+    if col.kind in ("integer", "float") and col.max is not None:
+        return len(str(col.max)) + (col.precision or 0) + 1
+    return 4
+
+
+def text_row_tokens(schema: Schema, texts: list[str], share: float = 1.0) -> int:
+    """Tokens of the text models' longest row: a prompt of every other column (each value then a
+    separator) and the longest text at `share` of its cap (1: the longest rows, whose logits size
+    the micro-batches; `TEXT_SHARE_OF_CAP`: the typical row, for the time)."""
     longest = max(texts, key=lambda n: schema[n].max_tokens or 0)
-    cap = schema[longest].max_tokens
-    typical = dataclasses.replace(schema[longest], max_tokens=cap and max(1, round(cap * share)))
-    return Schema([schema[n] for n in context_of(schema, texts, longest)] + [typical])
+    prompt = sum(plain_tokens(schema[n], TEXT_SHARE_OF_CAP) + 1 for n in context_of(schema, texts, longest))
+    return 2 + prompt + plain_tokens(schema[longest], share)
 
 
 def text_micro_batch(schema: Schema, texts: list[str]) -> int:
     """Rows a text model's forward pass takes: its longest rows' logits within memory."""
-    return micro_batch_size(unit_tokens(text_schema(schema, texts), None), text=True)
+    return micro_batch_size(text_row_tokens(schema, texts), text=True)
 
 
 def text_model_config(config: RunConfig, layers: int | None, targets: list[str]) -> ModelConfig:
@@ -186,8 +198,8 @@ def measure_text_speed(config: RunConfig, schema: Schema, texts: list[str], devi
     targets = t.target_modules or (DP_TEXT_TARGETS if config.privacy.enabled else list(ALL_LINEAR))
     probe = dataclasses.replace(config, model=text_model_config(config, t.layers, targets),
                                 train=dataclasses.replace(config.train, batch_size=None, budget_rows=None))
-    return machine_speed(probe, text_schema(schema, texts, TEXT_SHARE_OF_CAP), device,
-                         micro=text_micro_batch(schema, texts))
+    return machine_speed(probe, schema, device, micro=text_micro_batch(schema, texts),
+                         tokens=text_row_tokens(schema, texts, TEXT_SHARE_OF_CAP))
 
 
 def plan_text(config: RunConfig, units: int, schema: Schema, texts: list[str], prior: list,
@@ -212,12 +224,15 @@ def plan_text(config: RunConfig, units: int, schema: Schema, texts: list[str], p
     if not p.enabled:
         batch = pick(t.batch_size, NODP_TEXT_BATCH, "batch_size")
         return TextPlan(False, units, batch, min(batch, micro), pick(t.learning_rate, NODP_TEXT_LEARNING_RATE,
-                        "learning_rate"), 10, t.max_steps, 1.0 if t.max_steps is None else None,
+                        "learning_rate"), 10, t.max_steps, NODP_TEXT_EPOCHS if t.max_steps is None else None,
                         None if t.max_steps is not None else seconds, None, t.layers, targets, chosen=chosen)
     budget_rows = max(1, int(seconds * speed.dp_rows_per_second)) if speed else DEFAULT_TEXT_BUDGET_ROWS
     rate = min(MAX_SAMPLE_RATE, max(MIN_SAMPLE_RATE, budget_rows / (DP_TARGET_STEPS * units)))
-    batch = pick(t.batch_size, max(1, min(units, round(rate * units))), "batch_size")
-    steps = pick(t.max_steps, int(min(DP_MAX_STEPS, max(DP_MIN_STEPS, budget_rows // batch))), "max_steps")
+    auto_batch = max(1, min(units, round(rate * units)))
+    steps = pick(t.max_steps, int(min(DP_MAX_STEPS, max(DP_MIN_STEPS, budget_rows // (t.batch_size or auto_batch)))),
+                 "max_steps")
+    # At least DP_MIN_STEPS steps, within the time: a smaller batch where the time holds fewer.
+    batch = pick(t.batch_size, max(1, min(auto_batch, budget_rows // steps)), "batch_size")
     plan = TextPlan(True, units, batch, min(batch, micro), pick(t.learning_rate, DP_TEXT_LEARNING_RATE,
                     "learning_rate"), max(1, min(10, steps // 10)), steps, None, None, t.noise_multiplier,
                     t.layers, targets, budget_rows, chosen)
@@ -273,7 +288,7 @@ class TextModel:
 
 
 def write_texts(text_model: TextModel, rows, batch_size: int, temperature: float, seed: int, device,
-                progress: bool, top_p: float = 1.0):
+                progress: bool, top_p: float):
     """The text model's texts for `rows` (a DataFrame holding its prompt's columns), one each, in
     their order: the prompt given, the text drawn under the grammar (ordinary tokens only), with
     nucleus sampling at `top_p`."""

@@ -21,7 +21,8 @@ def test_export_holds_only_what_may_be_shared(tmp_path):
     run_dir = synth.save(tmp_path / "run", synthetic=synth.sample(20, progress=False))
     (run_dir / "audit.json").write_text("{}")
     out = dplm.export_run(run_dir, tmp_path / "shared")
-    assert {p.name for p in out.iterdir()} == set(RELEASE) - {"synthetic_subjects.csv", "history.json"} | {"MANIFEST.md"}  # flat
+    histories_and_texts = {"synthetic_subjects.csv", "history.json", "text_models", "text_models.json"}
+    assert {p.name for p in out.iterdir()} == set(RELEASE) - histories_and_texts | {"MANIFEST.md"}  # flat rows
     assert not set(PRIVATE_DIAGNOSTICS) & {p.name for p in out.iterdir()}
     privacy = json.loads((out / "privacy.json").read_text())
     assert privacy["privacy_unit"] == "subject (column 'person')" and "num_training_rows" not in privacy
@@ -44,7 +45,7 @@ def test_export_holds_only_what_may_be_shared(tmp_path):
     with pytest.raises(dplm.DplmError, match="already exists; give a new folder"):
         dplm.export_run(run_dir, out)
     shared = synth.export(tmp_path / "from_api")
-    assert {p.name for p in shared.iterdir()} == set(RELEASE) - {"synthetic.csv", "synthetic_subjects.csv", "history.json"} | {"MANIFEST.md"}
+    assert {p.name for p in shared.iterdir()} == set(RELEASE) - histories_and_texts - {"synthetic.csv"} | {"MANIFEST.md"}
 
 
 def test_a_folder_that_is_not_a_run_is_refused(tmp_path):
