@@ -56,6 +56,7 @@ class ModelConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
+    lora_layers: int | None = None  # LoRA on the last N transformer layers only (None: on all of them)
     precision: str = "auto"  # auto | bf16 | fp32: dtype of the frozen base weights (LoRA stays fp32)
     prune_vocab: bool = True  # output layer scores only the tokens the schema can produce
     value_tokens: bool = True  # one new token per category / small-range integer (see serialize)
@@ -158,11 +159,12 @@ class TextConfig:
 
     models: str = "auto"  # auto: a text model per text column when the table has other columns; joint: one model
     layers: int | None = None  # the text model's base layers (None: all)
-    target_modules: list[str] | None = None  # LoRA targets (default: q_proj, v_proj under DP, every linear without)
+    target_modules: list[str] | None = None  # LoRA targets (default: q_proj, v_proj under DP, every layer's linears without)
+    lora_layers: int | None = None  # LoRA on the text model's last N layers (default: the last half of them)
     batch_size: int | None = None
     learning_rate: float | None = None
     max_steps: int | None = None
-    time_budget: float | None = None  # seconds of training for all text models (default: 1,300 DP, 660 without)
+    time_budget: float | None = None  # seconds of training for all text models (default: 1,100 DP, 780 without)
     epsilon_share: float | None = None  # the text models' share of the training budget (zCDP rho; default 0.6)
     noise_multiplier: float | None = None  # DP: default the smallest that keeps the run within privacy.max_epsilon
     # Sampling: each text token from the smallest set of tokens holding this share of the probability
@@ -257,6 +259,14 @@ class RunConfig:
              "(data.subject_columns), not both"),
             (self.model.precision in ("auto", "bf16", "fp32"), "model.precision must be auto, bf16 or fp32"),
             (self.model.layers is None or self.model.layers >= 1, "model.layers must be >= 1 (or unset for all)"),
+            (self.model.lora_layers is None or self.model.lora_layers >= 1, "model.lora_layers must be >= 1 (or unset for all)"),
+            (not self.model.lora_layers or "lm_head" not in self.model.target_modules,
+             "model.lora_layers puts LoRA on transformer layers, and the output layer is none: take lm_head out of "
+             "model.target_modules"),
+            (self.text.lora_layers is None or self.text.lora_layers >= 1, "text.lora_layers must be >= 1 (or unset)"),
+            (not self.text.lora_layers or "lm_head" not in (self.text.target_modules or []),
+             "text.lora_layers puts LoRA on transformer layers, and the output layer is none: take lm_head out of "
+             "text.target_modules"),
             (self.sample.num_rows >= 1 and self.sample.batch_size >= 1, "sample.num_rows and sample.batch_size must be >= 1"),
             (self.sample.temperature > 0, "sample.temperature must be > 0"),
             (self.sample.given_candidates >= 1, "sample.given_candidates must be >= 1"),

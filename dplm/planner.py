@@ -153,7 +153,7 @@ def micro_batch_size(tokens: int, text: bool = False) -> int:
 
 
 def machine_speed(config: RunConfig, schema, device, unit_rows: float | None = None,
-                  micro: int | None = None, tokens: int | None = None) -> MachineSpeed | None:
+                  micro: int | None = None, tokens: int | None = None, text_from: int | None = None) -> MachineSpeed | None:
     """This machine's training speed for `config`'s model on rows as long as `schema`'s (a
     unit of `unit_rows` rows for histories), DP-SGD and without, for the DP compute budget:
     None where it does not apply (no DP, `train.budget_rows` given, or the batch and the steps,
@@ -161,7 +161,8 @@ def machine_speed(config: RunConfig, schema, device, unit_rows: float | None = N
     layer of `PROBE_OUTPUT_TOKENS` tokens (all of them for text), then read from
     `cache_dir()/speed.json` for `SPEED_VALID_SECONDS`, so a plan and its run see the same
     figure (delete the file to measure again, e.g. after measuring on busy cores). `micro`: the
-    rows a forward pass takes (default `micro_batch_size`), `tokens` a row's (default: the schema's)."""
+    rows a forward pass takes (default `micro_batch_size`), `tokens` a row's (default: the schema's),
+    `text_from` where a text model's loss starts (`train.measure_speed`)."""
     t, m = config.train, config.model
     sized = t.batch_size is not None and (t.max_steps is not None or t.max_epochs is not None)  # no budget needed
     if not config.privacy.enabled or sized or t.budget_rows is not None or t.dp_time_budget is None \
@@ -172,7 +173,8 @@ def machine_speed(config: RunConfig, schema, device, unit_rows: float | None = N
     micro = micro or micro_batch_size(tokens, texts)
     # No host name: plan.json, which holds the key, is released (the cache lives on this machine anyway).
     key = json.dumps([platform.machine(), platform.processor(), str(device), torch.get_num_threads(), m.base, m.layers,
-                      m.precision, m.lora_r, sorted(m.target_modules), m.prune_vocab and not texts, tokens, micro])
+                      m.precision, m.lora_r, sorted(m.target_modules), m.lora_layers, m.prune_vocab and not texts, tokens,
+                      micro, text_from])
     path = models.cache_dir() / "speed.json"
     cached = json.loads(path.read_text()) if path.exists() else {}
     cached = {k: v for k, v in cached.items() if time.time() - v[2] < SPEED_VALID_SECONDS}
@@ -181,9 +183,10 @@ def machine_speed(config: RunConfig, schema, device, unit_rows: float | None = N
         model = models.load_base_model(m.base, vocab_size, models.weight_dtype(m.precision, device), m.layers)
         if m.prune_vocab and not texts:
             models.restrict_output_vocab(model, list(range(min(PROBE_OUTPUT_TOKENS, vocab_size))))
-        model = models.add_lora(model.to(device), m.lora_r, m.lora_alpha, m.lora_dropout, m.target_modules)
-        cached[key] = [measure_speed(model, tokens, micro, device, dp=True),
-                       measure_speed(model, tokens, min(64, micro), device, dp=False), time.time()]
+        model = models.add_lora(model.to(device), m.lora_r, m.lora_alpha, m.lora_dropout, m.target_modules,
+                                m.lora_layers)
+        cached[key] = [measure_speed(model, tokens, micro, device, dp=True, text_from=text_from),
+                       measure_speed(model, tokens, min(64, micro), device, dp=False, text_from=text_from), time.time()]
         path.parent.mkdir(parents=True, exist_ok=True)
         fresh = path.with_suffix(f".{os.getpid()}.tmp")
         fresh.write_text(json.dumps(cached, indent=1))

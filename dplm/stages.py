@@ -249,7 +249,7 @@ def build_model(config: RunConfig, codec, device):
     model = models.base_model(config.model, codec, device)
     torch.manual_seed(config.train.seed)  # LoRA's random init
     m = config.model
-    return models.add_lora(model, m.lora_r, m.lora_alpha, m.lora_dropout, m.target_modules)
+    return models.add_lora(model, m.lora_r, m.lora_alpha, m.lora_dropout, m.target_modules, m.lora_layers)
 
 
 def first_stage(model, codec, state: RunState, rules: Rules | None, config: RunConfig, device,
@@ -333,7 +333,8 @@ def train_text_models(units: TrainingUnits, state: RunState, table: TrainResult,
     plan, rows = state.text_plan, units.statistics_rows()[0]
     tokenizer = models.load_tokenizer(config.model.base)  # plain: the table's value tokens are not the text's
     privacy = dataclasses.replace(config.privacy, noise_multiplier=plan.noise_multiplier)
-    model_config = dataclasses.replace(config, model=text_model_config(config, plan.layers, plan.target_modules))
+    model_config = dataclasses.replace(config, model=text_model_config(config, plan.layers, plan.target_modules,
+                                                                         plan.lora_layers))
     prior = table.privacy["history"] if table.privacy else []
     out = []
     for k, column in enumerate(state.text_columns):

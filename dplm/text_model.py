@@ -21,6 +21,7 @@ with the row's other values given).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from dplm import model as models
@@ -45,15 +46,19 @@ from dplm.train import TrainResult
 
 # The split and the settings, measured on London's titles (docs/benchmarks.md, issue 38).
 TEXT_RHO_SHARE = 0.6  # the text models' share of the training budget (zCDP rho); the table model's the rest
-DP_TEXT_SECONDS = 1300.0  # DP-SGD seconds of all text models together (text.time_budget)
+DP_TEXT_SECONDS = 1100.0  # DP-SGD seconds of all text models together (text.time_budget)
 # A text's tokens are taken as this share of its cap when sizing the time (the lengths are private;
 # London's titles average ~12 tokens of a 32-token cap).
 TEXT_SHARE_OF_CAP = 0.5
-NODP_TEXT_SECONDS = 660.0
-TABLE_DP_SECONDS = 600.0  # the table model's train.dp_time_budget beside text models, at most
+NODP_TEXT_SECONDS = 780.0
+TABLE_DP_SECONDS = 800.0  # the table model's train.dp_time_budget beside text models, at most
 TABLE_NODP_SECONDS = 360.0  # ... and its train.max_training_time without DP
 DP_TEXT_LEARNING_RATE, NODP_TEXT_LEARNING_RATE = 0.01, 0.001
 DP_TEXT_TARGETS = ["q_proj", "v_proj"]  # fewer weights: the noise, growing with their number, drowns less
+NODP_TEXT_TARGETS = [m for m in ALL_LINEAR if m != "lm_head"]  # every layer's linears
+# LoRA on the last half of the layers: backpropagation stops at the first adapted one (London's
+# titles: 1.4x the rows a second under DP, 1.7x without, where the output layer's adapter goes too).
+TEXT_LORA_SHARE = 0.5
 NODP_TEXT_BATCH = 32
 NODP_TEXT_EPOCHS = 2.0  # without DP at most this many passes (London: 0.3 in its time; small tables: not 10)
 DEFAULT_TEXT_BUDGET_ROWS = 40_000  # DP rows of a text model when no speed sizes them (the noise is given)
@@ -105,6 +110,7 @@ class TextPlan:
     noise_multiplier: float | None
     layers: int | None
     target_modules: list[str]
+    lora_layers: int | None = None  # LoRA on the last this many layers (None: all; runs before it was planned)
     budget_rows: int | None = None
     chosen: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -123,6 +129,8 @@ class TextPlan:
         out = [mark("batch_size", f"text batch {self.batch_size}"),
                mark("learning_rate", f"text learning rate {self.learning_rate:g}"),
                mark("target_modules", f"text LoRA on {', '.join(self.target_modules)}"),
+               mark("lora_layers", f"text LoRA on the last {self.lora_layers} layers" if self.lora_layers
+                    else "text LoRA on every layer"),
                f"text model layers {'all' if self.layers is None else self.layers}"]
         if self.max_steps is not None:
             out.append(mark("max_steps", f"text steps {self.max_steps} each"))
@@ -139,6 +147,7 @@ def resolved_text(config: RunConfig, plan: TextPlan | None) -> RunConfig:
         return config
     text = dataclasses.replace(config.text, batch_size=plan.batch_size, learning_rate=plan.learning_rate,
                                max_steps=plan.max_steps, target_modules=list(plan.target_modules),
+                               lora_layers=plan.lora_layers,
                                noise_multiplier=plan.noise_multiplier)
     return dataclasses.replace(config, text=text)
 
@@ -173,8 +182,14 @@ def text_row_tokens(schema: Schema, texts: list[str], share: float = 1.0) -> int
     separator) and the longest text at `share` of its cap (1: the longest rows, whose logits size
     the micro-batches; `TEXT_SHARE_OF_CAP`: the typical row, for the time)."""
     longest = max(texts, key=lambda n: schema[n].max_tokens or 0)
-    prompt = sum(plain_tokens(schema[n], TEXT_SHARE_OF_CAP) + 1 for n in context_of(schema, texts, longest))
-    return 2 + prompt + plain_tokens(schema[longest], share)
+    return 1 + text_start(schema, texts) + plain_tokens(schema[longest], share)
+
+
+def text_start(schema: Schema, texts: list[str]) -> int:
+    """Where the longest text column's text starts in its row, about: after a start token and its
+    prompt (each value then a separator)."""
+    longest = max(texts, key=lambda n: schema[n].max_tokens or 0)
+    return 1 + sum(plain_tokens(schema[n], TEXT_SHARE_OF_CAP) + 1 for n in context_of(schema, texts, longest))
 
 
 def text_micro_batch(schema: Schema, texts: list[str]) -> int:
@@ -182,10 +197,22 @@ def text_micro_batch(schema: Schema, texts: list[str]) -> int:
     return micro_batch_size(text_row_tokens(schema, texts), text=True)
 
 
-def text_model_config(config: RunConfig, layers: int | None, targets: list[str]) -> ModelConfig:
-    """The text models' base model: the recipe's, at `layers` and LoRA on `targets`, the values
-    in plain tokens."""
-    return dataclasses.replace(config.model, layers=layers, target_modules=list(targets), value_tokens=False)
+def text_model_config(config: RunConfig, layers: int | None, targets: list[str], lora_layers: int | None) -> ModelConfig:
+    """The text models' base model: the recipe's, at `layers` and LoRA on `targets` of the last
+    `lora_layers` layers, the values in plain tokens."""
+    return dataclasses.replace(config.model, layers=layers, target_modules=list(targets), lora_layers=lora_layers,
+                               value_tokens=False)
+
+
+def text_adapter(config: RunConfig) -> tuple[list[str], int | None]:
+    """The text models' LoRA targets and how many last layers get them (None: all), the recipe's or
+    by default q and v under DP, every layer's linears without, on the last `TEXT_LORA_SHARE` of the
+    layers (all of them where the targets name the output layer, which is in none)."""
+    t = config.text
+    targets = t.target_modules or (DP_TEXT_TARGETS if config.privacy.enabled else NODP_TEXT_TARGETS)
+    if t.lora_layers is not None or "lm_head" in targets:
+        return list(targets), t.lora_layers
+    return list(targets), math.ceil(models.layer_count(config.model.base, t.layers) * TEXT_LORA_SHARE)
 
 
 def measure_text_speed(config: RunConfig, schema: Schema, texts: list[str], device) -> MachineSpeed | None:
@@ -195,11 +222,10 @@ def measure_text_speed(config: RunConfig, schema: Schema, texts: list[str], devi
     t = config.text
     if not texts or t.max_steps is not None and t.batch_size is not None:
         return None
-    targets = t.target_modules or (DP_TEXT_TARGETS if config.privacy.enabled else list(ALL_LINEAR))
-    probe = dataclasses.replace(config, model=text_model_config(config, t.layers, targets),
+    probe = dataclasses.replace(config, model=text_model_config(config, t.layers, *text_adapter(config)),
                                 train=dataclasses.replace(config.train, batch_size=None, budget_rows=None))
     return machine_speed(probe, schema, device, micro=text_micro_batch(schema, texts),
-                         tokens=text_row_tokens(schema, texts, TEXT_SHARE_OF_CAP))
+                         tokens=text_row_tokens(schema, texts, TEXT_SHARE_OF_CAP), text_from=text_start(schema, texts))
 
 
 def plan_text(config: RunConfig, units: int, schema: Schema, texts: list[str], prior: list,
@@ -218,14 +244,17 @@ def plan_text(config: RunConfig, units: int, schema: Schema, texts: list[str], p
         chosen.append(name)
         return auto
 
-    targets = pick(t.target_modules, DP_TEXT_TARGETS if p.enabled else list(ALL_LINEAR), "target_modules")
+    auto_targets, auto_layers = text_adapter(config)
+    targets = pick(t.target_modules, auto_targets, "target_modules")
+    lora_layers = pick(t.lora_layers, auto_layers, "lora_layers")
     micro = text_micro_batch(schema, texts)
     seconds = pick(t.time_budget, DP_TEXT_SECONDS if p.enabled else NODP_TEXT_SECONDS, "time_budget") / len(texts)
     if not p.enabled:
         batch = pick(t.batch_size, NODP_TEXT_BATCH, "batch_size")
         return TextPlan(False, units, batch, min(batch, micro), pick(t.learning_rate, NODP_TEXT_LEARNING_RATE,
                         "learning_rate"), 10, t.max_steps, NODP_TEXT_EPOCHS if t.max_steps is None else None,
-                        None if t.max_steps is not None else seconds, None, t.layers, targets, chosen=chosen)
+                        None if t.max_steps is not None else seconds, None, t.layers, targets, lora_layers,
+                        chosen=chosen)
     budget_rows = max(1, int(seconds * speed.dp_rows_per_second)) if speed else DEFAULT_TEXT_BUDGET_ROWS
     rate = min(MAX_SAMPLE_RATE, max(MIN_SAMPLE_RATE, budget_rows / (DP_TARGET_STEPS * units)))
     auto_batch = max(1, min(units, round(rate * units)))
@@ -235,7 +264,7 @@ def plan_text(config: RunConfig, units: int, schema: Schema, texts: list[str], p
     batch = pick(t.batch_size, max(1, min(auto_batch, budget_rows // steps)), "batch_size")
     plan = TextPlan(True, units, batch, min(batch, micro), pick(t.learning_rate, DP_TEXT_LEARNING_RATE,
                     "learning_rate"), max(1, min(10, steps // 10)), steps, None, None, t.noise_multiplier,
-                    t.layers, targets, budget_rows, chosen)
+                    t.layers, targets, lora_layers, budget_rows, chosen)
     if speed:
         plan.notes.append(f"text compute budget {budget_rows:,} rows each: {seconds:g} s at "
                           f"{speed.dp_rows_per_second:.1f} rows/s, measured on dummy rows on this machine")
@@ -301,7 +330,8 @@ def load_text_model(config: RunConfig, schema: Schema, plan: TextPlan, column: s
                     device) -> TextModel:
     """A saved text model: the base model of the plan with the adapter in folder `adapter`."""
     codec = text_codec(schema, column, context, models.load_tokenizer(config.model.base))
-    base = models.base_model(text_model_config(config, plan.layers, plan.target_modules), codec, device)
+    base = models.base_model(text_model_config(config, plan.layers, plan.target_modules, plan.lora_layers), codec,
+                             device)
     model = models.load_adapter(base, adapter)
     model.eval()
     return TextModel(column, context, codec, model)

@@ -110,11 +110,15 @@ def row_losses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     `target_index` maps token ids to logit positions when the model's output layer scores
     only some tokens (see `model.RestrictedHead`). `allowed` (see `GrammarMasks.of`) limits
     each position's softmax to the tokens the grammar allows there."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    # With `scored`, logits only from the first position that predicts a scored token: a text
+    # model's prompt needs none, and logits over the whole vocabulary are a large share of a step.
+    first = 0 if scored is None else max(0, int(scored.argmax(1).min()) - 1)
+    keep = {"logits_to_keep": torch.arange(first, input_ids.shape[1] - 1, device=input_ids.device)} if first else {}
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, **keep).logits[:, : input_ids.shape[1] - 1 - first]
     if allowed is not None:
-        logits = logits.masked_fill(~allowed, float("-inf"))
-    targets = input_ids[:, 1:] if target_index is None else target_index[input_ids[:, 1:]]
-    mask = (attention_mask if scored is None else scored)[:, 1:].to(torch.float32)
+        logits = logits.masked_fill(~allowed[:, first:], float("-inf"))
+    targets = input_ids[:, first + 1:] if target_index is None else target_index[input_ids[:, first + 1:]]
+    mask = (attention_mask if scored is None else scored)[:, first + 1:].to(torch.float32)
     token_loss = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
     return (token_loss * mask).sum(1) / (mask.sum(1).clamp(min=1) if unit_tokens is None else unit_tokens)
 
@@ -445,11 +449,12 @@ def check_resumed_budget(budget: PrivacyBudget) -> None:
                         "the checkpoint already spent; resume with a cap at or above it")
 
 
-def measure_speed(model, tokens: int, micro_batch_size: int, device, dp: bool) -> float:
+def measure_speed(model, tokens: int, micro_batch_size: int, device, dp: bool, text_from: int | None = None) -> float:
     """Rows a second this machine trains `model` at, on dummy rows of `tokens` random tokens
     (public: no data), `micro_batch_size` rows a step, with DP-SGD's per-row gradients and
-    noise or without, and a grammar-masked loss; the mean of `SPEED_STEPS` steps after a warm-up step. The trainable
-    weights are left as they were."""
+    noise or without, and a grammar-masked loss (with `text_from`, a text model's: no grammar, the
+    loss on the tokens from that position on); the mean of `SPEED_STEPS` steps after a warm-up
+    step. The trainable weights are left as they were."""
     before = trainable_snapshot(model)
     params = [p for p in model.parameters() if p.requires_grad]
     head = models.output_head(model)
@@ -459,7 +464,7 @@ def measure_speed(model, tokens: int, micro_batch_size: int, device, dp: bool) -
     groups = [[i] for i in range(micro_batch_size)]
     # A grammar that allows every token: its masked loss costs what the run's does.
     masks = GrammarMasks(torch.ones(tokens, len(vocab), dtype=torch.bool), [list(range(tokens))] * micro_batch_size,
-                         tokens - 1)
+                         tokens - 1) if text_from is None else None
     optimizer = torch.optim.AdamW(params, lr=0.0)
     forward = model
     if dp:
@@ -470,7 +475,8 @@ def measure_speed(model, tokens: int, micro_batch_size: int, device, dp: bool) -
         for step in range(SPEED_STEPS + 1):
             start = time.perf_counter()
             _logical_step(forward, optimizer, groups, micro_batch_size, sequences, 0, micro_batch_size, device, dp,
-                          params, models.target_index(model), 1, masks)
+                          params, models.target_index(model), 1, masks,
+                          score_from=None if text_from is None else [text_from] * micro_batch_size)
             seconds += (time.perf_counter() - start) if step else 0.0
     finally:
         if dp:

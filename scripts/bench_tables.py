@@ -3,12 +3,12 @@
 
     .venv/bin/python scripts/bench_tables.py --out DIR [--tables census,german,diamonds,london]
         [--systems dplm,engine] [--modes dp,nodp] [--epsilon 2.5] [--engine-python ENV/bin/python]
-        [--set section.key=value ...] [--rescore | --resample]
+        [--set section.key=value ...] [--rows N] [--rescore | --resample]
 
 For each table (scripts/dev_tables.py: its schema from the public codebook, nothing else) it
 splits 80/20 by the benchmark protocol (`dev_tables.protocol_split`), trains dplm on the training rows with
 the defaults only (the schema; under DP `privacy.enabled` and `privacy.max_epsilon`), samples
-as many rows as the holdout has, and scores them with `dplm report` (DIR/TABLE/SYSTEM-MODE/
+as many rows as the holdout has (at most `--rows`), and scores them with `dplm report` (DIR/TABLE/SYSTEM-MODE/
 report.json). The engine (mostlyai-engine, in its own environment: `--engine-python`) trains on
 the same training rows with its defaults, DP at the same total epsilon. Finished cells are read
 back, so a rerun only runs what is missing (`--rescore` scores them again, `--resample` draws
@@ -22,18 +22,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-
-import pandas as pd
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pandas as pd
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from dev_tables import ROOT, TABLES, protocol_split  # noqa: E402
+from dev_tables import ROOT, TABLES, protocol_split
 
 
 def split(table):
@@ -41,7 +41,7 @@ def split(table):
     return protocol_split(table.load(), table.subject)
 
 
-def run_dplm(table, train, holdout, dp: bool, epsilon: float, overrides: list[str], out: Path) -> dict:
+def run_dplm(table, train, holdout, dp: bool, epsilon: float, overrides: list[str], out: Path, rows: int) -> dict:
     from dplm.config import RunConfig, apply_overrides, from_dict
     from dplm.synthesizer import Synthesizer
 
@@ -54,19 +54,19 @@ def run_dplm(table, train, holdout, dp: bool, epsilon: float, overrides: list[st
     config = from_dict(RunConfig, apply_overrides(values, overrides))
     start = time.perf_counter()
     synth = Synthesizer.fit(train, config, progress=False)
-    rows = synth.sample(count(table, holdout), progress=False)
-    synth.save(out / "run", synthetic=rows)
+    synthetic = synth.sample(rows, progress=False)
+    synth.save(out / "run", synthetic=synthetic)
     return {"seconds": time.perf_counter() - start,
             "train_seconds": synth.training.seconds + sum(m.training.seconds for m in synth.text_models),
-            "epsilon": synth.privacy_record.get("epsilon"), "plan": synth.training_plan and synth.training_plan.to_dict(), **written(synth, rows, out)}
+            "epsilon": synth.privacy_record.get("epsilon"), "plan": synth.training_plan and synth.training_plan.to_dict(), **written(synth, synthetic, out)}
 
 
-def resample_dplm(table, holdout, out: Path) -> dict:
+def resample_dplm(out: Path, rows: int) -> dict:
     """Draw a finished dplm cell's synthetic rows again from its saved model (after a change to sampling)."""
     import dplm
 
     synth = dplm.load(out / "run")
-    return written(synth, synth.sample(count(table, holdout), progress=False), out)
+    return written(synth, synth.sample(rows, progress=False), out)
 
 
 def written(synth, rows, out: Path) -> dict:
@@ -79,18 +79,25 @@ def written(synth, rows, out: Path) -> dict:
     return {"sample_seconds": stats.seconds, "valid_rate": stats.valid_rate, "rows_kept": stats.rows_kept}
 
 
-def count(table, holdout) -> int:
-    """Synthetic rows to draw: as many as the holdout has (subjects, for histories)."""
-    return holdout[table.subject].nunique() if table.subject else len(holdout)
+def count(table, holdout, cap: int | None) -> int:
+    """Synthetic rows to draw: as many as the holdout has (subjects, for histories), at most `cap`."""
+    n = holdout[table.subject].nunique() if table.subject else len(holdout)
+    return min(n, cap or n)
 
 
-def run_engine(python: str, table, train, holdout, dp: bool, epsilon: float, out: Path, minutes: float | None) -> dict:
+def run_engine(python: str, table, train, dp: bool, epsilon: float, out: Path, minutes: float | None,
+               rows: int) -> dict:
+    """The engine on the training rows (scripts/engine_run.py; the schema's text columns by its LANGUAGE model)."""
+    from dplm.schema import Schema
+
     out.mkdir(parents=True, exist_ok=True)
     train.to_csv(out / "train.csv", index=False)
     command = [python, str(ROOT / "scripts" / "engine_run.py"), "--train", str(out / "train.csv"),
-               "--rows", str(count(table, holdout)), "--out", str(out)]
+               "--rows", str(rows), "--out", str(out)]
     if table.subject:
         command += ["--subject", table.subject]
+    if texts := Schema.from_yaml(str(table.schema_path)).names_of("text"):
+        command += ["--text-columns", *texts]
     if minutes:
         command += ["--minutes", str(minutes)]
     if dp:
@@ -126,7 +133,8 @@ def score(table, train, holdout, synthetic_csv: Path, out: Path) -> dict:
                      table.subject, table.order_by)
     paths = write_report(align_types(train[schema.names], schema), align_types(holdout[schema.names], schema),
                          align_types(fake[schema.names], schema), out, target=table.target,
-                         categorical=schema.names_of("categorical"), histories=histories)
+                         categorical=schema.names_of("categorical"), text_columns=schema.names_of("text") or None,
+                         histories=histories)
     return json.loads(paths[1].read_text())
 
 
@@ -140,6 +148,7 @@ def main() -> int:
     parser.add_argument("--engine-minutes", type=float, help="the engine's training time limit (default: its own)")
     parser.add_argument("--engine-python", default=str(ROOT.parent / "refenv" / "bin" / "python"))
     parser.add_argument("--set", nargs="*", default=[], help="section.key=value for dplm's runs (probes only)")
+    parser.add_argument("--rows", type=int, help="synthetic rows at most (default: the holdout's count)")
     parser.add_argument("--no-score", action="store_true", help="train and sample only (score later)")
     parser.add_argument("--rescore", action="store_true", help="score every finished cell again")
     parser.add_argument("--resample", action="store_true",
@@ -150,6 +159,7 @@ def main() -> int:
     for name in args.tables.split(","):
         table = TABLES[name]
         train, holdout = split(table)
+        rows = count(table, holdout, args.rows)
         for system in args.systems.split(","):
             for mode in args.modes.split(","):
                 cell = out / name / f"{system}-{mode}"
@@ -160,12 +170,12 @@ def main() -> int:
                 cell.mkdir(parents=True, exist_ok=True)
                 dp = mode == "dp"
                 if not ran.exists():
-                    info = (run_dplm(table, train, holdout, dp, args.epsilon, args.set, cell) if system == "dplm"
-                            else run_engine(args.engine_python, table, train, holdout, dp, args.epsilon, cell,
-                                            args.engine_minutes))
+                    info = (run_dplm(table, train, holdout, dp, args.epsilon, args.set, cell, rows) if system == "dplm"
+                            else run_engine(args.engine_python, table, train, dp, args.epsilon, cell,
+                                            args.engine_minutes, rows))
                     ran.write_text(json.dumps(info, indent=2, default=str))
                 elif args.resample and system == "dplm":
-                    info = {**json.loads(ran.read_text()), **resample_dplm(table, holdout, cell)}
+                    info = {**json.loads(ran.read_text()), **resample_dplm(cell, rows)}
                     ran.write_text(json.dumps(info, indent=2, default=str))
                 if args.no_score:
                     continue

@@ -188,7 +188,7 @@ def test_machine_speed_is_measured_once_and_only_where_it_sizes_a_budget(monkeyp
     monkeypatch.setenv("DPLM_CACHE", str(tmp_path))
     (tmp_path / converted.name).symlink_to(converted)
     calls = []
-    monkeypatch.setattr(dplm.planner, "measure_speed", lambda model, tokens, micro, device, dp:
+    monkeypatch.setattr(dplm.planner, "measure_speed", lambda model, tokens, micro, device, dp, text_from=None:
                         calls.append((tokens, micro, dp)) or (50.0 if dp else 200.0))
     dp = config(model={"base": "tiny-random"}, privacy={"enabled": True, "max_epsilon": 2.5})
     first = machine_speed(dp, CENSUS_LIKE, torch.device("cpu"))

@@ -322,3 +322,18 @@ def test_nucleus_keeps_the_most_likely_tokens_up_to_top_p():
     assert torch.allclose(nucleus(probs, 0.8), torch.tensor([[0.625, 0.375, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]]))
     assert torch.allclose(nucleus(probs, 1.0), probs)  # everything allowed stays (forbidden tokens keep 0)
     assert torch.allclose(nucleus(probs, 0.1), torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]]))
+
+
+def test_nucleus_over_a_whole_vocabulary_ranks_the_candidates_or_sorts_all():
+    """Where the most likely candidates hold top_p (a peaked row) and where they do not (a flat
+    row): the same cut as a full sort (an independent computation)."""
+    from dplm.sample import NUCLEUS_CANDIDATES, nucleus
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 49_152, generator=generator) * torch.tensor([[8.0], [0.1]])
+    probs = logits.softmax(-1)
+    ranked, order = probs.sort(-1, descending=True)
+    kept = (ranked.cumsum(-1) - ranked) < 0.9
+    expected = torch.zeros_like(probs).scatter(-1, order, ranked * kept)
+    assert torch.allclose(nucleus(probs, 0.9), expected / expected.sum(-1, keepdim=True))
+    assert int(kept[0].sum()) < NUCLEUS_CANDIDATES < int(kept[1].sum())

@@ -12,7 +12,7 @@ import torch
 import dplm
 from dplm.config import RunConfig
 from dplm.schema import Schema
-from dplm.text_model import TEXT_RHO_SHARE, table_config, text_columns
+from dplm.text_model import TABLE_DP_SECONDS, TEXT_RHO_SHARE, table_config, text_columns
 
 SCHEMA = {"columns": {"kind": {"kind": "categorical", "categories": ["cat", "dog"]},
                       "age": {"kind": "integer", "min": 0, "max": 20},
@@ -78,6 +78,17 @@ def test_the_text_models_lora_weights_change_under_dp(dp_run):
     assert b and all(float(p.detach().abs().sum()) > 0 for p in b)
 
 
+def test_the_text_models_lora_sits_on_q_and_v_of_the_last_half_of_the_layers(dp_run):
+    """Under DP by default: q and v of the last half of the layers (tiny-random has 2), where
+    backpropagation can stop; the plan says so, and the saved model loads with the same adapter."""
+    plan = dp_run.text_plan
+    assert (plan.target_modules, plan.lora_layers) == (["q_proj", "v_proj"], 1)
+    assert {"target_modules", "lora_layers"} <= set(plan.chosen) and "text LoRA on the last 1 layers (auto)" in plan.lines()
+    adapted = {name.split(".layers.")[1].split(".lora_A")[0] for name, _ in dp_run.text_models[0].model.named_parameters()
+               if "lora_A" in name}
+    assert adapted == {"1.self_attn.q_proj", "1.self_attn.v_proj"}
+
+
 def test_the_text_models_loss_is_on_the_text_alone():
     from dplm.train import row_losses, scored_mask
 
@@ -93,6 +104,14 @@ def test_the_text_models_loss_is_on_the_text_alone():
     by_token = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
     assert float(full[0]) == pytest.approx(float(by_token.mean()), rel=1e-5)
     assert float(text[0]) == pytest.approx(float(by_token[3:].mean()), rel=1e-5)  # tokens 4 and 5
+    # Two rows, texts from tokens 2 and 4, the first padded: the output layer scores positions 1 on
+    # only, and each row's loss is still its own text's mean.
+    ids, mask = torch.randint(0, 300, (2, 6)), torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])
+    text = row_losses(model, ids, mask, scored=scored_mask(mask, [2, 4])).detach()
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    by_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    assert text.tolist() == pytest.approx([float(by_token[0, 1:4].mean()), float(by_token[1, 3:].mean())], rel=1e-5)
 
 
 def test_the_run_directory_holds_both_models_and_loads_them(dp_run, tmp_path):
@@ -118,7 +137,7 @@ def test_the_planned_split_and_which_columns_get_text_models():
     rho = (math.sqrt(3.75 + log) - math.sqrt(log)) ** 2
     share = (1 - TEXT_RHO_SHARE) * rho
     assert table.privacy.max_epsilon == pytest.approx(0.25 + share + 2 * math.sqrt(share * log))
-    assert table.train.dp_time_budget == 600 and config.privacy.max_epsilon == 4.0  # the recipe is unchanged
+    assert table.train.dp_time_budget == TABLE_DP_SECONDS and config.privacy.max_epsilon == 4.0  # the recipe is unchanged
     schema = Schema.from_dict(SCHEMA)
     assert text_columns(schema, config, histories=False) == ["note"]
     assert text_columns(schema, config, histories=True) == []
@@ -132,6 +151,7 @@ def test_without_dp_the_text_model_trains_by_the_clock_and_the_plan_says_so(tmp_
                      settings={"model.base": "tiny-random", "train.max_steps": 2, "text.time_budget": 3})
     plan = synth.text_plan
     assert not plan.dp and plan.max_training_time == 3 and plan.noise_multiplier is None
+    assert "lm_head" not in plan.target_modules and "down_proj" in plan.target_modules and plan.lora_layers == 1
     assert synth.text_models[0].training.stop_reason in ("max_training_time", "max_epochs")
     assert synth.privacy_record["models"][1]["column"] == "note"
     pets(200).to_csv(tmp_path / "pets.csv", index=False)
