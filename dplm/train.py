@@ -19,6 +19,7 @@ import functools
 import math
 import os
 import secrets
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,7 +42,9 @@ from dplm.privacy import (
 MAX_VALIDATION_ROWS = 5000  # early stopping: rows held back to measure the loss on
 MAX_MICRO_TOKENS = 16384  # padded tokens of one micro-batch at most (long histories: memory of attention)
 MAX_PADDING, MIN_PADDED_TOKENS = 1.5, 1024  # padded / real tokens of a micro-batch past 1,024 padded tokens
-SPEED_STEPS = 3  # timed steps of a speed measurement, after one warm-up step
+# Timed steps of a speed measurement, after one warm-up step; their median counts, so a moment of
+# other work on the cores moves it little (a mean of 3 cached a 25 % low figure for a day).
+SPEED_STEPS = 9
 EVAL_EVERY_STEPS = 250  # early stopping: at most this many steps between measurements
 PATIENCE = 3  # early stopping: measurements without improvement before stopping
 # ... and at least this many steps: on a small table half an epoch is a few steps, and a loss
@@ -453,7 +456,7 @@ def measure_speed(model, tokens: int, micro_batch_size: int, device, dp: bool, t
     """Rows a second this machine trains `model` at, on dummy rows of `tokens` random tokens
     (public: no data), `micro_batch_size` rows a step, with DP-SGD's per-row gradients and
     noise or without, and a grammar-masked loss (with `text_from`, a text model's: no grammar, the
-    loss on the tokens from that position on); the mean of `SPEED_STEPS` steps after a warm-up
+    loss on the tokens from that position on); the median of `SPEED_STEPS` steps after a warm-up
     step. The trainable weights are left as they were."""
     before = trainable_snapshot(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -470,20 +473,20 @@ def measure_speed(model, tokens: int, micro_batch_size: int, device, dp: bool, t
     if dp:
         forward, optimizer = make_private(model, optimizer, 1.0, 1.0, micro_batch_size)
     model.train()
-    seconds = 0.0
+    seconds = []
     try:
-        for step in range(SPEED_STEPS + 1):
+        for _ in range(SPEED_STEPS + 1):
             start = time.perf_counter()
             _logical_step(forward, optimizer, groups, micro_batch_size, sequences, 0, micro_batch_size, device, dp,
                           params, models.target_index(model), 1, masks,
                           score_from=None if text_from is None else [text_from] * micro_batch_size)
-            seconds += (time.perf_counter() - start) if step else 0.0
+            seconds.append(time.perf_counter() - start)
     finally:
         if dp:
             forward._close()
         restore_trainable(model, before)
         model.eval()
-    return SPEED_STEPS * micro_batch_size / seconds
+    return micro_batch_size / statistics.median(seconds[1:])
 
 
 @torch.no_grad()

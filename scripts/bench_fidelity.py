@@ -8,7 +8,9 @@ Trains RECIPE (with the overrides) on its data's training split, samples N rows 
 `data.subject`: as many subjects as the holdout has, or `--subjects N`, their event table with
 the subject key in DIR/synthetic.csv and their own columns beside it), scores them against the
 training and holdout rows into DIR/report.json and DIR/report.html (`dplm report`), and
-prints the scores, the epsilon and the compute. The run directory is DIR/run; DIR/bench.json
+prints the scores, the epsilon and the compute; a recipe with text columns also gets its table part
+at the holdout's size (the table model's rows alone, as `bench_tables` scores a table without text).
+The run directory is DIR/run; DIR/bench.json
 holds the printed figures. Run one at a time: two CPU-heavy jobs on 2 cores skew both.
 """
 
@@ -65,12 +67,14 @@ def main() -> int:
     target = args.target if args.target in synth.schema.names else None
     _, json_path = report_run(run_dir, synthetic=out / "synthetic.csv", target=target, out_dir=out, progress=False)
     scores = json.loads(json_path.read_text())
+    table_part = table_part_at_holdout_size(synth, config) if synth.text_models else None
     t, p, stats = synth.training, synth.privacy_record, synth.last_sample_stats
     acc = scores["accuracy"]["synthetic"]
     result = {
         "recipe": args.recipe, "overrides": args.overrides, "rows": len(rows),
         "accuracy": {k: acc[k] for k in ("overall", "univariate", "bivariate", "trivariate")},
         "holdout_accuracy": scores["accuracy"]["holdout"]["overall"],
+        "table_part_at_holdout_size": table_part,
         "discriminator_auc": scores["embedding"]["discriminator_auc"]["synthetic"],
         "dcr_share": scores["privacy"]["synthetic"]["dcr_share"],
         "tstr_accuracy": scores.get("utility", {}).get("tstr", {}).get("accuracy"),
@@ -104,6 +108,10 @@ def main() -> int:
                     f"({m.training.rows_per_second:.1f} rows/s)" for m in synth.text_models) + "; "
           f"sampling {len(rows)} rows in {sample_seconds:.0f} s ({result['sample_rows_per_s']:.1f} rows/s); "
           f"fit {fit_seconds:.0f} s in all")
+    if table_part:
+        print(f"table part at the holdout's size ({table_part['rows']:,} rows of the table model alone, its columns "
+              f"only): {table_part['synthetic']:.4f} (holdout {table_part['holdout']:.4f}, shuffled "
+              f"{table_part['shuffled']:.4f})")
     h = result["histories"]
     if h:
         syn, hol = h["synthetic"], h["holdout"]
@@ -125,6 +133,24 @@ def main() -> int:
               f"{ref['verbatim_training_share']:.3f}), length accuracy {syn['length_accuracy']:.3f}, known words "
               f"{syn['known_word_share']:.3f} (real {ref['known_word_share']:.3f})")
     return 0
+
+
+def table_part_at_holdout_size(synth, config) -> dict:
+    """A text run's table part as the tables' benchmarks score it (`bench_tables`: as many rows as the
+    holdout has, so sampling noise is the holdout's): the table model's rows alone, its columns only."""
+    from dplm.data import load_table
+    from dplm.evaluate import Binner, accuracy, align_types, shuffled_columns
+
+    schema = synth.table_schema
+    names = [n for n in schema.output_order or schema.names if n in schema.names]
+    table = load_table(config.data.source)
+    train = align_types(table.iloc[synth.split["train"]], schema)[names]
+    holdout = align_types(table.iloc[synth.split["holdout"]], schema)[names]
+    rows = synth.sample_table(len(holdout), config.sample.seed, config.sample.temperature, False, None)
+    binner = Binner(train)
+    return {"rows": len(holdout), **{name: accuracy(train, df, binner)["overall"] for name, df in (
+        ("synthetic", align_types(rows, schema)[names]), ("holdout", holdout),
+        ("shuffled", shuffled_columns(train, len(holdout))))}}
 
 
 if __name__ == "__main__":

@@ -38,6 +38,17 @@ def test_shuffled_columns_score_clearly_lower(parts):
     assert fake["overall"] < real["overall"] - 0.04
 
 
+def test_holdout_accuracy_is_measured_at_the_synthetic_rows_count(parts):
+    # 300 fresh real rows stand in as synthetic: the holdout's yardstick, at 300 rows too, scores
+    # about as they do, below what all 2,000 holdout rows score (fewer rows, noisier marginals).
+    train, holdout, fresh = parts
+    scores = evaluate(train, holdout, fresh.iloc[:300], embed_sample=100)["accuracy"]
+    whole = accuracy(train, holdout)["overall"]
+    assert abs(scores["holdout"]["overall"] - scores["synthetic"]["overall"]) < 0.02
+    assert scores["holdout"]["overall"] < whole - 0.02
+    assert scores["shuffled"]["overall"] < scores["holdout"]["overall"] - 0.02
+
+
 def test_discriminator_auc(parts):
     train, _, fresh = parts
     a = embed(record_texts(train.iloc[:1000]))
