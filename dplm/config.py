@@ -160,11 +160,11 @@ class TextConfig:
     models: str = "auto"  # auto: a text model per text column when the table has other columns; joint: one model
     layers: int | None = None  # the text model's base layers (None: all)
     target_modules: list[str] | None = None  # LoRA targets (default: q_proj, v_proj under DP, every layer's linears without)
-    lora_layers: int | None = None  # LoRA on the text model's last N layers (default: the last half of them)
+    lora_layers: int | None = None  # LoRA on the text model's last N layers (default: under DP the last half, else all)
     batch_size: int | None = None
     learning_rate: float | None = None
     max_steps: int | None = None
-    time_budget: float | None = None  # seconds of training for all text models (default: 1,100 DP, 780 without)
+    time_budget: float | None = None  # seconds of training for all text models (default: 1,100 DP, 690 without)
     epsilon_share: float | None = None  # the text models' share of the training budget (zCDP rho; default 0.6)
     noise_multiplier: float | None = None  # DP: default the smallest that keeps the run within privacy.max_epsilon
     # Sampling: each text token from the smallest set of tokens holding this share of the probability

@@ -3,6 +3,7 @@
 
     .venv/bin/python scripts/bench_text_dp.py [--table london_titles] [--steps 60] [--batch 64]
         [--noise 0.2] [--lr 0.02] [--rank 16] [--lora-layers 15] [--targets q_proj,v_proj] [--no-dp]
+        [--seconds S]
 
 Trains one text column's model alone (`text_model.text_codec`: the prompt of the row's other
 values, then the text; `train.train` with the loss on the text) on a development table's rows
@@ -10,7 +11,8 @@ values, then the text; `train.train` with the loss on the text) on a development
 text model is, for `--steps` steps of `--batch` expected rows at `--noise`, then prints the mean
 per-token loss on 600 held-out rows as one JSON line (docs/benchmarks.md, issue 38: the learning
 rate, rank and layers were chosen by it). Pick the noise so that noise / batch matches the plan
-being imitated (`dplm plan` prints both). `--steps 0`: the untrained base model's loss.
+being imitated (`dplm plan` prints both). `--steps 0`: the untrained base model's loss. `--seconds` (without DP): as many steps as S seconds
+hold, the learning rate decaying by the clock as a timed run's does (settings compared at equal time).
 Run one at a time: two CPU-heavy jobs on 2 cores skew both.
 """
 
@@ -44,7 +46,10 @@ def main() -> int:
     parser.add_argument("--lora-layers", type=int, default=15)
     parser.add_argument("--targets", default="q_proj,v_proj")
     parser.add_argument("--no-dp", action="store_true")
+    parser.add_argument("--seconds", type=float, default=None)
     args = parser.parse_args()
+    if args.seconds and not args.no_dp:
+        parser.error("--seconds is for --no-dp runs (under DP the steps are fixed in advance)")
 
     import torch
 
@@ -75,12 +80,13 @@ def main() -> int:
         config, None, args.targets.split(","), args.lora_layers)), codec, device)
     train_config = dataclasses.replace(
         config.train, batch_size=args.batch, micro_batch_size=min(args.batch, 32), learning_rate=args.lr,
-        warmup_steps=max(1, args.steps // 10), max_steps=args.steps, max_epochs=None, max_training_time=None,
+        warmup_steps=10 if args.seconds else max(1, args.steps // 10), max_steps=10**9 if args.seconds else args.steps,
+        max_epochs=None, max_training_time=args.seconds,
         early_stopping=False, checkpoint_every=None)
     privacy = PrivacyConfig(enabled=not args.no_dp, noise_multiplier=args.noise, max_epsilon=None)
     started = time.perf_counter()
     result = train(model, sequences, tokenizer.pad_token_id, train_config, privacy, device, progress=False,
-                   score_from=starts, num_units=len(sequences)) if args.steps else None
+                   score_from=starts, num_units=len(sequences)) if args.steps or args.seconds else None
     seconds = time.perf_counter() - started
 
     model.eval()
@@ -92,7 +98,8 @@ def main() -> int:
             counts = scored[:, 1:].sum(1)  # the text's tokens each row's mean loss is over
             total += float((row_losses(model, ids, mask, models.target_index(model), scored=scored) * counts).sum())
             tokens += int(counts.sum())
-    print(json.dumps({**vars(args), "column": column, "units": len(sequences), "held_out_loss": round(total / tokens, 4),
+    print(json.dumps({**vars(args), "column": column, "units": len(sequences),
+                      "steps_run": result.steps if result else 0, "held_out_loss": round(total / tokens, 4),
                       "train_seconds": round(seconds, 1),
                       "epsilon": result.privacy["epsilon"] if result and result.privacy else None}))
     return 0

@@ -151,7 +151,8 @@ def test_without_dp_the_text_model_trains_by_the_clock_and_the_plan_says_so(tmp_
                      settings={"model.base": "tiny-random", "train.max_steps": 2, "text.time_budget": 3})
     plan = synth.text_plan
     assert not plan.dp and plan.max_training_time == 3 and plan.noise_multiplier is None
-    assert "lm_head" not in plan.target_modules and "down_proj" in plan.target_modules and plan.lora_layers == 1
+    assert "lm_head" not in plan.target_modules and "down_proj" in plan.target_modules and plan.lora_layers is None
+    assert "text LoRA on every layer (auto)" in plan.lines()
     assert synth.text_models[0].training.stop_reason in ("max_training_time", "max_epochs")
     assert synth.privacy_record["models"][1]["column"] == "note"
     pets(200).to_csv(tmp_path / "pets.csv", index=False)

@@ -312,6 +312,24 @@ def test_early_stopping_keeps_the_best_held_back_loss(tokenizer, sequences, monk
               torch.device("cpu"), progress=False)
 
 
+@pytest.mark.parametrize("later, stop_reason, steps", [(3.01, "max_steps", 80), (3.02, "early_stopping", 7 + 60)])
+def test_early_stopping_counts_only_losses_clearly_above_the_best(tokenizer, sequences, monkeypatch, later,
+                                                                  stop_reason, steps):
+    """A held-back loss within PATIENCE_RISE (0.5 %) of the best is a plateau, not a reason to stop:
+    3.0 then 3.01 (0.33 % above) trains on to max_steps; 3.0 then 3.02 (0.67 %) stops PATIENCE_STEPS
+    after the best."""
+    import dplm.train
+
+    scripted = iter([3.0] + [later] * 20)
+    monkeypatch.setattr(dplm.train, "mean_loss", lambda *a, **k: next(scripted))
+    cfg = train_config(batch_size=4, micro_batch_size=4, learning_rate=0.05, warmup_steps=1, max_epochs=None,
+                       max_steps=80, early_stopping=True)
+    result = train(tiny_lora(tokenizer), sequences, tokenizer.pad_token_id, cfg, privacy_config(),
+                   torch.device("cpu"), progress=False)
+    assert dplm.train.PATIENCE_RISE == 0.005
+    assert (result.stop_reason, result.steps) == (stop_reason, steps)
+
+
 def test_micro_batches_of_mixed_lengths_pad_little():
     """A batch of histories of 14 to 250 tokens: micro-batches of similar lengths, each padded
     to at most 1.5 times its real tokens (past 1,024 tokens); even lengths keep one micro-batch."""
