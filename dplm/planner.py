@@ -78,6 +78,7 @@ class MachineSpeed:
     dp_rows_per_second: float  # DP-SGD, in the plan's micro-batches
     rows_per_second: float  # without DP (the first stage)
     key: str  # the machine and settings it was measured for
+    tokens: int | None = None  # a dummy row's tokens (None: runs before it was recorded)
 
 
 @dataclass
@@ -191,7 +192,7 @@ def machine_speed(config: RunConfig, schema, device, unit_rows: float | None = N
         fresh = path.with_suffix(f".{os.getpid()}.tmp")
         fresh.write_text(json.dumps(cached, indent=1))
         fresh.replace(path)  # atomic: a reader never sees half a file
-    return MachineSpeed(*cached[key][:2], key)
+    return MachineSpeed(*cached[key][:2], key, tokens)
 
 
 def row_tokens(schema) -> int:

@@ -347,6 +347,15 @@ def dp_range(values: np.ndarray, edges: np.ndarray, epsilon: float, rng: np.rand
     return float(edges[passing[0]]), float(edges[passing[-1] + 1])
 
 
+def dp_mean(values: np.ndarray, bound: float, epsilon: float, rng: np.random.Generator) -> float:
+    """The mean of `values` (one per unit) clipped to [0, `bound`], epsilon-DP: their sum with
+    Laplace(2 bound / eps) noise over their count with Laplace(2 / eps) noise (one unit moves the
+    sum by at most `bound` and the count by 1; each half of epsilon), clipped to [1, `bound`]."""
+    total = float(np.clip(values, 0.0, bound).sum()) + rng.laplace(0.0, 2.0 * bound / epsilon, size=1)[0]
+    count = len(values) + rng.laplace(0.0, 2.0 / epsilon, size=1)[0]
+    return float(np.clip(total / max(count, 1.0), 1.0, bound))
+
+
 def number_grid() -> np.ndarray:
     """Public bin edges for numeric bounds: 0 and +-m * 10^e, m in (1, 1.2, 1.5, 2, 2.5, 3,
     4, ..., 9), e from -3 to 12 (385 sorted values)."""

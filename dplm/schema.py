@@ -18,7 +18,7 @@ import pandas as pd
 import yaml
 
 from dplm.errors import DplmError
-from dplm.privacy import dp_categories, dp_range, number_grid
+from dplm.privacy import dp_categories, dp_mean, dp_range, number_grid
 from dplm.rules import Rule, broken, derive, derived_columns, kept_all, mended, parse_rules, same_value
 
 KINDS = ("categorical", "integer", "float", "datetime", "text")
@@ -43,6 +43,9 @@ class Column:
     precision: int = 0  # decimals kept for float columns (0 for integer)
     nullable: bool = False
     max_tokens: int | None = None  # text: cap on the tokens of one value
+    # text: the values' mean tokens (within max_tokens), which sizes a DP text model's time:
+    # given, or estimated under DP where a text model needs it (`estimate_schema_dp`)
+    mean_tokens: float | None = None
     source: str = "user"
 
     def __post_init__(self):
@@ -61,6 +64,9 @@ class Column:
         if self.kind in ("integer", "float") and self.min is not None and self.max is not None:
             if float(self.min) > float(self.max):
                 raise DplmError(f"schema column '{self.name}': min {self.min} is above max {self.max}; swap them")
+        if self.mean_tokens is not None and (self.kind != "text" or not 0 < float(self.mean_tokens)):
+            raise DplmError(f"schema column '{self.name}': mean_tokens is a text column's mean length in tokens, a "
+                            "number above 0; drop it or give one")
         if self.kind == "datetime":
             for bound in (self.min, self.max):
                 if bound is not None:
@@ -362,13 +368,21 @@ class MetadataSpend:
         return MetadataSpend(self.epsilon + epsilon, self.delta, {**self.estimated, **estimated})
 
 
-def dp_metadata_spend(schema: Schema, epsilon: float, delta: float) -> MetadataSpend:
-    """What `estimate_schema_dp` will spend completing `schema` (every column's kind given):
-    `epsilon` when any metadata is missing, `delta` when any category set is, and which
-    fields of which columns. Depends on the schema alone, so `dplm plan` knows it in advance."""
-    estimated = {c.name: c.missing_metadata() for c in schema.columns if c.missing_metadata()}
+def dp_metadata_spend(schema: Schema, epsilon: float, delta: float, text_means: list[str] = ()) -> MetadataSpend:
+    """What `estimate_schema_dp` will spend completing `schema` (every column's kind given) and
+    the mean lengths of the `text_means` columns that it leaves out: `epsilon` when anything is
+    missing, `delta` when any category set is, and which fields of which columns. Depends on
+    the schema alone, so `dplm plan` knows it in advance."""
+    estimated = {c.name: _dp_gaps(c, text_means) for c in schema.columns if _dp_gaps(c, text_means)}
     categorical = any(schema[name].kind == "categorical" for name in estimated)
     return MetadataSpend(epsilon if estimated else 0.0, delta if categorical else 0.0, estimated)
+
+
+def _dp_gaps(col: Column, text_means: list[str]) -> list[str]:
+    """The fields of `col` to estimate under DP: its missing metadata, and its mean length where
+    it is one of `text_means` (text columns whose models size their time by it) and not given."""
+    mean = ["mean_tokens"] if col.name in text_means and col.mean_tokens is None else []
+    return col.missing_metadata() + mean
 
 
 def require_kinds(df: pd.DataFrame, given: Schema | None) -> Schema:
@@ -385,65 +399,46 @@ def require_kinds(df: pd.DataFrame, given: Schema | None) -> Schema:
 
 
 def estimate_schema_dp(df: pd.DataFrame, given: Schema | None, units: list[list[int]], epsilon: float,
-                       delta: float, text_lengths, rng) -> tuple[Schema, MetadataSpend]:
+                       delta: float, text_lengths, rng, text_means: list[str] = ()) -> tuple[Schema, MetadataSpend]:
     """Complete `given` with metadata estimated under DP (`source: dp`); user-given metadata
     is kept as it is. Returns the schema and what was spent on it (`dp_metadata_spend`).
 
     Every column's kind must be given: a kind guessed from the data (even from its pandas
     dtype, which `read_csv` infers from the values) would be a release without epsilon.
     Each privacy unit (subject, or row) contributes one random row per column, so every
-    estimate has sensitivity 1. `epsilon` is split equally over the columns to estimate
-    (basic composition); `delta` goes to the category sets, the only (eps, delta) mechanism:
+    estimate has sensitivity 1. `epsilon` is split equally over the mechanisms below (basic
+    composition); `delta` goes to the category sets, the only (eps, delta) mechanism:
     * categories: noisy-count thresholding (`privacy.dp_categories`); values below the
       threshold never reach the model (rows holding them get a missing value);
     * numeric bounds and datetime ranges: a noisy histogram over public bins
       (`privacy.dp_range`: the `number_grid`, or the months 1900-2100); values outside are
       clipped;
-    * text length caps: the same over token counts (`TEXT_LENGTH_EDGES`); longer values are cut.
-    Estimated columns are nullable.
+    * text length caps: the same over token counts (`TEXT_LENGTH_EDGES`); longer values are cut;
+    * the mean tokens of the `text_means` columns (within the cap): a noisy mean (`privacy.dp_mean`).
+    Columns with estimated metadata other than a mean length are nullable.
     `rng` needs `integers(n)` and `laplace(loc, scale, size)` (`privacy.secret_rng`).
     """
     given = require_kinds(df, given)
     columns, todo = [], []
     for name in map(str, df.columns):
         col = dataclasses.replace(given[name])
-        gaps = col.missing_metadata()
+        gaps = _dp_gaps(col, text_means)
         if gaps:
-            col.source, col.nullable = "dp", True
+            col.source, col.nullable = "dp", col.nullable or gaps != ["mean_tokens"]
             todo.append((col, gaps))
         columns.append(col)
     categorical = sum(col.kind == "categorical" for col, _ in todo)
-    spent = dp_metadata_spend(given, epsilon, delta)
+    spent = dp_metadata_spend(given, epsilon, delta, text_means)
     if not todo:
         return _in_given_order(columns, given), spent
-    eps = epsilon / len(todo)
+    eps = epsilon / sum((gaps != ["mean_tokens"]) + ("mean_tokens" in gaps) for _, gaps in todo)
     picks = np.array([unit[rng.integers(len(unit))] for unit in units])  # one random row per unit
-    epoch = pd.Timestamp("1970-01-01")
     for col, gaps in todo:
         values = df[col.name].iloc[picks].dropna()
-        if col.kind == "categorical":
-            col.categories = dp_categories(values.astype(str).tolist(), eps, delta / categorical, rng)
-            found = bool(col.categories)
-        elif col.kind in ("integer", "float"):
-            nums = pd.to_numeric(values, errors="coerce").dropna().to_numpy(dtype=float)
-            found = dp_range(nums, number_grid(), eps, rng)
-            if found:
-                lo, hi = (math.floor(found[0]), math.ceil(found[1])) if col.kind == "integer" else found
-                col.min = _plain(lo) if col.min is None else col.min
-                col.max = _plain(hi) if col.max is None else col.max
-        elif col.kind == "datetime":
-            days = (pd.to_datetime(values, errors="coerce").dropna() - epoch).dt.days.to_numpy(dtype=float)
-            edges = (pd.date_range("1900-01-01", "2100-12-01", freq="MS") - epoch).days.to_numpy(dtype=float)
-            found = dp_range(days, edges, eps, rng)
-            if found:
-                lo, hi = (epoch + pd.Timedelta(days=d) for d in found)
-                col.min = lo.strftime(DATE_FORMAT) if col.min is None else col.min
-                col.max = (hi - pd.Timedelta(days=1)).strftime(DATE_FORMAT) if col.max is None else col.max
-        else:
-            lengths = np.array(text_lengths(values.astype(str).tolist()), dtype=float)
-            found = dp_range(lengths, TEXT_LENGTH_EDGES, eps, rng)
-            if found:
-                col.max_tokens = int(found[1])
+        lengths = np.array(text_lengths(values.astype(str).tolist()), dtype=float) if col.kind == "text" else None
+        found = gaps == ["mean_tokens"] or _estimate_bounds(col, values, lengths, eps, delta / max(categorical, 1), rng)
+        if found and "mean_tokens" in gaps:
+            col.mean_tokens = round(dp_mean(lengths, col.max_tokens, eps, rng), 1)
         if not found:
             raise DplmError(f"column '{col.name}': too few {'subjects' if any(len(u) > 1 for u in units) else 'rows'} "
                             f"for a DP estimate of its {', '.join(gaps)} at epsilon {eps:.3g}; give them in the "
@@ -452,6 +447,37 @@ def estimate_schema_dp(df: pd.DataFrame, given: Schema | None, units: list[list[
             raise DplmError(f"column '{col.name}': the DP estimate of its range does not fit the given bound; "
                             "give both min and max")
     return _in_given_order(columns, given), spent
+
+
+def _estimate_bounds(col: Column, values: pd.Series, lengths: np.ndarray | None, eps: float, delta: float,
+                     rng) -> bool:
+    """Fill `col`'s missing categories, range or text cap from `values` (one per unit; a text's
+    token `lengths`) with one DP mechanism (`estimate_schema_dp`); False when too few units pass."""
+    epoch = pd.Timestamp("1970-01-01")
+    if col.kind == "categorical":
+        col.categories = dp_categories(values.astype(str).tolist(), eps, delta, rng)
+        return bool(col.categories)
+    if col.kind in ("integer", "float"):
+        nums = pd.to_numeric(values, errors="coerce").dropna().to_numpy(dtype=float)
+        found = dp_range(nums, number_grid(), eps, rng)
+        if found:
+            lo, hi = (math.floor(found[0]), math.ceil(found[1])) if col.kind == "integer" else found
+            col.min = _plain(lo) if col.min is None else col.min
+            col.max = _plain(hi) if col.max is None else col.max
+        return bool(found)
+    if col.kind == "datetime":
+        days = (pd.to_datetime(values, errors="coerce").dropna() - epoch).dt.days.to_numpy(dtype=float)
+        edges = (pd.date_range("1900-01-01", "2100-12-01", freq="MS") - epoch).days.to_numpy(dtype=float)
+        found = dp_range(days, edges, eps, rng)
+        if found:
+            lo, hi = (epoch + pd.Timedelta(days=d) for d in found)
+            col.min = lo.strftime(DATE_FORMAT) if col.min is None else col.min
+            col.max = (hi - pd.Timedelta(days=1)).strftime(DATE_FORMAT) if col.max is None else col.max
+        return bool(found)
+    found = dp_range(lengths, TEXT_LENGTH_EDGES, eps, rng)
+    if found:
+        col.max_tokens = int(found[1])
+    return bool(found)
 
 
 def _bound_value(bound):

@@ -121,7 +121,7 @@ def analyze(units: TrainingUnits, schema: Schema | str | None, config: RunConfig
         # Rank 0 draws (secret noise differs per process); every rank gets its result.
         schema, _ = from_rank0(lambda: estimate_schema_dp(
             units.frame, user_schema, units.groups, p.metadata_epsilon, p.delta * METADATA_DELTA_SHARE, text_lengths,
-            secret_rng(p.secure_mode)))
+            secret_rng(p.secure_mode), text_columns(user_schema, config, is_history(config))))
         _, bounds = from_rank0(lambda: units.bound(config, MetadataSpend(), schema, secret_rng(p.secure_mode)))
         count = from_rank0(lambda: dp_count(units.count(), p.count_epsilon, secret_rng(p.secure_mode)))
         spend = planned_spend(units, user_schema, config)  # what those draws spent
@@ -141,10 +141,12 @@ def analyze(units: TrainingUnits, schema: Schema | str | None, config: RunConfig
 
 def planned_spend(units: TrainingUnits, user_schema: Schema, config: RunConfig) -> MetadataSpend:
     """What a DP run spends before training, from public quantities alone (so `dplm plan` knows
-    it): the schema's metadata estimates (`schema.dp_metadata_spend`), the history cap's
-    (`TrainingUnits.planned_spend`) and the DP count of units (`privacy.count_epsilon`)."""
+    it): the schema's metadata estimates (`schema.dp_metadata_spend`, with the mean lengths of
+    the texts that get text models), the history cap's (`TrainingUnits.planned_spend`) and the DP
+    count of units (`privacy.count_epsilon`)."""
     p = config.privacy
-    spend = dp_metadata_spend(user_schema, p.metadata_epsilon, p.delta * METADATA_DELTA_SHARE)
+    spend = dp_metadata_spend(user_schema, p.metadata_epsilon, p.delta * METADATA_DELTA_SHARE,
+                              text_columns(user_schema, config, is_history(config)))
     return units.planned_spend(config, spend).plus(p.count_epsilon, {"(training units)": ["count"]})
 
 
@@ -309,8 +311,9 @@ def plan_texts(config: RunConfig, table: RunConfig, units: TrainingUnits, state:
     """The text models' plan (`text_model.plan_text`) for the recipe `config`, after the table
     model's (`table`: the recipe as the table model runs it): the accountant's prior is the table
     model's planned spend (its statistics' rounds and the DP-SGD steps its cap lets it take). The
-    schema is the user's (public: the text speed was measured on its rows). A resumed run keeps
-    its checkpoint's. Writes the state's text plan."""
+    schema is the completed one (public: user-given or DP-estimated), whose texts' mean lengths
+    scale the speed measured on the user's. A resumed run keeps its checkpoint's. Writes the
+    state's text plan."""
     if not state.text_columns or state.text_plan is not None:
         return
     plan, p = state.plan, config.privacy
@@ -319,7 +322,7 @@ def plan_texts(config: RunConfig, table: RunConfig, units: TrainingUnits, state:
                              planned_steps(plan.units, plan)[0] or 0, p.delta - state.spend.delta, p.accountant,
                              table.privacy.max_epsilon, state.spend.epsilon) if plan.dp else 0
     prior = table_history(statistics, plan.noise_multiplier, plan.batch_size / plan.units, steps)
-    state.text_plan = plan_text(config, plan.units, state.user_schema, state.text_columns, prior,
+    state.text_plan = plan_text(config, plan.units, state.schema, state.text_columns, prior,
                                 state.spend.epsilon, state.spend.delta, state.text_speed)
 
 

@@ -300,8 +300,9 @@ def plan(config: RunConfig, data=None, schema: Schema | str | None = None) -> di
     user_schema = require_kinds(units.frame, user_schema)
     spend = stages.planned_spend(units, user_schema, config)
     stages.check_spend(RunState(user_schema, user_schema, spend), config)
-    # The run plans from its DP count of the units (privacy.count_epsilon), this preview from the
-    # exact count: their batch, sampling rate and epsilon can differ a little.
+    # The run plans from its DP count of the units (privacy.count_epsilon) and its DP estimates of
+    # the schema's gaps (a text's mean length sizes the text models' time), this preview from the
+    # exact count and the user's schema: their batch, sampling rate and epsilon can differ a little.
     state = RunState(user_schema, user_schema, spend, speed=speed, count=units.count(), canary_included=canaries,
                      text_columns=text_columns(user_schema, config, is_history(config)), text_speed=text_speed)
     table = table_config(config, state.text_columns, spend.epsilon)
@@ -330,8 +331,9 @@ def plan(config: RunConfig, data=None, schema: Schema | str | None = None) -> di
     budget.restore(table_history(prior, chosen.noise_multiplier, sample_rate, steps) + (
         [(text.noise_multiplier, text.batch_size / count, text.max_steps * len(state.text_columns))] if text else []))
     return {"units": count, "unit": unit, "sample_rate": sample_rate,
-            "count_note": "planned from the exact count of units; the run plans from their DP count "
-                          f"(privacy.count_epsilon {p.count_epsilon}), so its figures can differ a little",
+            "count_note": "planned from the exact count of units and the user's schema; the run plans from their DP "
+                          f"count (privacy.count_epsilon {p.count_epsilon}) and the schema's DP estimates (a text's mean "
+                          "length sizes its model's time), so its figures can differ a little",
             "steps_per_epoch": steps_per_epoch, "planned_steps": total_steps, "stop_reason": stop_reason,
             "epochs": epochs, "metadata_estimated": spend.estimated, "plan": chosen.to_dict(),
             "plan_lines": chosen.lines(), **budget.record(), **text_part(state)}

@@ -47,8 +47,9 @@ from dplm.train import TrainResult
 # The split and the settings, measured on London's titles (docs/benchmarks.md, issue 38).
 TEXT_RHO_SHARE = 0.6  # the text models' share of the training budget (zCDP rho); the table model's the rest
 DP_TEXT_SECONDS = 1100.0  # DP-SGD seconds of all text models together (text.time_budget)
-# A text's tokens are taken as this share of its cap when sizing the time (the lengths are private;
-# London's titles average ~12 tokens of a 32-token cap).
+# A text's tokens are taken as this share of its cap where its mean is not known yet: the speed
+# probe's dummy rows, measured before the data is read (London's titles average ~10 tokens of a
+# 32-token cap); the plan then scales the speed to the texts' mean (`Column.mean_tokens`, DP under DP).
 TEXT_SHARE_OF_CAP = 0.5
 # Without DP: London's 20 minutes hold the table model's 300 s, the text model's 690 s and ~3 minutes
 # of sampling 2,000 rows (its title AUC moved little between 350 and 520 text steps: 0.607-0.623).
@@ -170,12 +171,14 @@ def text_codec(schema: Schema, column: str, context: list[str], tokenizer) -> Ro
     return RowCodec(Schema([schema[n] for n in [*context, column]]), tokenizer, value_tokens=False)
 
 
-def plain_tokens(col: Column, share: float) -> int:
+def plain_tokens(col: Column, typical: bool) -> int:
     """About the tokens a value of `col` takes in plain tokens, from the schema alone: a category
     its names' mean length at ~4 characters a token, a number a token a digit (SmolLM2 splits
-    digits), a text `share` of its cap."""
+    digits), a text its cap, or `typical`: its mean (`mean_tokens`), where not known
+    `TEXT_SHARE_OF_CAP` of its cap."""
     if col.kind == "text":
-        return max(1, round((col.max_tokens or 32) * share))
+        cap = col.max_tokens or 32
+        return max(1, round(cap if not typical else col.mean_tokens or cap * TEXT_SHARE_OF_CAP))
     if col.kind == "categorical" and col.categories:
         return max(1, round(sum(len(str(c)) for c in col.categories) / len(col.categories) / 4))
     if col.kind in ("integer", "float") and col.max is not None:
@@ -183,19 +186,19 @@ def plain_tokens(col: Column, share: float) -> int:
     return 4
 
 
-def text_row_tokens(schema: Schema, texts: list[str], share: float = 1.0) -> int:
+def text_row_tokens(schema: Schema, texts: list[str], typical: bool = False) -> int:
     """Tokens of the text models' longest row: a prompt of every other column (each value then a
-    separator) and the longest text at `share` of its cap (1: the longest rows, whose logits size
-    the micro-batches; `TEXT_SHARE_OF_CAP`: the typical row, for the time)."""
+    separator) and the longest text at its cap (the longest rows, whose logits size the
+    micro-batches), or `typical`: at its mean (`plain_tokens`), for the time."""
     longest = max(texts, key=lambda n: schema[n].max_tokens or 0)
-    return 1 + text_start(schema, texts) + plain_tokens(schema[longest], share)
+    return 1 + text_start(schema, texts) + plain_tokens(schema[longest], typical)
 
 
 def text_start(schema: Schema, texts: list[str]) -> int:
     """Where the longest text column's text starts in its row, about: after a start token and its
     prompt (each value then a separator)."""
     longest = max(texts, key=lambda n: schema[n].max_tokens or 0)
-    return 1 + sum(plain_tokens(schema[n], TEXT_SHARE_OF_CAP) + 1 for n in context_of(schema, texts, longest))
+    return 1 + sum(plain_tokens(schema[n], True) + 1 for n in context_of(schema, texts, longest))
 
 
 def text_micro_batch(schema: Schema, texts: list[str]) -> int:
@@ -231,7 +234,7 @@ def measure_text_speed(config: RunConfig, schema: Schema, texts: list[str], devi
     probe = dataclasses.replace(config, model=text_model_config(config, t.layers, *text_adapter(config)),
                                 train=dataclasses.replace(config.train, batch_size=None, budget_rows=None))
     return machine_speed(probe, schema, device, micro=text_micro_batch(schema, texts),
-                         tokens=text_row_tokens(schema, texts, TEXT_SHARE_OF_CAP), text_from=text_start(schema, texts))
+                         tokens=text_row_tokens(schema, texts, typical=True), text_from=text_start(schema, texts))
 
 
 def plan_text(config: RunConfig, units: int, schema: Schema, texts: list[str], prior: list,
@@ -261,7 +264,8 @@ def plan_text(config: RunConfig, units: int, schema: Schema, texts: list[str], p
                         "learning_rate"), 10, t.max_steps, NODP_TEXT_EPOCHS if t.max_steps is None else None,
                         None if t.max_steps is not None else seconds, None, t.layers, targets, lora_layers,
                         chosen=chosen)
-    budget_rows = max(1, int(seconds * speed.dp_rows_per_second)) if speed else DEFAULT_TEXT_BUDGET_ROWS
+    rows_per_second = speed and text_rows_per_second(speed, schema, texts)
+    budget_rows = max(1, int(seconds * rows_per_second)) if speed else DEFAULT_TEXT_BUDGET_ROWS
     rate = min(MAX_SAMPLE_RATE, max(MIN_SAMPLE_RATE, budget_rows / (DP_TARGET_STEPS * units)))
     auto_batch = max(1, min(units, round(rate * units)))
     steps = pick(t.max_steps, int(min(DP_MAX_STEPS, max(DP_MIN_STEPS, budget_rows // (t.batch_size or auto_batch)))),
@@ -272,8 +276,9 @@ def plan_text(config: RunConfig, units: int, schema: Schema, texts: list[str], p
                     "learning_rate"), max(1, min(10, steps // 10)), steps, None, None, t.noise_multiplier,
                     t.layers, targets, lora_layers, budget_rows, chosen)
     if speed:
-        plan.notes.append(f"text compute budget {budget_rows:,} rows each: {seconds:g} s at "
-                          f"{speed.dp_rows_per_second:.1f} rows/s, measured on dummy rows on this machine")
+        plan.notes.append(f"text compute budget {budget_rows:,} rows each: {seconds:g} s at {rows_per_second:.1f} "
+                          f"rows/s of ~{text_row_tokens(schema, texts, typical=True)} tokens ({speed.dp_rows_per_second:.1f} "
+                          f"measured on dummy rows of {speed.tokens or '?'} tokens on this machine)")
     if t.noise_multiplier is None and p.max_epsilon is None:  # no cap to calibrate to: the recipe's noise
         plan.noise_multiplier = p.noise_multiplier
         chosen.append("noise_multiplier")
@@ -283,6 +288,16 @@ def plan_text(config: RunConfig, units: int, schema: Schema, texts: list[str], p
                                                 batch / units, steps * len(texts), p.accountant, prior)
         chosen.append("noise_multiplier")
     return plan
+
+
+def text_rows_per_second(speed: MachineSpeed, schema: Schema, texts: list[str]) -> float:
+    """The text models' DP-SGD rows a second on their typical row: the `speed` measured on dummy
+    rows before the data was read (their texts at `TEXT_SHARE_OF_CAP` of the cap), scaled by
+    tokens to the completed `schema`'s (the texts' mean lengths, DP under DP): a step's work
+    grows about as its rows' tokens (micro-batches are bucketed by length, little padding)."""
+    if not speed.tokens:
+        return speed.dp_rows_per_second
+    return speed.dp_rows_per_second * speed.tokens / text_row_tokens(schema, texts, typical=True)
 
 
 def text_train_config(train: TrainConfig, plan: TextPlan) -> TrainConfig:

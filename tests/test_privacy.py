@@ -311,6 +311,55 @@ def test_schema_estimates_use_laplace_at_their_share_of_epsilon_and_one_row_per_
     assert recorder.scales == [1 / 0.2] * 3  # three columns share 0.6
 
 
+
+def test_dp_mean_is_a_noisy_clipped_sum_over_a_noisy_count():
+    """dp_mean: Laplace(2 bound / eps) on the sum of values clipped to [0, bound] and Laplace(2 / eps)
+    on their count (sensitivities bound and 1, half of epsilon each); the ratio within [1, bound]."""
+    from dplm.privacy import dp_mean
+
+    values = np.array([4.0, 10.0, 40.0, 200.0] * 500)  # clipped to 32: mean (4 + 10 + 32 + 32) / 4 = 19.5
+    recorder = Recorder(np.random.default_rng(0))
+    estimate = dp_mean(values, 32.0, 0.1, recorder)
+    assert recorder.scales == [pytest.approx(2 * 32 / 0.1), pytest.approx(2 / 0.1)]
+    assert estimate == pytest.approx(19.5, abs=1.0)  # noise of ~640 on a sum of 39,000
+    draws = np.array([dp_mean(values, 32.0, 0.1, np.random.default_rng(s)) for s in range(2000)])
+    # Independent (to first order): the sum's noise sd sqrt(2) 640 / 2000 units, the count's sqrt(2) 20 / 2000
+    # of the mean: sqrt(0.453^2 + 0.276^2) = 0.53 tokens.
+    expected = math.hypot(math.sqrt(2) * 640 / 2000, math.sqrt(2) * 20 / 2000 * 19.5)
+    assert draws.mean() == pytest.approx(19.5, abs=0.05) and draws.std() == pytest.approx(expected, rel=0.1)
+    assert dp_mean(np.array([]), 32.0, 0.1, np.random.default_rng(1)) >= 1.0  # no units: still in range
+
+
+def test_text_mean_lengths_are_one_more_mechanism_of_the_metadata_budget():
+    """The mean tokens of the texts that get text models: estimated under DP (a column whose cap
+    is given stays as nullable as it was), counted in the metadata spend, its share of epsilon
+    one mechanism's (a cap and a mean of one column: two)."""
+    from dplm.schema import MetadataSpend, dp_metadata_spend, estimate_schema_dp
+
+    n = 3000
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"city": rng.choice(["a", "b"], n), "note": ["word " * int(k) for k in rng.integers(1, 11, n)],
+                       "memo": ["x y"] * n})
+    given = Schema.from_dict({"columns": {"city": {"kind": "categorical"}, "note": {"kind": "text", "max_tokens": 8},
+                                          "memo": {"kind": "text"}}})
+    recorder = Recorder(np.random.default_rng(1))
+    lengths = lambda texts: [len(t.split()) for t in texts]  # noqa: E731 - a word a token
+    schema, spent = estimate_schema_dp(df, given, [[i] for i in range(n)], 0.8, 1e-6, lengths, recorder,
+                                       text_means=["note", "memo"])
+    assert spent == MetadataSpend(0.8, 1e-6, {"city": ["categories"], "note": ["mean_tokens"],
+                                              "memo": ["max_tokens", "mean_tokens"]})
+    assert spent == dp_metadata_spend(given, 0.8, 1e-6, ["note", "memo"])  # known in advance
+    # Four mechanisms share 0.8: the categories' and the cap's histograms Laplace(1 / 0.2), each mean
+    # Laplace(2 cap / 0.2) and Laplace(2 / 0.2).
+    assert recorder.scales == [5.0, 2 * 8 / 0.2, 10.0, 5.0, 2 * 3 / 0.2, 10.0]  # memo: 2 tokens, in the bin [2, 3)
+    note, memo = schema["note"], schema["memo"]
+    # note: 1-10 words, cut at 8 (noise sd ~0.05 on 3,000 units)
+    clipped = np.minimum([len(t.split()) for t in df["note"]], 8).mean()
+    assert note.mean_tokens == pytest.approx(clipped, abs=0.2) and note.max_tokens == 8 and not note.nullable
+    assert note.source == "dp" and memo.max_tokens == 3 and memo.mean_tokens == pytest.approx(2.0, abs=0.1)
+    assert dp_metadata_spend(given, 0.8, 1e-6) == MetadataSpend(0.8, 1e-6, {"city": ["categories"],
+                                                                           "memo": ["max_tokens"]})
+
 def test_dp_count_is_discrete_laplace_of_the_count():
     """The DP count of units: integers, centred on the count, with the discrete Laplace's spread
     (variance 2 e^-eps / (1 - e^-eps)^2), at least 1; from the OS CSPRNG too."""

@@ -42,6 +42,31 @@ def test_each_text_column_gets_a_text_model_prompted_by_the_other_columns(dp_run
     assert rows["note"].map(lambda t: isinstance(t, str)).all()
 
 
+def test_under_dp_the_texts_mean_length_is_estimated_and_counted(dp_run):
+    """The text model's time is sized by its texts' mean length: not given, it is a DP estimate
+    ('a cat that is small': 5-6 tokens within the cap of 12), in the metadata spend."""
+    note = dp_run.schema["note"]
+    assert note.source == "dp" and 3 <= note.mean_tokens <= 9 and note.max_tokens == 12 and not note.nullable
+    assert dp_run.privacy_record["metadata_estimated_under_dp"]["note"] == ["mean_tokens"]
+
+
+def test_the_text_speed_measured_on_dummy_rows_is_scaled_to_the_texts_mean_length():
+    """Measured before the data is read on rows whose text is half its cap, the speed is scaled by
+    tokens to the rows of the texts' estimated mean: twice the tokens, half the rows a second."""
+    from dplm.planner import MachineSpeed
+    from dplm.text_model import text_row_tokens, text_rows_per_second
+
+    schema = Schema.from_dict({"columns": {"kind": {"kind": "categorical", "categories": ["cat", "dog"]},
+                                           "note": {"kind": "text", "max_tokens": 100}}})
+    probe = text_row_tokens(schema, ["note"], typical=True)
+    assert probe == 1 + (1 + 1 + 1) + 50 and text_row_tokens(schema, ["note"]) == 1 + 3 + 100
+    schema["note"].mean_tokens = 50.0
+    assert text_rows_per_second(MachineSpeed(10.0, 40.0, "k", probe), schema, ["note"]) == pytest.approx(10.0)
+    schema["note"].mean_tokens = 99.0
+    assert text_rows_per_second(MachineSpeed(10.0, 40.0, "k", probe), schema, ["note"]) == pytest.approx(10.0 * 54 / 103)
+    assert text_rows_per_second(MachineSpeed(10.0, 40.0, "k"), schema, ["note"]) == 10.0  # a run before the tokens
+
+
 def test_given_table_columns_get_texts_and_a_given_text_is_kept(dp_run):
     rows = dp_run.sample(given=pd.DataFrame({"kind": ["dog", "cat", "dog"]}), progress=False)
     assert rows["kind"].tolist() == ["dog", "cat", "dog"] and rows["note"].map(lambda t: isinstance(t, str)).all()
