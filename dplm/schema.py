@@ -431,6 +431,7 @@ def estimate_schema_dp(df: pd.DataFrame, given: Schema | None, units: list[list[
     spent = dp_metadata_spend(given, epsilon, delta, text_means)
     if not todo:
         return _in_given_order(columns, given), spent
+    # One mechanism for a column's categories, range or cap, one more for a text's mean length.
     eps = epsilon / sum((gaps != ["mean_tokens"]) + ("mean_tokens" in gaps) for _, gaps in todo)
     picks = np.array([unit[rng.integers(len(unit))] for unit in units])  # one random row per unit
     for col, gaps in todo:

@@ -52,7 +52,8 @@ def test_under_dp_the_texts_mean_length_is_estimated_and_counted(dp_run):
 
 def test_the_text_speed_measured_on_dummy_rows_is_scaled_to_the_texts_mean_length():
     """Measured before the data is read on rows whose text is half its cap, the speed is scaled by
-    tokens to the rows of the texts' estimated mean: twice the tokens, half the rows a second."""
+    tokens to the longer rows of the texts' estimated mean: twice the tokens, half the rows a
+    second; shorter rows keep the measured speed."""
     from dplm.planner import MachineSpeed
     from dplm.text_model import text_row_tokens, text_rows_per_second
 
@@ -65,6 +66,8 @@ def test_the_text_speed_measured_on_dummy_rows_is_scaled_to_the_texts_mean_lengt
     schema["note"].mean_tokens = 99.0
     assert text_rows_per_second(MachineSpeed(10.0, 40.0, "k", probe), schema, ["note"]) == pytest.approx(10.0 * 54 / 103)
     assert text_rows_per_second(MachineSpeed(10.0, 40.0, "k"), schema, ["note"]) == 10.0  # a run before the tokens
+    schema["note"].mean_tokens = 10.0
+    assert text_rows_per_second(MachineSpeed(10.0, 40.0, "k", probe), schema, ["note"]) == 10.0
 
 
 def test_given_table_columns_get_texts_and_a_given_text_is_kept(dp_run):
